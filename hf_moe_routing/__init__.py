@@ -1,0 +1,30 @@
+"""hf-moe-routing: better routers for existing Mixture-of-Experts checkpoints.
+
+>>> from hf_moe_routing import patch_model, unpatch_model, TopKConfig
+>>> patch_model(model, TopKConfig())   # identical routing, now pluggable
+"""
+
+from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
+from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
+from .methods import ROUTING_METHODS, RoutingConfig, RoutingLayer, TopKConfig, register_routing
+from .patching import get_patch_state, is_patched, patch_model, routing_layers, unpatch_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "ROUTING_METHODS",
+    "MoEAdapter",
+    "MoEShape",
+    "RoutingConfig",
+    "RoutingLayer",
+    "TopKConfig",
+    "get_adapter",
+    "get_patch_state",
+    "is_patched",
+    "patch_model",
+    "register_adapter",
+    "register_routing",
+    "routing_layers",
+    "unpatch_model",
+]

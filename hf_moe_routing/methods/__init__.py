@@ -1,0 +1,13 @@
+"""Routing methods, one folder each (``config.py``, ``layer.py`` and the method's math)."""
+
+from .base import ROUTING_METHODS, RoutingConfig, RoutingLayer, get_routing_class, register_routing
+from .topk import TopKConfig
+
+__all__ = [
+    "ROUTING_METHODS",
+    "RoutingConfig",
+    "RoutingLayer",
+    "TopKConfig",
+    "get_routing_class",
+    "register_routing",
+]

@@ -1,0 +1,4 @@
+from .config import TopKConfig
+from .layer import TopKLayer
+
+__all__ = ["TopKConfig", "TopKLayer"]

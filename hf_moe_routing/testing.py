@@ -1,0 +1,121 @@
+"""Tiny random MoE models of every supported family, for tests, examples and benchmarks.
+
+No download is needed: each model is built from a small config (hidden size 32-64, 2-3 layers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+#: family -> config overrides (on top of _COMMON); names are transformers model types
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        head_dim=16,
+    ),
+    "deepseek_v2": dict(
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        num_key_value_heads=4,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        num_key_value_heads=4,
+        v_head_dim=16,
+        num_hidden_layers=3,
+    ),
+    # families served by the generic adapter
+    "olmoe": dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "minimax": dict(
+        intermediate_size=64,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        layer_types=["full_attention", "full_attention"],
+    ),
+}
+
+REQUIRED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+GENERIC_FAMILIES = ("olmoe", "minimax")
+
+
+def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
+    """A small config of ``family`` (a transformers model type) with eager attention."""
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"No tiny config for {family!r}; known: {sorted(TINY_CONFIGS)}")
+    kwargs = {**_COMMON, **TINY_CONFIGS[family], **overrides}
+    config = AutoConfig.for_model(family, **kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_model(
+    family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM of ``family`` in eval mode.
+
+    Router weights are drawn with a larger spread than the default init so that routing scores
+    differ clearly between experts (as in trained models).
+    """
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.dim() == 2 and "mlp.gate" in name:
+                param.normal_(0.0, 0.5)
+    return model.eval()
