@@ -7,7 +7,14 @@
 from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
 from .methods import ROUTING_METHODS, RoutingConfig, RoutingLayer, TopKConfig, register_routing
-from .patching import get_patch_state, is_patched, patch_model, routing_layers, unpatch_model
+from .patching import (
+    get_patch_state,
+    is_patched,
+    patch_model,
+    routing_aux_loss,
+    routing_layers,
+    unpatch_model,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +32,7 @@ __all__ = [
     "patch_model",
     "register_adapter",
     "register_routing",
+    "routing_aux_loss",
     "routing_layers",
     "unpatch_model",
 ]

@@ -24,6 +24,15 @@ class RoutingContext:
     #: Free slots for methods (e.g. auxiliary losses collected during a forward).
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def add_aux_loss(self, loss: torch.Tensor) -> None:
+        """Record an auxiliary training loss produced during the current forward."""
+        self.extras.setdefault("aux_losses", []).append(loss)
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses recorded since the last call (None if there were none)."""
+        losses = self.extras.pop("aux_losses", [])
+        return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
     def mask_for(self, num_tokens: int) -> torch.Tensor | None:
         """The token mask if it describes ``num_tokens`` tokens, else None (all real)."""
         mask = self.token_mask

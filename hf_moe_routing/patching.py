@@ -79,6 +79,14 @@ def routing_layers(model: nn.Module) -> dict[int, RoutingLayer]:
     return {b.layer_index: getattr(b.gate, ROUTING_ATTR) for b in state.blocks}
 
 
+def routing_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Auxiliary loss the routing layers produced in the last forward (e.g. Loss-Controlled), or None.
+
+    Add it to the training loss: ``loss = out.loss + routing_aux_loss(model)``. Reading it clears it.
+    """
+    return _require_state(model).context.pop_aux_loss()
+
+
 def _require_state(model: nn.Module) -> PatchState:
     state = get_patch_state(model)
     if state is None:

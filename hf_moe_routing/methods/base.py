@@ -89,5 +89,13 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(router_logits, top_k_weights, top_k_index)``; unused slots hold index m and weight 0."""
 
+    def routing_state(self) -> dict[str, torch.Tensor]:
+        """The state a routing adapter file stores for this layer (default: the layer's state dict)."""
+        return dict(self.state_dict())
+
+    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`routing_state` (strict: every key must match)."""
+        self.load_state_dict(state, strict=True)
+
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, family={self.adapter.family}"
