@@ -1,0 +1,135 @@
+"""``hf-moe-routing inspect MODEL``: what hf-moe-routing sees in a MoE model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show the MoE structure, router and FLOPs per token of a model",
+        description=(
+            "Load a model (Hub id or local folder) and print its family adapter, MoE layers, experts, "
+            "top-k, shared experts and router class."
+        ),
+        epilog=(
+            "examples:\n"
+            "  hf-moe-routing inspect mistralai/Mixtral-8x7B-v0.1 --config-only\n"
+            "  hf-moe-routing inspect ./my-qwen-moe --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="Hub model id or local folder (as for from_pretrained)")
+    parser.add_argument(
+        "--config-only",
+        action="store_true",
+        help="read only config.json and build the model on the meta device (no weights are downloaded)",
+    )
+    parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def load_for_inspection(
+    name_or_path: str, config_only: bool = False, revision: str | None = None
+) -> nn.Module:
+    """The causal LM of ``name_or_path``: with weights, or built on the meta device from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"No model folder at {name_or_path!r} (and it is not a Hub model id).")
+    if config_only:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, revision=revision)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path) if path.exists() else name_or_path, revision=revision, dtype="auto"
+    )
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The MoE facts of ``model`` as a JSON-serialisable dict (raises for non-MoE / unsupported models)."""
+    from ..adapters import get_adapter, model_type_of
+
+    adapter, blocks = get_adapter(model)
+    shape = adapter.shape(model, blocks)
+    first = blocks[0]
+    shared = [attr for attr in adapter.shared_expert_attrs if getattr(first.block, attr, None) is not None]
+    config = getattr(model, "config", None)
+    return {
+        "model_class": type(model).__name__,
+        "model_type": model_type_of(model),
+        "adapter": type(adapter).__name__,
+        "family": adapter.family,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "moe_layers": list(shape.moe_layers),
+        "num_experts": shape.num_experts,
+        "top_k": shape.top_k,
+        "hidden_size": shape.hidden_size,
+        "expert_intermediate_size": shape.expert_intermediate_size,
+        "shared_experts": shared[0] if shared else None,
+        "shared_intermediate_size": shape.shared_intermediate_size,
+        "shared_expert_gate": getattr(first.block, "shared_expert_gate", None) is not None,
+        "router_class": type(first.gate).__name__,
+        "renormalizes_top_k": adapter.normalizes(first.gate),
+        "routed_scaling_factor": adapter.scaling(first.gate),
+        "experts_implementation": getattr(config, "_experts_implementation", None),
+    }
+
+
+def _layers_text(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts: list[str] = []
+    start = prev = None
+    for index in [*layers, None]:
+        if start is not None and (index is None or index != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if index is not None and start is None:
+            start = index
+        prev = index
+    return ", ".join(parts)
+
+
+def format_table(info: dict[str, Any]) -> str:
+    """A readable two-column table of :func:`describe` output."""
+    shared = "none"
+    if info["shared_experts"]:
+        shared = f"{info['shared_experts']} (intermediate {info['shared_intermediate_size']})"
+        if info["shared_expert_gate"]:
+            shared += ", sigmoid-gated"
+    rows = [
+        ("model", f"{info['model_class']} (model_type {info['model_type']})"),
+        ("adapter", f"{info['adapter']} (family {info['family']})"),
+        (
+            "MoE layers",
+            f"{len(info['moe_layers'])} of {info['num_hidden_layers']}: {_layers_text(info['moe_layers'])}",
+        ),
+        (
+            "routed experts",
+            f"{info['num_experts']} per layer, intermediate {info['expert_intermediate_size']}",
+        ),
+        ("top-k", str(info["top_k"])),
+        ("shared experts", shared),
+        ("router", info["router_class"]),
+        ("top-k renormalised", "yes" if info["renormalizes_top_k"] else "no"),
+    ]
+    if info["routed_scaling_factor"] is not None:
+        rows.append(("routed scaling", f"{info['routed_scaling_factor']:g}"))
+    rows.append(("experts impl.", str(info["experts_implementation"])))
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_for_inspection(args.model, config_only=args.config_only, revision=args.revision)
+    info = describe(model)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
