@@ -1,0 +1,232 @@
+"""Routing statistics: expert loads, MaxVio and activated experts per token, padding excluded.
+
+For MoE layer l with m routed experts, over the real (non-padding) tokens T of a batch::
+
+    load_lj      = #{(t, s) : t in T, index_ts = j}          # sentinel slots (index m) are not counted
+    MaxVio_l     = (max_j load_lj - mean_j load_lj) / mean_j load_lj
+    activated_l  = sum_j load_lj / |T|                       # mean routed experts per token
+
+``max_vio_global`` applies the MaxVio formula to the loads summed over every batch seen;
+``avg_max_vio`` / ``sup_max_vio`` are the mean / max over batches of the batch MaxVio averaged over layers.
+
+:class:`RoutingStats` hooks the outputs ``(logits, weights, index)`` of every MoE router, patched or not,
+and reads the padding mask from the ``attention_mask`` of the model's forward. The hooks only launch
+tensor ops (no host synchronisation per layer); one small sync per forward turns the token count into
+an int.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import MoEBlock, get_adapter
+from ..context import flat_token_mask
+from ..patching import get_patch_state
+
+
+def max_violation(loads: torch.Tensor) -> torch.Tensor:
+    """MaxVio of each row of ``loads`` (..., m): ``(max_j load_j - mean_j load_j) / mean_j load_j``.
+
+    Rows without any load (no tokens) get 0.
+    """
+    loads = loads.double()
+    mean = loads.mean(dim=-1)
+    vio = (loads.amax(dim=-1) - mean) / mean.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(mean > 0, vio, torch.zeros_like(vio))
+
+
+def expert_loads(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens per expert (m,) float32 from a router's ``index`` (n, k), counting real tokens only.
+
+    Slots holding the sentinel ``num_experts`` (unused slots of variable-k routings) are not counted.
+    """
+    index = index.reshape(index.shape[0], -1)
+    if token_mask is None:
+        counts = torch.ones(index.numel(), dtype=torch.float32, device=index.device)
+    else:
+        counts = token_mask.to(index.device, torch.float32)[:, None].expand_as(index).reshape(-1)
+    loads = torch.zeros(num_experts + 1, dtype=torch.float32, device=index.device)
+    loads.scatter_add_(0, index.reshape(-1).clamp(max=num_experts), counts)
+    return loads[:num_experts]
+
+
+@dataclass
+class BatchStats:
+    """Statistics of one forward pass (one entry per MoE layer, in :attr:`RoutingStats.layers` order)."""
+
+    loads: torch.Tensor  # (L, m) tokens routed to each expert
+    max_vio: torch.Tensor  # (L,)
+    activated: torch.Tensor  # (L,) mean routed experts per real token
+    num_tokens: int  # real (non-padding) tokens
+
+
+class RoutingStats:
+    """Collect per-layer routing statistics while a (patched or unpatched) MoE model runs.
+
+    >>> with RoutingStats(model) as stats:
+    ...     for batch in loader:
+    ...         model(**batch)
+    ...         print(stats.last.max_vio.mean())
+    >>> stats.summary()["max_vio_global"]
+
+    Padding tokens (``attention_mask == 0`` in the model's forward) are excluded from every statistic.
+    The hooks stay attached until :meth:`detach` (or the end of the ``with`` block); the collected
+    numbers stay readable afterwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        state = get_patch_state(model)
+        if state is not None:
+            blocks: list[MoEBlock] = state.blocks
+            self.num_experts = state.shape.num_experts
+        else:
+            adapter, blocks = get_adapter(model)
+            self.num_experts = adapter.num_experts(blocks[0].gate)
+        self._blocks = blocks
+        #: Decoder-layer index of each MoE layer (the rows of every statistic).
+        self.layers: list[int] = [b.layer_index for b in blocks]
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self.reset()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> RoutingStats:
+        """Start recording (idempotent)."""
+        if self._handles:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_model))
+        for row, block in enumerate(self._blocks):
+            self._handles.append(block.gate.register_forward_hook(self._gate_hook(row)))
+        return self
+
+    def detach(self) -> None:
+        """Stop recording; the statistics collected so far remain available."""
+        self._finalize()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    def __enter__(self) -> RoutingStats:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: BatchStats | None = None
+        self._total_loads: torch.Tensor | None = None
+        self._total_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
+        self._batch_max_vio: list[torch.Tensor] = []
+        self.num_batches = 0
+        self.num_tokens = 0
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._finalize()
+        self._mask = flat_token_mask(args, kwargs)
+
+    def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._finalize()
+        self._mask = None
+
+    def _gate_hook(self, row: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) == 3):
+                raise TypeError(
+                    f"RoutingStats expects routers to return (logits, weights, index); "
+                    f"{type(module).__name__} returned {type(output).__name__}."
+                )
+            index = output[2].detach()
+            if row in self._pending:  # the gate ran again without a model-level forward: new batch
+                self._finalize()
+            mask = self._mask
+            if mask is not None and mask.numel() != index.shape[0]:
+                mask = None
+            with torch.no_grad():
+                loads = expert_loads(index, self.num_experts, mask)
+                tokens = mask.sum() if mask is not None else torch.tensor(index.shape[0], device=index.device)
+            self._pending[row] = (loads, tokens)
+
+        return hook
+
+    def _finalize(self) -> None:
+        """Turn the per-layer tensors of the forward that just ran into a :class:`BatchStats`."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        device = next(iter(pending.values()))[0].device
+        zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
+        no_tokens = torch.zeros((), dtype=torch.long, device=device)
+        rows = [pending.get(row, (zeros, no_tokens)) for row in range(len(self.layers))]
+        loads = torch.stack([r[0].to(device) for r in rows])
+        tokens = torch.stack([r[1].to(device) for r in rows]).double().cpu()  # the one sync per forward
+        activated = loads.double().sum(dim=-1).cpu() / tokens.clamp(min=1)
+        batch = BatchStats(
+            loads=loads,
+            max_vio=max_violation(loads),
+            activated=activated,
+            num_tokens=int(tokens.max()),
+        )
+        self._last = batch
+        self._total_loads = loads.double() if self._total_loads is None else self._total_loads + loads
+        self._total_tokens += tokens
+        self._batch_max_vio.append(batch.max_vio)
+        self.num_batches += 1
+        self.num_tokens += batch.num_tokens
+
+    # ---- results -----------------------------------------------------------------------------
+    @property
+    def last(self) -> BatchStats | None:
+        """Statistics of the most recent forward pass (None before the first one)."""
+        self._finalize()
+        return self._last
+
+    @property
+    def total_loads(self) -> torch.Tensor:
+        """(L, m) tokens per expert summed over every forward seen."""
+        self._finalize()
+        if self._total_loads is None:
+            return torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)
+        return self._total_loads
+
+    def summary(self) -> dict[str, Any]:
+        """Everything seen since the last :meth:`reset`, as plain Python numbers (JSON-ready).
+
+        Keys: ``layers``, ``loads`` (L x m totals), ``max_vio_global`` (per layer, over all tokens),
+        ``avg_max_vio`` / ``sup_max_vio`` (mean / max over batches of the layer-averaged batch MaxVio),
+        ``mean_activated``, ``activated_per_layer``, ``num_tokens``, ``num_batches``.
+        """
+        loads = self.total_loads.cpu()
+        per_batch = (
+            torch.stack([v.cpu() for v in self._batch_max_vio]).mean(dim=1)
+            if self._batch_max_vio
+            else torch.zeros(0, dtype=torch.float64)
+        )
+        activated = loads.sum(dim=-1) / self._total_tokens.clamp(min=1)
+        seen = self._total_tokens > 0
+        return {
+            "layers": list(self.layers),
+            "loads": [[int(x) for x in row] for row in loads.round().long().tolist()],
+            "max_vio_global": max_violation(loads).tolist(),
+            "avg_max_vio": float(per_batch.mean()) if len(per_batch) else 0.0,
+            "sup_max_vio": float(per_batch.max()) if len(per_batch) else 0.0,
+            "mean_activated": float(activated[seen].mean()) if seen.any() else 0.0,
+            "activated_per_layer": activated.tolist(),
+            "num_tokens": self.num_tokens,
+            "num_batches": self.num_batches,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RoutingStats(layers={len(self.layers)}, experts={self.num_experts}, "
+            f"batches={self.num_batches}, tokens={self.num_tokens}, attached={bool(self._handles)})"
+        )
