@@ -6,7 +6,15 @@
 
 from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
-from .methods import ROUTING_METHODS, RoutingConfig, RoutingLayer, TopKConfig, register_routing
+from .methods import (
+    ROUTING_METHODS,
+    DynamicSkipConfig,
+    RoutingConfig,
+    RoutingLayer,
+    TopKConfig,
+    TopPConfig,
+    register_routing,
+)
 from .patching import (
     get_patch_state,
     is_patched,
@@ -26,6 +34,8 @@ __all__ = [
     "RoutingConfig",
     "RoutingLayer",
     "TopKConfig",
+    "TopPConfig",
+    "DynamicSkipConfig",
     "get_adapter",
     "get_patch_state",
     "is_patched",
