@@ -64,9 +64,19 @@ class PatchState:
     saved_old_forwards: dict[str, Any] = field(default_factory=dict)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (``get_base_model()``), else ``model``.
+
+    Patch state always lives on the unwrapped model, so patching a PEFT model and patching its base
+    model are the same thing, and the routing survives ``merge_and_unload()``.
+    """
+    get_base = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base) else model
+
+
 def get_patch_state(model: nn.Module) -> PatchState | None:
-    """The patch state of ``model``, or None if it is not patched."""
-    return getattr(model, _STATE_ATTR, None)
+    """The patch state of ``model`` (or of the model a PEFT wrapper holds), or None if it is not patched."""
+    return getattr(unwrap_model(model), _STATE_ATTR, None)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -123,8 +133,9 @@ def patch_model(
         replace: if the model is already patched, unpatch it first instead of raising.
 
     Returns the same model, patched in place. Everything is checked before anything changes: on
-    error the model is left as it was.
+    error the model is left as it was. A PEFT model is patched through the model it wraps.
     """
+    wrapper, model = model, unwrap_model(model)
     if not isinstance(config, RoutingConfig):
         raise TypeError(
             f"config must be a routing config such as TopKConfig(), BIPConfig() or AdaKConfig(), "
@@ -168,11 +179,12 @@ def patch_model(
         state.ignored_keys = {k for k in model.state_dict() if f".{ROUTING_ATTR}." in k} - ignore
         ignore.update(state.ignored_keys)
     setattr(model, _STATE_ATTR, state)
-    return model
+    return wrapper
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Restore the original routers (same objects, classes and experts implementation)."""
+    wrapper, model = model, unwrap_model(model)
     state = _require_state(model)
     for block in state.blocks:
         gate = block.gate
@@ -188,7 +200,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if isinstance(ignore, set):
         ignore.difference_update(state.ignored_keys)
     delattr(model, _STATE_ATTR)
-    return model
+    return wrapper
 
 
 def _set_experts_implementation(model: nn.Module, name: str) -> None:
