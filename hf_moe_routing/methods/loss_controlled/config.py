@@ -1,0 +1,44 @@
+"""Loss-Controlled (auxiliary-loss) balancing routing config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...adapters import MoEAdapter, MoEBlock, MoEShape
+from ...context import RoutingContext
+from ..base import RoutingConfig, register_routing
+from .layer import LossControlledLayer
+
+
+@register_routing
+@dataclass
+class LossControlledConfig(RoutingConfig):
+    """The auxiliary load-balancing loss (Switch Transformer, Mixtral) as a routing config.
+
+    Routing is the model's own (bit-identical); in training mode each MoE layer records
+    ``coefficient * L_aux`` (see :func:`~.loss.load_balancing_loss`, padding excluded), and
+    ``hf_moe_routing.routing_aux_loss(model)`` returns their sum after the forward, to be added to
+    the LM loss: ``loss = out.loss + routing_aux_loss(model)``.
+
+    Args:
+        coefficient: alpha (default 0.01).
+        per_sequence: balance each sequence of the batch separately (DeepSeek-V3's sequence-wise
+            loss) instead of the whole batch.
+    """
+
+    routing_type: ClassVar[str] = "loss_controlled"
+
+    coefficient: float = 0.01
+    per_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.coefficient >= 0:
+            raise ValueError(
+                f"LossControlledConfig(coefficient={self.coefficient}) must be >= 0 (default 0.01)."
+            )
+
+    def create_layer(
+        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
+    ) -> LossControlledLayer:
+        return LossControlledLayer(adapter, block, context, self)
