@@ -8,7 +8,10 @@ from . import experts  # noqa: F401  (registers the sentinel-safe experts implem
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
 from .methods import (
     ROUTING_METHODS,
+    BIPConfig,
     DynamicSkipConfig,
+    LossControlledConfig,
+    LossFreeConfig,
     RoutingConfig,
     RoutingLayer,
     TopKConfig,
@@ -27,6 +30,9 @@ from .patching import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BIPConfig",
+    "LossControlledConfig",
+    "LossFreeConfig",
     "ADAPTERS",
     "ROUTING_METHODS",
     "MoEAdapter",
