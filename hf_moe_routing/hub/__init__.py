@@ -12,7 +12,6 @@ from .adapter_io import (
     read_adapter_weights,
     resolve_adapter_folder,
     save_routing_adapter,
-    unwrap_model,
 )
 from .loading import AutoRoutedModelForCausalLM
 from .model_card import (
@@ -43,6 +42,5 @@ __all__ = [
     "results_from_lm_eval",
     "save_routing_adapter",
     "template_path",
-    "unwrap_model",
     "upload_adapter_folder",
 ]

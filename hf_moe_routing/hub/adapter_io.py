@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapters import get_adapter
 from ..methods.base import RoutingConfig
-from ..patching import get_patch_state, patch_model, routing_layers, unpatch_model
+from ..patching import get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
+from .model_card import LIBRARY_TAG, build_model_card
 
 CONFIG_NAME = "routing_config.json"
 WEIGHTS_NAME = "routing_adapter.safetensors"
@@ -38,12 +40,6 @@ CARD_NAME = "README.md"
 #: Version of the folder format (bumped on incompatible changes).
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT ``PeftModel`` (or ``model`` itself)."""
-    get_base = getattr(type(model), "get_base_model", None)
-    return model.get_base_model() if callable(get_base) else model
 
 
 def _require_patched(model: nn.Module):
@@ -135,12 +131,12 @@ def save_routing_adapter(
             str(folder / WEIGHTS_NAME),
             metadata={"format": "pt", "routing_type": config["routing"]["routing_type"]},
         )
-        if model_card and _may_write_card(target / CARD_NAME):
-            from .model_card import build_model_card
-
+        if write_card:
             build_model_card(config).save(folder / CARD_NAME)
 
-    atomic_write_folder(target, write, replace={CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+    write_card = model_card and _may_write_card(target / CARD_NAME)
+    replace = {CONFIG_NAME, WEIGHTS_NAME} | ({CARD_NAME} if write_card else set())
+    atomic_write_folder(target, write, replace=replace)
     return target
 
 
@@ -164,13 +160,12 @@ def _may_write_card(path: Path) -> bool:
     """Write README.md if absent, or if the existing one is an hf-moe-routing card."""
     if not path.exists():
         return True
-    from huggingface_hub import ModelCard
-
     try:
-        tags = ModelCard.load(path).data.to_dict().get("tags") or []
+        text = path.read_text(encoding="utf-8")
+        tags = ModelCard(text).data.to_dict().get("tags") or [] if text.startswith("---") else []
     except Exception:  # an unparsable README is the user's: keep it
         return False
-    return "hf-moe-routing" in tags
+    return LIBRARY_TAG in tags
 
 
 def atomic_write_folder(target: Path, write: Callable[[Path], None], *, replace: set[str]) -> None:

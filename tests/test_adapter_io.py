@@ -1,0 +1,230 @@
+"""Routing adapters: exact save/load round trips, fingerprint checks, clear errors, atomic writes."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_moe_routing import (
+    RoutingConfig,
+    RoutingLayer,
+    TopKConfig,
+    get_patch_state,
+    patch_model,
+    register_routing,
+)
+from hf_moe_routing.hub import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_io,
+    load_routing_adapter,
+    read_adapter_config,
+    save_routing_adapter,
+)
+from hf_moe_routing.patching import routing_layers
+from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+
+
+class OffsetLayer(RoutingLayer):
+    """Top-k on ``scores + offset`` with a learned per-expert offset (stateful, like BIP / Loss-Free)."""
+
+    def __init__(self, adapter, block, context, num_experts, top_k):
+        super().__init__(adapter, block, context)
+        self.top_k = top_k
+        self.register_buffer("offset", torch.zeros(num_experts))
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, gate, hidden_states):
+        logits = self.adapter.logits(gate, hidden_states)
+        scores = self.adapter.scores(gate, logits)
+        index = self.adapter.topk(
+            gate, self.adapter.choice_scores(gate, scores, self.offset * self.scale), self.top_k
+        )
+        return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
+
+
+@register_routing
+@dataclass
+class OffsetConfig(RoutingConfig):
+    """Test routing with per-layer state (an expert offset buffer and a scale parameter)."""
+
+    routing_type = "test-offset"
+    top_k: int = 2
+
+    def create_layer(self, adapter, block, shape, context):
+        return OffsetLayer(adapter, block, context, shape.num_experts, self.top_k)
+
+
+def randomize_offsets(model, seed=1):
+    """Give every routing layer a different, large offset so the routing differs from top-k."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in routing_layers(model).values():
+        layer.offset.copy_(torch.randn(layer.offset.shape, generator=gen))
+        layer.scale.data.fill_(float(torch.rand((), generator=gen)) + 0.5)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES + GENERIC_FAMILIES)
+def test_round_trip_reproduces_the_routing_exactly(family, ids, tmp_path):
+    model = randomize_offsets(patch_model(tiny_model(family), OffsetConfig(top_k=2)))
+    expected = logits(model, ids)
+    assert not torch.equal(expected, logits(tiny_model(family), ids))  # the adapter changes the model
+
+    folder = save_routing_adapter(model, tmp_path / "adapter", training_info={"steps": 3})
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    config = read_adapter_config(folder)
+    assert config["routing"] == {"routing_type": "test-offset", "top_k": 2}
+    assert config["moe_shape"] == get_patch_state(model).shape.fingerprint()
+    assert config["library"]["name"] == "hf-moe-routing" and config["library"]["version"]
+    assert config["training"] == {"steps": 3}
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    layers = sorted(routing_layers(model))
+    assert sorted(tensors) == sorted(f"layers.{i}.{n}" for i in layers for n in ("offset", "scale"))
+
+    fresh = tiny_model(family)
+    load_routing_adapter(fresh, folder)
+    assert get_patch_state(fresh).config == OffsetConfig(top_k=2)
+    assert torch.equal(logits(fresh, ids), expected)
+
+
+def test_base_model_id_and_revision_come_from_the_model_config(tmp_path):
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    model.config._name_or_path = "org/tiny-mixtral"
+    model.config._commit_hash = "a" * 40
+    config = read_adapter_config(save_routing_adapter(model, tmp_path / "a"))
+    assert config["base_model"] == {"id": "org/tiny-mixtral", "revision": "a" * 40}
+    config = read_adapter_config(
+        save_routing_adapter(model, tmp_path / "b", base_model_id="x/y", revision="v1")
+    )
+    assert config["base_model"] == {"id": "x/y", "revision": "v1"}
+
+
+def test_saving_an_unpatched_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not patched"):
+        save_routing_adapter(tiny_model("mixtral"), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_adapter_for_another_model_is_refused_and_the_model_is_untouched(ids, tmp_path):
+    save_routing_adapter(patch_model(tiny_model("mixtral"), OffsetConfig()), tmp_path / "a")
+    other = tiny_model("mixtral", num_local_experts=4)
+    before = logits(other, ids)
+    with pytest.raises(ValueError, match=r"different MoE model.*num_experts: adapter 8 vs model 4"):
+        load_routing_adapter(other, tmp_path / "a")
+    assert get_patch_state(other) is None
+    assert torch.equal(logits(other, ids), before)
+    with pytest.raises(ValueError, match=r"family: adapter 'mixtral' vs model 'qwen2_moe'"):
+        load_routing_adapter(tiny_model("qwen2_moe"), tmp_path / "a")
+
+
+def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
+    model = patch_model(tiny_model("qwen3_moe"), OffsetConfig())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_routing_adapter(tiny_model("qwen3_moe"), tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"not a routing adapter: it has no {CONFIG_NAME}"):
+        load_routing_adapter(tiny_model("qwen3_moe"), tmp_path / "empty")
+
+    folder = save_routing_adapter(model, tmp_path / "a")
+    (folder / WEIGHTS_NAME).write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        load_routing_adapter(tiny_model("qwen3_moe"), folder)
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"has no {WEIGHTS_NAME}"):
+        load_routing_adapter(tiny_model("qwen3_moe"), folder)
+
+    folder = save_routing_adapter(model, tmp_path / "b")
+    (folder / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_routing_adapter(tiny_model("qwen3_moe"), folder)
+    (folder / CONFIG_NAME).write_text(json.dumps({"routing": {"routing_type": "nope"}, "moe_shape": {}}))
+    with pytest.raises(ValueError, match="Unknown routing 'nope'"):
+        load_routing_adapter(tiny_model("qwen3_moe"), folder)
+
+
+def test_state_that_does_not_fit_is_refused_and_previous_routing_restored(ids, tmp_path):
+    folder = save_routing_adapter(
+        randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig())), tmp_path / "a"
+    )
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    tensors["layers.1.offset"] = torch.zeros(3)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    before = logits(model, ids)
+    with pytest.raises(ValueError, match="already patched with 'topk'.*replace=True"):
+        load_routing_adapter(model, folder)
+    with pytest.raises(ValueError, match="does not fit layer 1"):
+        load_routing_adapter(model, folder, replace=True)
+    assert get_patch_state(model).config == TopKConfig(top_k=1)
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_replace_swaps_the_routing_of_a_patched_model(ids, tmp_path):
+    source = randomize_offsets(patch_model(tiny_model("deepseek_v3"), OffsetConfig(top_k=3)))
+    folder = save_routing_adapter(source, tmp_path / "a")
+    model = patch_model(tiny_model("deepseek_v3"), TopKConfig(top_k=1))
+    load_routing_adapter(model, folder, replace=True)
+    assert torch.equal(logits(model, ids), logits(source, ids))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_crash_mid_save_keeps_the_previous_adapter(exchange, ids, tmp_path, monkeypatch):
+    if not exchange:  # the portable swap (two renames) used where renameat2 is missing
+        monkeypatch.setattr(adapter_io, "_exchange", lambda a, b: False)
+    folder = tmp_path / "adapter"
+    first = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()), seed=1)
+    save_routing_adapter(first, folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"a LoRA adapter saved next to it")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    real_save = adapter_io.save_file
+
+    def crash(tensors, filename, metadata=None):
+        real_save(dict(list(tensors.items())[:1]), filename, metadata=metadata)  # half written ...
+        raise OSError("disk full")  # ... then the process dies
+
+    monkeypatch.setattr(adapter_io, "save_file", crash)
+    second = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()), seed=2)
+    with pytest.raises(OSError, match="disk full"):
+        save_routing_adapter(second, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
+
+    monkeypatch.setattr(adapter_io, "save_file", real_save)
+    save_routing_adapter(second, folder)
+    # the unrelated file is carried over, the adapter is replaced
+    assert (folder / "adapter_model.safetensors").read_bytes() == b"a LoRA adapter saved next to it"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    model = load_routing_adapter(tiny_model("mixtral"), folder)
+    assert torch.equal(logits(model, ids), logits(second, ids))
+
+
+def test_a_readme_that_is_not_ours_is_kept(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / CARD_NAME).write_text("# my own notes\n")
+    save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), folder)
+    assert (folder / CARD_NAME).read_text() == "# my own notes\n"
+    # our own card is refreshed on the next save
+    (folder / CARD_NAME).unlink()
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    save_routing_adapter(model, folder)
+    save_routing_adapter(model, folder, results={"perplexity": 9.5})
+    assert "9.5" in (folder / CARD_NAME).read_text()
+
+
+def test_saving_into_a_file_path_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "file")
