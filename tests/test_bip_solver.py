@@ -1,0 +1,168 @@
+"""BIP's dual solver against the exact optimum (scipy HiGHS), over streams of batches, and on bad input."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from hf_moe_routing.adapters.deepseek_v2 import limit_to_groups
+from hf_moe_routing.methods.bip.solver import (
+    assign,
+    expert_capacity,
+    expert_loads,
+    expert_prices,
+    max_violation,
+    solve_duals,
+    token_prices,
+)
+
+
+def skewed_scores(n: int, m: int, seed: int, skew: float = 3.0) -> torch.Tensor:
+    """Softmax scores whose experts differ in popularity (plain top-k is badly unbalanced)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, m, generator=g) * 1.5 + torch.linspace(0, skew, m)[torch.randperm(m, generator=g)]
+    return logits.softmax(-1)
+
+
+def exact_optimum(scores: torch.Tensor, k: int, capacity: int) -> float:
+    """max sum s x  s.t. each token exactly k experts, each expert <= C tokens, x binary (HiGHS)."""
+    n, m = scores.shape
+    tokens = sp.kron(sp.identity(n), np.ones((1, m)))
+    experts = sp.kron(np.ones((1, n)), sp.identity(m))
+    constraints = LinearConstraint(
+        sp.vstack([tokens, experts]).tocsr(),
+        np.concatenate([np.full(n, k), np.full(m, -np.inf)]),
+        np.concatenate([np.full(n, k), np.full(m, capacity)]),
+    )
+    result = milp(
+        -scores.double().flatten().numpy(),
+        constraints=constraints,
+        integrality=np.ones(n * m),
+        bounds=Bounds(0, 1),
+    )
+    assert result.success, result.message
+    return -result.fun
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "k"), [(300, 8, 1), (240, 8, 2), (300, 16, 2), (200, 16, 6), (200, 64, 1), (256, 64, 6)]
+)
+def test_bip_reaches_the_lp_optimum_within_one_token_of_capacity(n, m, k):
+    scores = skewed_scores(n, m, seed=n + m + k)
+    capacity = expert_capacity(n, m, k)
+    optimum = exact_optimum(scores, k, capacity)
+
+    result = solve_duals(scores, torch.zeros(m), k, capacity, num_iters=4, tolerance=1, max_extra_iters=64)
+    objective = scores.gather(1, result.index).sum().item()
+    overload = int(expert_loads(result.index, m).max()) - capacity
+
+    assert result.index.shape == (n, k) and (result.index.sort(1).values.diff(dim=1) > 0).all()  # k distinct
+    assert objective >= 0.98 * optimum
+    assert overload <= 1
+    # the same instance is badly unbalanced under plain top-k
+    assert int(expert_loads(scores.topk(k, 1).indices, m).max()) - capacity > max(2, capacity // 5)
+
+
+def test_stream_of_batches_stays_balanced_with_warm_started_q():
+    """q persists across batches; every batch of a stream must be balanced, not only the first."""
+    n, m, k = 512, 16, 2
+    capacity = expert_capacity(n, m, k)
+    q = torch.zeros(m)
+    vios, topk_vios = [], []
+    for step in range(30):
+        scores = (
+            skewed_scores(n, m, seed=1000 + step, skew=2.0)
+            if step < 15
+            else skewed_scores(n, m, 7 + step, 4.0)
+        )
+        result = solve_duals(
+            scores, q, k, capacity, num_iters=4, tolerance=max(1, capacity // 20), max_extra_iters=16
+        )
+        q = result.q
+        vios.append(max_violation(expert_loads(result.index, m)))
+        topk_vios.append(max_violation(expert_loads(scores.topk(k, 1).indices, m)))
+        assert float(q.min()) == 0.0 and float(q.max()) < 2.0  # normalised, no drift
+    assert max(vios) <= 0.1  # including step 15, where the score distribution changes
+    assert sum(vios) / len(vios) < 0.06 < 0.5 < min(topk_vios)
+
+
+def test_warm_start_needs_fewer_rounds_than_cold():
+    n, m, k = 400, 16, 2
+    capacity = expert_capacity(n, m, k)
+    first = solve_duals(
+        skewed_scores(n, m, 1), torch.zeros(m), k, capacity, 2, tolerance=1, max_extra_iters=64
+    )
+    warm = solve_duals(skewed_scores(n, m, 2), first.q, k, capacity, 2, tolerance=1, max_extra_iters=64)
+    cold = solve_duals(
+        skewed_scores(n, m, 2), torch.zeros(m), k, capacity, 2, tolerance=1, max_extra_iters=64
+    )
+    assert warm.overload <= 1 and cold.overload <= 1
+    assert warm.rounds < cold.rounds
+
+
+def test_rounds_are_block_minimisers_of_the_dual():
+    """p and q each minimise the dual objective with the other block fixed (checked by perturbation)."""
+    scores, k = skewed_scores(60, 8, 3), 2
+    capacity = expert_capacity(60, 8, k, capacity_factor=1.25)  # slack: some q_j = 0, no shift
+
+    def dual(p, q):
+        return k * p.sum() + capacity * q.sum() + (scores - p[:, None] - q[None]).clamp_min(0).sum()
+
+    p0 = token_prices(scores, k)
+    q = expert_prices(scores - p0[:, None], capacity)
+    p = token_prices(scores - q, k)
+    assert float(q.min()) == 0.0
+    for eps in (1e-3, -1e-3):
+        assert dual(p + eps, q) >= dual(p, q) - 1e-5
+        assert dual(p0, q + eps * (q > 1e-3)) >= dual(p0, q) - 1e-5  # q_j at its bound 0 may only rise
+        assert dual(p0, q + abs(eps)) >= dual(p0, q) - 1e-5
+    # complementary slackness: each token's chosen experts are exactly those above its price
+    chosen = (scores - q - p[:, None]) > 0
+    assert (chosen.sum(1) == k).all()
+    assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, assign(scores, q, k), True))
+
+
+def test_group_limited_selection_keeps_experts_outside_groups_excluded():
+    n, m, k = 256, 16, 4
+    scores = skewed_scores(n, m, 4).sigmoid()
+
+    def selection(offset):
+        return limit_to_groups(scores + offset, 4, 2, "top2", float("-inf"))
+
+    capacity = expert_capacity(n, m, k)
+    result = solve_duals(
+        scores, torch.zeros(m), k, capacity, 4, selection=selection, tolerance=1, max_extra_iters=32
+    )
+    allowed = torch.isfinite(selection(-result.q))
+    assert allowed.gather(1, result.index).all()
+    plain = limit_to_groups(scores, 4, 2, "top2", float("-inf")).topk(k, 1).indices
+    assert max_violation(expert_loads(result.index, m)) < 0.5 * max_violation(expert_loads(plain, m))
+
+
+def test_capacity_rounding_and_infeasible_capacity():
+    assert expert_capacity(100, 8, 2) == 25
+    assert expert_capacity(101, 8, 2) == 26  # rounded up: m * C >= k * n
+    assert expert_capacity(100, 8, 2, capacity_factor=1.2) == 30
+    with pytest.raises(ValueError, match="infeasible"):
+        expert_capacity(100, 8, 2, capacity_factor=0.9)
+
+
+def test_k_larger_than_experts_is_refused():
+    with pytest.raises(ValueError, match="1 <= k <= number of experts"):
+        solve_duals(torch.rand(10, 4), torch.zeros(4), 5, 13, 2)
+
+
+def test_k_equal_to_experts_and_capacity_above_batch():
+    scores = torch.rand(5, 4)
+    result = solve_duals(scores, torch.zeros(4), 4, expert_capacity(5, 4, 4), 2)
+    assert result.overload == 0 and torch.equal(result.q, torch.zeros(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    scores = skewed_scores(300, 16, 5)
+    capacity = expert_capacity(300, 16, 2)
+    cpu = solve_duals(scores, torch.zeros(16), 2, capacity, 4)
+    gpu = solve_duals(scores.cuda(), torch.zeros(16, device="cuda"), 2, capacity, 4)
+    torch.testing.assert_close(gpu.q.cpu(), cpu.q, atol=1e-5, rtol=0)
