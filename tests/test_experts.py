@@ -1,0 +1,137 @@
+"""The sentinel-safe experts implementation matches transformers' eager experts, forward and backward."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from hf_moe_routing import RoutingConfig, RoutingLayer, get_adapter, patch_model, unpatch_model
+from hf_moe_routing.experts import SENTINEL_EXPERTS
+from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+
+ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _variable_k_routing(num_tokens: int, top_k: int, num_experts: int, seed: int = 0):
+    """Random index/weights with 0..top_k real slots per token (sentinel ``num_experts`` elsewhere).
+
+    The last two experts never receive a token (empty experts); token 0 has only sentinel slots.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts - 2, generator=generator)
+    index = scores.topk(top_k, dim=-1).indices
+    kept = torch.randint(0, top_k + 1, (num_tokens,), generator=generator)
+    kept[0] = 0
+    kept[1] = top_k
+    valid = torch.arange(top_k)[None, :] < kept[:, None]
+    index = index.masked_fill(~valid, num_experts)
+    weights = torch.rand(num_tokens, top_k, generator=generator).masked_fill(~valid, 0.0)
+    return index, weights
+
+
+def _run_experts(model, experts, implementation, hidden, index, weights, probe):
+    model.set_experts_implementation(implementation)
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weights = weights.detach().clone().requires_grad_(True)
+    experts.zero_grad(set_to_none=True)
+    out = experts(hidden, index, weights)
+    (out.float() * probe).sum().backward()
+    param_grads = {name: p.grad.detach().clone() for name, p in experts.named_parameters()}
+    return out.detach(), hidden.grad, weights.grad, param_grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_matches_eager_forward_and_backward(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    adapter, blocks = get_adapter(model)
+    experts = blocks[0].experts
+    m, top_k = experts.num_experts, adapter.top_k(blocks[0].gate)
+    index, weights = _variable_k_routing(40, top_k, m)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, model.config.hidden_size, generator=generator).to(dtype)
+    weights = weights.to(dtype)
+    probe = torch.randn(40, model.config.hidden_size, generator=generator)
+
+    eager = _run_experts(model, experts, "eager", hidden, index, weights, probe)
+    ours = _run_experts(model, experts, SENTINEL_EXPERTS, hidden, index, weights, probe)
+    tol = TOLERANCE[dtype]
+    assert ours[0].dtype == eager[0].dtype == dtype
+    torch.testing.assert_close(ours[0], eager[0], **tol)
+    torch.testing.assert_close(ours[1], eager[1], **tol)  # d hidden states
+    torch.testing.assert_close(ours[2], eager[2], **tol)  # d routing weights
+    for name in eager[3]:
+        torch.testing.assert_close(ours[3][name], eager[3][name], **tol)
+    # all-sentinel token and empty experts: nothing computed, nothing back-propagated
+    assert torch.all(ours[0][0] == 0) and torch.all(ours[1][0] == 0)
+    assert torch.all(ours[2][index == m] == 0)
+    for name, grad in ours[3].items():
+        if grad.dim() == 3:
+            assert torch.all(grad[-2:] == 0), name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_all_sentinel_batch_gives_zeros(family):
+    model = tiny_model(family)
+    model.set_experts_implementation(SENTINEL_EXPERTS)
+    adapter, blocks = get_adapter(model)
+    experts = blocks[0].experts
+    hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
+    index = torch.full((5, adapter.top_k(blocks[0].gate)), experts.num_experts)
+    weights = torch.zeros(index.shape, requires_grad=True)
+    out = experts(hidden, index, weights)
+    assert out.shape == hidden.shape and torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weights.grad == 0)
+
+
+@dataclass
+class _DropSlotsConfig(RoutingConfig):
+    """Variable-k test routing: token t keeps 1 + (t mod k) of its top-k experts."""
+
+    routing_type = "test_drop_slots_experts"
+    variable_k = True
+
+    def create_layer(self, adapter, block, shape, context):
+        return _DropSlotsLayer(adapter, block, context)
+
+
+class _DropSlotsLayer(RoutingLayer):
+    def forward(self, gate, hidden):
+        logits, weights, index = self.adapter.route(gate, hidden)
+        n, k = index.shape
+        keep = torch.arange(k)[None, :] <= (torch.arange(n) % k)[:, None]
+        return (
+            logits,
+            weights.masked_fill(~keep, 0.0),
+            index.masked_fill(~keep, self.adapter.num_experts(gate)),
+        )
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("previous", ["grouped_mm", "eager"])
+def test_variable_k_patch_switches_and_restores_the_implementation(family, previous, ids):
+    model = tiny_model(family)
+    model.set_experts_implementation(previous)
+    patch_model(model, _DropSlotsConfig())
+    assert model.config._experts_implementation == SENTINEL_EXPERTS
+    with torch.no_grad():
+        ours = model(ids).logits
+        model.set_experts_implementation("eager")  # eager skips sentinel slots too: the reference
+        reference = model(ids).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    model.set_experts_implementation(SENTINEL_EXPERTS)
+    unpatch_model(model)
+    assert model.config._experts_implementation == previous
+
+
+def test_backward_through_a_patched_model(ids):
+    model = tiny_model("qwen2_moe").train()
+    patch_model(model, _DropSlotsConfig())
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    expert_grad = model.model.layers[0].mlp.experts.gate_up_proj.grad
+    router_grad = model.model.layers[0].mlp.gate.weight.grad
+    assert torch.isfinite(loss) and expert_grad is not None and router_grad is not None
+    assert expert_grad.abs().sum() > 0 and router_grad.abs().sum() > 0
