@@ -300,11 +300,13 @@ def _download(repo_id: str, *, revision: str | None, token: str | bool | None) -
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import validate_repo_id
 
     where = (
         f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "") + " (no such local folder either)"
     )
     try:
+        validate_repo_id(repo_id)
         folder = snapshot_download(
             repo_id, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
         )

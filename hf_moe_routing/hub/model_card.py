@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE_NAME = "routing_adapter.md"
@@ -184,7 +185,10 @@ def check_model_card(card: ModelCard | str) -> ModelCard:
     text = str(card)
     if not text.startswith("---\n"):
         raise ValueError("The model card has no YAML metadata header.")
-    parsed = ModelCard(text, ignore_metadata_errors=False)
+    try:
+        parsed = ModelCard(text, ignore_metadata_errors=False)
+    except yaml.YAMLError as error:
+        raise ValueError(f"The model card's YAML metadata does not parse: {error}") from error
     data = parsed.data.to_dict()
     tags = data.get("tags")
     if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):

@@ -1,0 +1,298 @@
+"""Hub side of routing adapters: resolution, one-call loading, model cards, push (against a fake HfApi), CLI."""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import LocalEntryNotFoundError
+from test_adapter_io import OffsetConfig, logits, randomize_offsets
+
+import hf_moe_routing
+from hf_moe_routing import AutoRoutedModelForCausalLM, TopKConfig, get_patch_state, patch_model
+from hf_moe_routing.cli.main import main
+from hf_moe_routing.hub import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    build_model_card,
+    check_model_card,
+    load_routing_adapter,
+    push_to_hub,
+    results_from_lm_eval,
+    save_routing_adapter,
+    upload_adapter_folder,
+)
+from hf_moe_routing.testing import tiny_model
+
+RESULTS = {
+    "wikitext-2/test": {
+        "perplexity": 31.5,
+        "mean_activated_experts": 1.42,
+        "flops_reduction": 0.21,
+        "per_layer": [1, 2],
+    },
+    "blimp": {"acc": 0.61},
+}
+
+
+class FakeHfApi:
+    """Records what would be sent to the Hub (and the files as they were at upload time)."""
+
+    def __init__(self, fail_with=None):
+        self.calls = []
+        self.uploaded = {}
+        self.fail_with = fail_with
+
+    def create_repo(self, repo_id, **kwargs):
+        if self.fail_with:
+            raise self.fail_with
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        folder = Path(kwargs["folder_path"])
+        self.uploaded = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/0", pr_url=None)
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    model = randomize_offsets(patch_model(tiny_model("qwen2_moe"), OffsetConfig()))
+    return model, save_routing_adapter(
+        model, tmp_path / "adapter", training_info={"steps": 5}, results=RESULTS
+    )
+
+
+# ---- resolution -----------------------------------------------------------------------------
+
+
+def test_hub_repo_ids_are_downloaded_with_only_the_adapter_files(adapter, ids, monkeypatch):
+    model, folder = adapter
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    fresh = load_routing_adapter(tiny_model("qwen2_moe"), "me/qwen-offset", revision="v2", token="hf_x")
+    assert seen["repo_id"] == "me/qwen-offset" and seen["revision"] == "v2" and seen["token"] == "hf_x"
+    assert set(seen["allow_patterns"]) == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+def test_unreachable_hub_says_the_network_or_token_is_the_problem(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(OSError, match="cannot be reached.*network connection and your token"):
+        load_routing_adapter(tiny_model("mixtral"), "me/some-adapter")
+    with pytest.raises(ValueError, match="neither an existing local folder nor a valid"):
+        load_routing_adapter(tiny_model("mixtral"), "bad id with spaces")
+
+
+def test_real_offline_mode_gives_the_network_message(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="Hugging Face Hub cannot be reached"):
+        load_routing_adapter(tiny_model("mixtral"), "hf-moe-routing-tests/not-cached-adapter")
+
+
+# ---- one-call loading ----------------------------------------------------------------------
+
+
+def test_one_call_loading_from_local_folders(tmp_path, ids):
+    base = tiny_model("mixtral")
+    base.save_pretrained(tmp_path / "base")
+    source = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()))
+    expected = logits(source, ids)
+    folder = save_routing_adapter(source, tmp_path / "adapter", base_model_id=str(tmp_path / "base"))
+
+    model = AutoRoutedModelForCausalLM.from_pretrained(
+        tmp_path / "base", adapter=folder, attn_implementation="eager"
+    )
+    assert get_patch_state(model).config == OffsetConfig()
+    assert torch.equal(logits(model, ids), expected)
+
+    # the base model id recorded in the adapter is used when the base is omitted; kwargs pass through
+    model = AutoRoutedModelForCausalLM.from_pretrained(adapter=folder, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and get_patch_state(model) is not None
+
+    # a folder holding both the checkpoint and the routing adapter
+    source.save_pretrained(tmp_path / "both")
+    save_routing_adapter(source, tmp_path / "both")
+    model = AutoRoutedModelForCausalLM.from_pretrained(tmp_path / "both", attn_implementation="eager")
+    assert torch.equal(logits(model, ids), expected)
+
+
+def test_one_call_loading_errors(tmp_path):
+    source = patch_model(tiny_model("mixtral"), TopKConfig())
+    folder = save_routing_adapter(source, tmp_path / "adapter")  # tiny models have no base id
+    with pytest.raises(ValueError, match="does not record its base model"):
+        AutoRoutedModelForCausalLM.from_pretrained(adapter=folder)
+    with pytest.raises(ValueError, match="Pass the routing adapter"):
+        AutoRoutedModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match="from_pretrained"):
+        AutoRoutedModelForCausalLM()
+
+
+# ---- model cards ------------------------------------------------------------------------------
+
+
+def test_model_card_has_metadata_results_and_passes_validation(adapter):
+    _, folder = adapter
+    card = ModelCard.load(folder / CARD_NAME)
+    check_model_card(card)
+    data = card.data.to_dict()
+    assert {"hf-moe-routing", "routing-test-offset", "qwen2_moe"} <= set(data["tags"])
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {
+        ("wikitext-2/test", "perplexity"): 31.5,
+        ("wikitext-2/test", "mean_activated_experts"): 1.42,
+        ("wikitext-2/test", "flops_reduction"): 0.21,
+        ("blimp", "acc"): 0.61,
+    }
+    assert "| wikitext-2/test | Perplexity | 31.5 |" in card.text
+    assert "| blimp | Accuracy | 0.61 |" in card.text
+    assert "| steps | 5 |" in card.text and "| num_experts | `8` |" in card.text
+
+
+def test_card_names_the_base_model_and_hub_id():
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    model.config._name_or_path = "mistralai/Mixtral-8x7B-v0.1"
+    from hf_moe_routing.hub import adapter_config_dict
+
+    config = adapter_config_dict(model, results={"perplexity": 5.0})
+    card = build_model_card(config, repo_id="me/mixtral-top1")
+    assert card.data.base_model == "mistralai/Mixtral-8x7B-v0.1"
+    assert card.data.eval_results[0].dataset_name == "evaluation"
+    assert 'adapter="me/mixtral-top1"' in card.text
+    assert "[mistralai/Mixtral-8x7B-v0.1](https://huggingface.co/mistralai/Mixtral-8x7B-v0.1)" in card.text
+    # a local path is not a Hub id: it must not become base_model metadata
+    config["base_model"]["id"] = "/tmp"
+    assert build_model_card(config).data.base_model is None
+
+
+def test_card_validation_rejects_broken_metadata(adapter):
+    _, folder = adapter
+    text = (folder / CARD_NAME).read_text()
+    check_model_card(text)
+    with pytest.raises(ValueError):
+        check_model_card(text.replace("value: 31.5", "value: [31.5, oops"))  # broken YAML
+    with pytest.raises(ValueError, match="numeric"):
+        check_model_card(text.replace("value: 31.5", "value: high"))
+    with pytest.raises(ValueError, match="no YAML metadata"):
+        check_model_card("# just a title\n")
+
+
+def test_lm_eval_output_becomes_card_results():
+    output = {
+        "results": {
+            "blimp_anaphor": {"alias": "blimp_anaphor", "acc,none": 0.75, "acc_stderr,none": 0.02},
+            "wikitext_doc": {"word_perplexity,none": 55.1, "bits_per_byte,none": 1.3},
+        }
+    }
+    assert results_from_lm_eval(output) == {
+        "blimp_anaphor": {"acc": 0.75},
+        "wikitext_doc": {"word_perplexity": 55.1, "bits_per_byte": 1.3},
+    }
+    with pytest.raises(ValueError, match="simple_evaluate"):
+        results_from_lm_eval({"acc": 1})
+
+
+# ---- push ---------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_adapter_and_card(ids):
+    model = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()))
+    api = FakeHfApi()
+    commit = push_to_hub(
+        model,
+        "me/mixtral-offset",
+        private=True,
+        revision="exp",
+        commit_message="first",
+        results=RESULTS,
+        training_info={"steps": 7},
+        token="hf_secret",
+        api=api,
+    )
+    assert commit.commit_url.startswith("https://huggingface.co/me/mixtral-offset")
+    names = [c[0] for c in api.calls]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[0][2]["private"] is True and api.calls[0][2]["exist_ok"] is True
+    assert api.calls[1][2]["branch"] == "exp"
+    upload = api.calls[2][2]
+    assert (
+        upload["revision"] == "exp" and upload["commit_message"] == "first" and upload["token"] == "hf_secret"
+    )
+    assert sorted(api.uploaded) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+
+    card = check_model_card(api.uploaded[CARD_NAME].decode())
+    assert 'adapter="me/mixtral-offset"' in card.text
+    assert card.data.to_dict()["model-index"][0]["name"] == "mixtral-offset"
+    assert len(card.data.eval_results) == 4
+    assert not Path(upload["folder_path"]).exists()  # the staging folder is removed after the push
+
+
+def test_pushed_files_load_back(tmp_path, ids):
+    model = randomize_offsets(patch_model(tiny_model("deepseek_v2"), OffsetConfig()))
+    api = FakeHfApi()
+    push_to_hub(model, "adapter-only-name", api=api, create_pr=True)
+    assert api.calls[-1][1] == "me/adapter-only-name"  # the namespace the Hub resolved
+    assert "create_branch" not in [c[0] for c in api.calls] and api.calls[-1][2]["create_pr"] is True
+    for name, data in api.uploaded.items():
+        (tmp_path / name).write_bytes(data)
+    assert torch.equal(
+        logits(load_routing_adapter(tiny_model("deepseek_v2"), tmp_path), ids), logits(model, ids)
+    )
+
+
+def test_upload_folder_checks_the_folder_and_writes_a_missing_card(adapter, tmp_path):
+    _, folder = adapter
+    (folder / CARD_NAME).unlink()
+    api = FakeHfApi()
+    upload_adapter_folder(folder, "me/x", api=api)
+    assert (folder / CARD_NAME).exists() and CARD_NAME in api.uploaded
+    (tmp_path / "not-adapter").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a routing adapter"):
+        upload_adapter_folder(tmp_path / "not-adapter", "me/x", api=FakeHfApi())
+    with pytest.raises(OSError, match="Could not reach the Hugging Face Hub.*network"):
+        upload_adapter_folder(folder, "me/x", api=FakeHfApi(fail_with=ConnectionError("no route")))
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_push(adapter, monkeypatch, capsys, tmp_path):
+    _, folder = adapter
+    api = FakeHfApi()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
+    code = main(
+        ["push", str(folder), "me/qwen-offset", "--private", "--revision", "dev", "--commit-message", "hi"]
+    )
+    assert code == 0
+    assert "Uploaded routing adapter" in capsys.readouterr().out
+    assert api.calls[0][2]["private"] is True and api.calls[-1][2]["commit_message"] == "hi"
+    assert api.calls[-1][2]["revision"] == "dev"
+
+    assert main(["push", str(tmp_path / "missing"), "me/x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / CONFIG_NAME).write_text("{")
+    assert main(["push", str(broken), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "corrupt" in err and "Traceback" not in err
+
+
+def test_top_level_exports():
+    for name in ("save_routing_adapter", "load_routing_adapter", "push_to_hub", "AutoRoutedModelForCausalLM"):
+        assert hasattr(hf_moe_routing, name)
