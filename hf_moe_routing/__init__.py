@@ -6,6 +6,7 @@
 
 from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
+from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
 from .methods import (
     ROUTING_METHODS,
     BIPConfig,
@@ -34,6 +35,10 @@ __all__ = [
     "LossControlledConfig",
     "LossFreeConfig",
     "ADAPTERS",
+    "AutoRoutedModelForCausalLM",
+    "load_routing_adapter",
+    "push_to_hub",
+    "save_routing_adapter",
     "ROUTING_METHODS",
     "MoEAdapter",
     "MoEShape",
