@@ -1,0 +1,235 @@
+"""evaluate_routing / measure_speed / compare_speed and the evaluate and bench commands, on tiny models."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, get_patch_state, patch_model
+from hf_moe_routing.cli.evaluate import parse_routing
+from hf_moe_routing.cli.main import main
+from hf_moe_routing.evaluation.evaluate import (
+    compare_speed,
+    evaluate_routing,
+    iter_batches,
+    measure_speed,
+    topk_routing,
+)
+from hf_moe_routing.patching import routing_layers
+from hf_moe_routing.testing import REQUIRED_FAMILIES, tiny_model
+
+
+@pytest.fixture
+def data() -> torch.Tensor:
+    return torch.randint(3, 128, (6, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _manual_perplexity(model, rows):
+    """exp(mean NLL) over every predicted token of every row, one row at a time."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(row[None]).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
+            count += row.numel() - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES)
+def test_topk_perplexity_is_the_manual_one_and_reductions_are_zero(family, data):
+    model = tiny_model(family)
+    expected = _manual_perplexity(model, data)
+    plain = evaluate_routing(model, data, batch_size=4, progress=False)
+    assert plain["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert plain["num_tokens"] == data.numel() - data.shape[0]
+    patch_model(model, TopKConfig())
+    patched = evaluate_routing(model, data, batch_size=4, progress=False)
+    for result in (plain, patched):
+        assert result["mean_activated"] == pytest.approx(result["top_k"])
+        assert all(v == pytest.approx(result["top_k"]) for v in result["activated_per_layer"].values())
+        assert result["flops_reduction"] == 0.0 and result["routed_flops_reduction"] == 0.0
+        assert result["activation_reduction"] == pytest.approx(0.0)
+        assert result["perplexity_change"] == pytest.approx(0.0, abs=1e-6)
+    json.dumps(patched)  # JSON-ready
+
+
+def test_padding_is_excluded_from_perplexity_and_statistics(data):
+    model = tiny_model("qwen2_moe")
+    expected = _manual_perplexity(model, [data[0], data[1, :7], data[2, :4]])
+    ragged = [data[0].tolist(), data[1, :7].tolist(), data[2, :4].tolist()]
+    result = evaluate_routing(model, ragged, batch_size=3, progress=False, topk_reference=False)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert result["num_tokens"] == 11 + 6 + 3
+    assert result["mean_activated"] == pytest.approx(2.0)
+    # the same through a packed-style dict with attention_mask and labels
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for i, row in enumerate(ragged):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    packed = evaluate_routing(
+        model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, batch_size=2, progress=False
+    )
+    assert packed["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_static_top1_halves_routed_flops(family, data):
+    model = tiny_model(family)
+    k = get_patch_state(patch_model(model, TopKConfig())).shape.top_k
+    patch_model(model, TopKConfig(top_k=1), replace=True)
+    result = evaluate_routing(model, data, batch_size=6, progress=False)
+    assert result["mean_activated"] == pytest.approx(1.0)
+    assert list(result["activated_per_layer"].values()) == pytest.approx(
+        [1.0] * len(result["activated_per_layer"])
+    )
+    assert result["routed_flops_reduction"] == pytest.approx(1 - 1 / k)
+    assert 0 < result["flops_reduction"] < result["routed_flops_reduction"]
+    assert result["activation_reduction"] == pytest.approx(1 - 1 / k)
+    assert result["topk"]["mean_activated"] == pytest.approx(k)
+    assert result["perplexity"] != result["topk"]["perplexity"]
+    assert get_patch_state(model).config == TopKConfig(top_k=1)  # the routing is back after the reference
+
+
+def test_variable_k_activated_count_matches_the_routers(data):
+    model = tiny_model("qwen3_moe")
+    patch_model(model, TopPConfig(p=0.5))
+    counts = {}
+    hooks = [
+        layer_gate.register_forward_hook(
+            lambda m, a, out, i=i: counts.setdefault(i, []).append((out[2] < 8).sum(-1).float())
+        )
+        for i, layer_gate in ((i, r) for i, r in enumerate(m.mlp.gate for m in model.model.layers))
+    ]
+    result = evaluate_routing(model, data, batch_size=4, progress=False, topk_reference=False)
+    for h in hooks:
+        h.remove()
+    per_layer = {str(i): float(torch.cat(v).mean()) for i, v in counts.items()}
+    assert result["activated_per_layer"] == pytest.approx(per_layer)
+    assert result["mean_activated"] == pytest.approx(sum(per_layer.values()) / len(per_layer))
+    assert result["routed_flops_reduction"] == pytest.approx(1 - result["mean_activated"] / 2, rel=1e-6)
+
+
+def test_topk_reference_restores_calibrated_state(data):
+    model = tiny_model("mixtral")
+    patch_model(model, DynamicSkipConfig(beta=0.37))
+    with torch.no_grad():
+        before = model(data).logits
+    with topk_routing(model):
+        assert get_patch_state(model) is None
+    assert float(routing_layers(model)[0].beta) == pytest.approx(0.37)
+    routing_layers(model)[1].set_beta(0.81)
+    evaluate_routing(model, data, batch_size=3, progress=False)
+    assert float(routing_layers(model)[1].beta) == pytest.approx(0.81)
+    routing_layers(model)[1].set_beta(0.37)
+    with torch.no_grad():
+        assert torch.equal(model(data).logits, before)
+
+
+def test_speed_helpers(data):
+    model = tiny_model("mixtral")
+    speed = measure_speed(model, data, repeats=3, warmup=1)
+    assert speed["median_s"] > 0 and len(speed["times_s"]) == 3 and speed["tokens"] == data.numel()
+    patch_model(model, TopPConfig(p=0.4))
+    both = compare_speed(model, {"input_ids": data}, repeats=2, warmup=0)
+    assert both["speedup"] == pytest.approx(both["topk"]["median_s"] / both["routing"]["median_s"])
+    assert both["routing_name"].startswith("top_p")
+    assert get_patch_state(model).config == TopPConfig(p=0.4)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ([], ValueError, "empty"),
+        (torch.ones(5, dtype=torch.long), ValueError, "2-D"),
+        ({"text": ["a"]}, ValueError, "input_ids"),
+        ("some text", TypeError, "Unsupported"),
+        (torch.ones(2, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
+    ],
+)
+def test_bad_data_raises_clear_errors(bad, error, message):
+    with pytest.raises(error, match=message):
+        list(iter_batches(bad, 2))
+
+
+def test_parse_routing_specs(tmp_path):
+    assert parse_routing("topk") == TopKConfig()
+    assert parse_routing("topk:top_k=1") == TopKConfig(top_k=1)
+    assert parse_routing("top_p:p=0.6,max_k=3") == TopPConfig(p=0.6, max_k=3)
+    assert parse_routing('{"routing_type": "dynamic_skip", "beta": 0.4}') == DynamicSkipConfig(beta=0.4)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(TopPConfig(p=0.3).to_dict()))
+    assert parse_routing(str(path)) == TopPConfig(p=0.3)
+    with pytest.raises(ValueError, match="Unknown routing"):
+        parse_routing("nucleus:p=0.5")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_routing("top_p:0.5")
+    with pytest.raises(ValueError, match="Unknown top_p routing settings"):
+        parse_routing("top_p:q=0.5")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Mixtral saved with a word-level tokenizer over its 128 ids, and a small text file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("model")
+    words = [f"w{i}" for i in range(120)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    tiny_model("mixtral").save_pretrained(folder)
+    rng = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, 120, (20,), generator=rng)) for _ in range(30)]
+    (folder / "text.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_evaluate_command_writes_table_json_and_plot(model_dir, tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "k.png"
+    argv = ["evaluate", str(model_dir), "--routing", "top_p:p=0.5", "--dataset", str(model_dir / "text.txt")]
+    argv += ["--seq-len", "32", "--batch-size", "4", "--json", str(out), "--plot", str(png), "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "activated experts" in text and "Top-K" in text
+    result = json.loads(out.read_text())
+    assert result["routing_config"]["p"] == 0.5 and 1.0 <= result["mean_activated"] < 2.0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_command_calibrates_dynamic_skipping(model_dir, capsys):
+    argv = ["evaluate", str(model_dir), "--routing", "dynamic_skip", "--dataset", str(model_dir / "text.txt")]
+    argv += ["--calibration-dataset", str(model_dir / "text.txt"), "--seq-len", "32", "--quiet"]
+    assert main(argv) == 0
+    assert "calibrated beta per layer" in capsys.readouterr().out
+
+
+def test_bench_command(model_dir, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["bench", str(model_dir), "--routing", "topk:top_k=1", "--seq-len", "16", "--batch-size", "2"]
+    assert main([*argv, "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    assert "speed-up vs Top-K" in capsys.readouterr().out
+    assert json.loads(out.read_text())["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--routing", "top_p:p=2"], r"\(0, 1\]"),
+        (["--routing", "top_p", "--adapter", "x"], "not both"),
+        (["--seq-len", "4096"], "context"),
+    ],
+)
+def test_evaluate_command_bad_input_exits_2(model_dir, extra, message, capsys):
+    assert main(["evaluate", str(model_dir), "--dataset", str(model_dir / "text.txt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"^error: .*" + message, err, re.MULTILINE)
