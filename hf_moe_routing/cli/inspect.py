@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="show the MoE structure, router and FLOPs per token of a model",
         description=(
             "Load a model (Hub id or local folder) and print its family adapter, MoE layers, experts, "
-            "top-k, shared experts and router class."
+            "top-k, shared experts, router class and forward FLOPs per token (matmuls only; see "
+            "hf_moe_routing.evaluation.flops)."
         ),
         epilog=(
             "examples:\n"
@@ -32,6 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="read only config.json and build the model on the meta device (no weights are downloaded)",
     )
     parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    parser.add_argument(
+        "--seq-len", type=int, default=2048, help="sequence length for the attention FLOPs (default: 2048)"
+    )
+    parser.add_argument(
+        "--full-attention",
+        action="store_true",
+        help="count all seq_len keys per query (what eager/SDPA compute) instead of the causal average",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -54,9 +63,10 @@ def load_for_inspection(
     )
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def describe(model: nn.Module, seq_len: int = 2048, causal: bool = True) -> dict[str, Any]:
     """The MoE facts of ``model`` as a JSON-serialisable dict (raises for non-MoE / unsupported models)."""
     from ..adapters import get_adapter, model_type_of
+    from ..evaluation.flops import flops_per_token
 
     adapter, blocks = get_adapter(model)
     shape = adapter.shape(model, blocks)
@@ -81,6 +91,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "renormalizes_top_k": adapter.normalizes(first.gate),
         "routed_scaling_factor": adapter.scaling(first.gate),
         "experts_implementation": getattr(config, "_experts_implementation", None),
+        "seq_len": seq_len,
+        "causal_attention_flops": causal,
+        "flops_per_token": flops_per_token(model, seq_len, causal=causal).to_dict(),
     }
 
 
@@ -124,12 +137,26 @@ def format_table(info: dict[str, Any]) -> str:
     if info["routed_scaling_factor"] is not None:
         rows.append(("routed scaling", f"{info['routed_scaling_factor']:g}"))
     rows.append(("experts impl.", str(info["experts_implementation"])))
+    flops = info["flops_per_token"]
+    scale, unit = (1e9, "GFLOPs") if flops["total"] >= 1e8 else (1e6, "MFLOPs")
+    attention = "causal" if info["causal_attention_flops"] else "full"
+    rows.append(
+        (
+            "FLOPs / token",
+            f"{flops['total'] / scale:.3f} {unit} (seq_len {info['seq_len']}, {attention} attention)",
+        )
+    )
+    for name in ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "lm_head"):
+        share = 100 * flops[name] / flops["total"] if flops["total"] else 0.0
+        rows.append((f"  {name.replace('_', ' ')}", f"{flops[name] / scale:.3f} {unit}  {share:5.1f}%"))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be a positive number of tokens, got {args.seq_len}.")
     model = load_for_inspection(args.model, config_only=args.config_only, revision=args.revision)
-    info = describe(model)
+    info = describe(model, seq_len=args.seq_len, causal=not args.full_attention)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

@@ -1,0 +1,108 @@
+"""``hf-moe-routing inspect`` on local folders, and the CLI's error handling."""
+
+import json
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from hf_moe_routing.cli.main import COMMANDS, main
+from hf_moe_routing.evaluation import flops_per_token
+from hf_moe_routing.testing import _COMMON, GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES + GENERIC_FAMILIES)
+def test_inspect_saved_model(family, tmp_path, capsys):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json", "--seq-len", "64"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == family
+    config = model.config.to_dict()
+    expected_experts = next(
+        config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in config
+    )
+    assert info["num_experts"] == expected_experts == (16 if family == "deepseek_v3" else 8)
+    assert info["top_k"] == model.config.num_experts_per_tok
+    expected_layers = [1, 2] if family == "deepseek_v3" else [0, 1]  # V3 tiny config: first layer dense
+    assert info["moe_layers"] == expected_layers
+    assert info["flops_per_token"] == flops_per_token(model, 64).to_dict()
+    assert (info["shared_experts"] is not None) == family.startswith(("qwen2", "deepseek"))
+
+    assert main(["inspect", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    for text in ("MoE layers", "routed experts", "top-k", "router", "FLOPs / token", "routed experts"):
+        assert text in table
+    assert type(model.model.layers[-1].mlp.gate).__name__ in table
+
+
+def _error_of(argv, capsys) -> str:
+    """The one-line error ``main(argv)`` prints (exit status 2, no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # progress bars of loading may precede it
+    assert last.startswith("error: ")
+    return last
+
+
+def test_inspect_config_only_reads_only_the_config(tmp_path, capsys):
+    config = AutoConfig.for_model("qwen2_moe")  # full-size Qwen1.5-MoE-A2.7B shape, no weights anywhere
+    config.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--config-only", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["num_experts"], info["top_k"], info["expert_intermediate_size"]) == (60, 4, 1408)
+    assert info["shared_expert_gate"] is True
+    assert info["flops_per_token"]["total"] == pytest.approx(flops_per_token(config, 2048).total)
+    # without --config-only the same folder has no weights to load: a clear error, no traceback
+    _error_of(["inspect", str(tmp_path)], capsys)
+
+
+def test_non_moe_model_is_a_clear_error(tmp_path, capsys):
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    err = _error_of(["inspect", str(tmp_path)], capsys)
+    assert "no Mixture-of-Experts block" in err and "mixtral" in err
+
+
+def test_unsupported_router_is_a_clear_error(tmp_path, capsys):
+    # GLM-4-MoE routes with sigmoid scores + correction bias: not a family the generic adapter reproduces
+    config = AutoConfig.for_model(
+        "glm4_moe",
+        **{**_COMMON, "intermediate_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 8},
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        n_group=1,
+        topk_group=1,
+        head_dim=16,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    err = _error_of(["inspect", str(tmp_path)], capsys)
+    assert "not a softmax-top-k router" in err and "Supported families" in err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert "No model folder" in _error_of(["inspect", str(tmp_path / "missing")], capsys)
+    tiny_model("mixtral").config.save_pretrained(tmp_path)
+    assert "--seq-len" in _error_of(["inspect", str(tmp_path), "--config-only", "--seq-len", "0"], capsys)
+
+
+def test_help_version_and_no_command(capsys):
+    assert "inspect" in COMMANDS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "inspect" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "hf-moe-routing" in capsys.readouterr().out
+    assert main([]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_traceback_flag_reraises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "inspect", str(tmp_path / "missing")])
