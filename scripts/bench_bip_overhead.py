@@ -1,0 +1,160 @@
+"""Time of the BIP solve next to the whole MoE layer forward, at Qwen1.5-MoE-A2.7B layer dimensions.
+
+One Qwen2-MoE block with random weights (hidden 2048, 60 routed experts of intermediate 1408, top-4,
+shared expert of intermediate 5632 = 4 x 1408), float32. For each n (tokens) it times
+
+* the MoE layer forward with the model's own Top-K routing (router + routed experts + shared expert),
+* the BIP solve alone (``BIPLayer.update_duals``: T dual rounds plus the overload check) for T = 1..8,
+* the MoE layer forward with BIP routing at the default T (update="before", training mode),
+
+and prints them side by side with the solve's share of the layer time. A second table shows how the
+solve grows with the number of experts m at fixed n. Run::
+
+    python scripts/bench_bip_overhead.py                       # n = 512..4096, T = 1..8
+    python scripts/bench_bip_overhead.py --tokens 512 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+from hf_moe_routing import BIPConfig, TopKConfig, patch_model, routing_layers
+from hf_moe_routing.methods.bip.layer import BIPLayer
+from hf_moe_routing.methods.bip.solver import expert_capacity, solve_duals
+
+QWEN15_MOE_LAYER = dict(
+    hidden_size=2048,
+    num_experts=60,
+    moe_intermediate_size=1408,
+    num_experts_per_tok=4,
+    shared_expert_intermediate_size=5632,
+    intermediate_size=5632,
+    norm_topk_prob=False,
+)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def one_layer_model(device: str):
+    config = Qwen2MoeConfig(
+        vocab_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        **QWEN15_MOE_LAYER,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.normal_(0.0, 0.02)
+    return model
+
+
+def layer_forward(block: torch.nn.Module, hidden: torch.Tensor, sync) -> None:
+    with torch.no_grad():
+        block(hidden)
+    sync()
+
+
+def bip_update(layer: BIPLayer, gate: torch.nn.Module, scores: torch.Tensor, sync) -> None:
+    with torch.no_grad():
+        layer.update_duals(gate, scores, None)
+    sync()
+
+
+def bare_solve(scores: torch.Tensor, k: int, capacity: int, num_iters: int, sync) -> None:
+    solve_duals(scores, torch.zeros(scores.shape[1], device=scores.device), k, capacity, num_iters)
+    sync()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--iters", type=int, nargs="+", default=list(range(1, 9)))
+    parser.add_argument(
+        "--experts", type=int, nargs="+", default=[16, 60, 128, 256], help="m for the solve-only table"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    args = parser.parse_args()
+    default_t = BIPConfig().num_iters
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    model = one_layer_model(args.device)
+    block = model.model.layers[0].mlp
+    gate = block.gate
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} layer: hidden 2048, 60 x 1408, top-4, shared 5632"
+    )
+    print(f"\nBIP solve time in ms (and % of the Top-K layer forward), default T={default_t}")
+    print(f"{'n':>6} {'layer fwd ms':>13} " + " ".join(f"{'T=' + str(t):>14}" for t in args.iters))
+    results = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "default_T": default_t,
+        "by_tokens": [],
+    }
+    for n in args.tokens:
+        hidden = torch.randn(1, n, 2048, device=args.device)
+        patch_model(model, TopKConfig(), replace=True)
+        layer_s = timed(partial(layer_forward, block, hidden, sync), args.repeats)
+        with torch.no_grad():
+            scores = torch.softmax(gate.routing.adapter.logits(gate, hidden).float(), dim=-1)
+        row = {"tokens": n, "layer_forward_s": layer_s, "solve_s": {}}
+        cells = []
+        for t in args.iters:
+            patch_model(model, BIPConfig(num_iters=t, max_extra_iters=0, update="before"), replace=True)
+            solve_s = timed(
+                partial(bip_update, routing_layers(model)[0], gate, scores, sync), args.repeats * 3
+            )
+            row["solve_s"][t] = solve_s
+            cells.append(f"{solve_s * 1e3:6.1f} ({100 * solve_s / layer_s:4.1f}%)")
+        # end to end at the default T: BIP-routed layer forward (training mode, solve included)
+        patch_model(model, BIPConfig(update="before"), replace=True)
+        model.train()
+        bip_s = timed(partial(layer_forward, block, hidden, sync), args.repeats)
+        model.eval()
+        row["bip_layer_forward_s"] = bip_s
+        results["by_tokens"].append(row)
+        print(f"{n:>6} {layer_s * 1e3:13.1f} " + " ".join(f"{c:>14}" for c in cells))
+        print(
+            f"{'':>6} BIP-routed layer forward at T={default_t}: {bip_s * 1e3:.1f} ms ({100 * (bip_s / layer_s - 1):+.1f}%)"
+        )
+    del model, block, gate
+
+    n = max(args.tokens)
+    print(f"\nBIP solve time in ms by number of experts m (n={n}, k=4, T={default_t}; random softmax scores)")
+    results["by_experts"] = []
+    for m in args.experts:
+        scores = torch.randn(n, m, device=args.device).softmax(-1)
+        solve_s = timed(
+            partial(bare_solve, scores, 4, expert_capacity(n, m, 4), default_t, sync), args.repeats * 3
+        )
+        results["by_experts"].append({"experts": m, "tokens": n, "solve_s": solve_s})
+        print(f"  m={m:>4}: {solve_s * 1e3:7.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
