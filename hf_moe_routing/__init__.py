@@ -6,6 +6,7 @@
 
 from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
+from .evaluation import FlopsBreakdown, RoutingStats, flops_per_token
 from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
 from .methods import (
     ROUTING_METHODS,
@@ -31,6 +32,9 @@ from .patching import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlopsBreakdown",
+    "RoutingStats",
+    "flops_per_token",
     "BIPConfig",
     "LossControlledConfig",
     "LossFreeConfig",
