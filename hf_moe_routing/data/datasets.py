@@ -174,7 +174,7 @@ def _tokenise(
         labels: list[int] = []
         trained = False
         for text, trained in _segments(record, kind, text_field, tokenizer):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            piece = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
         if not ids:
@@ -190,7 +190,7 @@ def _tokenise_texts(
 ) -> Iterable[tuple[list[int], list[int]]]:
     if not texts:
         return
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         if ids:
             ids = ids + ([eos] if eos is not None else [])
             yield ids, list(ids)

@@ -273,6 +273,7 @@ def pretrain(
                 ev = _validate(model, eval_data, config)
                 stats.attach()
                 result.evals.append({"step": step + 1, **ev})
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients left on the model
     model.eval()
     result.total_time = time.perf_counter() - start
     result.tokens_per_step = tokens / config.max_steps

@@ -116,11 +116,11 @@ class ReferenceSpec:
     """How a reference model is built (sized for about 10 minutes on 2 CPU cores)."""
 
     shape: str
-    max_steps: int = 800
+    max_steps: int = 600
     batch_size: int = 16
     seq_len: int = 128
     learning_rate: float = 3e-3
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     seed: int = 0
 
 
