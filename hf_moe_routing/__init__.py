@@ -5,6 +5,7 @@
 """
 
 from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
+from . import integrations  # noqa: F401  (registers --model hf-moe-routing with lm-eval, if installed)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
 from .evaluation import FlopsBreakdown, RoutingStats, flops_per_token
 from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter

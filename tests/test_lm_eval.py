@@ -1,0 +1,282 @@
+"""lm-eval runs for real, offline, on tiny MoE models: our model type, routings, adapters, tasks and CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+lm_eval = pytest.importorskip("lm_eval")  # the optional extra "eval"
+
+from hf_moe_routing import TopKConfig, TopPConfig, patch_model, save_routing_adapter  # noqa: E402
+from hf_moe_routing.cli.main import main  # noqa: E402
+from hf_moe_routing.data import data_dir, train_tokenizer  # noqa: E402
+from hf_moe_routing.integrations.lm_eval import TASKS_DIR, task_manager  # noqa: E402
+from hf_moe_routing.integrations.lm_eval.model import routing_config_from_args  # noqa: E402
+from hf_moe_routing.integrations.lm_eval.task_data import blimp_dataset, split_articles  # noqa: E402
+from hf_moe_routing.testing import tiny_model  # noqa: E402
+
+BLIMP = "blimp_local_adjunct_island"
+WIKI = "wikitext2_local"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two when the CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    try:
+        return data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"shared data folder missing: {error}")
+
+
+def _save_tiny(path, family, data):
+    """A tiny random MoE of ``family`` with a word-level tokenizer trained on the evaluated text."""
+    texts = []
+    for name in ("adjunct_island", "wh_island"):
+        for line in (data / "blimp" / f"{name}.jsonl").read_text().splitlines():
+            pair = json.loads(line)
+            texts += [pair["sentence_good"], pair["sentence_bad"]]
+    texts += (data / "wikitext-2" / "test.txt").read_text().splitlines()[:300]
+    tokenizer = train_tokenizer(texts, vocab_size=1024, kind="word", min_frequency=1)
+    tiny_model(family, vocab_size=1024).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory, data):
+    return _save_tiny(tmp_path_factory.mktemp("mixtral"), "mixtral", data)
+
+
+@pytest.fixture(scope="module")
+def tasks(data):
+    # only our tasks: indexing lm-eval's ~10k built-in task files takes ~20 s on 2 CPU cores
+    return task_manager(data_dir=data, include_defaults=False)
+
+
+def _evaluate(model_dir, tasks, model_args="", task_names=(BLIMP, WIKI), limit=3):
+    args = f"pretrained={model_dir},dtype=float32" + (f",{model_args}" if model_args else "")
+    return lm_eval.simple_evaluate(
+        model="hf-moe-routing",
+        model_args=args,
+        tasks=list(task_names),
+        device="cpu",
+        limit=limit,
+        task_manager=tasks,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+
+
+def _sentence_logprob(model, tokenizer, text):
+    """log p(text | BOS), as lm-eval scores a BLiMP sentence after an empty context."""
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+    with torch.no_grad():
+        logp = model(ids).logits.float().log_softmax(-1)
+    return logp[0, :-1].gather(-1, ids[0, 1:, None]).sum().item()
+
+
+def _check_blimp_against_model(results, model_dir, config):
+    """lm-eval's log-likelihoods are those of the model under ``config``, and acc = mean[lp(good) > lp(bad)]."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    unpatched = []
+    if config is not None:  # log p(good) without the routing, to check that lm-eval used it
+        unpatched = [
+            _sentence_logprob(model, tokenizer, s["doc"]["sentence_good"]) for s in results["samples"][BLIMP]
+        ]
+        patch_model(model, config)
+    wins, changes = [], []
+    for i, sample in enumerate(results["samples"][BLIMP]):
+        good, bad = (resp[0][0] for resp in sample["resps"])
+        assert good == pytest.approx(
+            _sentence_logprob(model, tokenizer, sample["doc"]["sentence_good"]), abs=1e-4
+        )
+        assert bad == pytest.approx(
+            _sentence_logprob(model, tokenizer, sample["doc"]["sentence_bad"]), abs=1e-4
+        )
+        if unpatched:
+            changes.append(abs(good - unpatched[i]))
+        wins.append(good > bad)
+    assert not unpatched or max(changes) > 1e-3  # the routing really changed what lm-eval measured
+    assert results["results"][BLIMP]["acc,none"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_import_registers_the_model_type_without_importing_lm_eval_models():
+    code = (
+        "import sys, hf_moe_routing\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "assert 'hf-moe-routing' in model_registry\n"
+        "assert 'lm_eval.models.huggingface' not in sys.modules\n"
+        "assert 'hf_moe_routing.integrations.lm_eval.model' not in sys.modules\n"
+        "assert get_model('hf-moe-routing').__name__ == 'HFMoERoutingLM'\n"
+        "assert get_model('hf').__name__ == 'HFLM'\n"  # lm-eval's own models still resolve
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("model_args", "config"),
+    [
+        ("routing=topk,routing_top_k=1", TopKConfig(top_k=1)),
+        ("routing=top_p,routing_p=0.5", TopPConfig(p=0.5)),
+        ("", None),
+    ],
+    ids=["topk1", "top_p", "model"],
+)
+def test_simple_evaluate_reports_lm_eval_metrics_and_routing_stats(mixtral_dir, tasks, model_args, config):
+    results = _evaluate(mixtral_dir, tasks, model_args, limit=3)
+    _check_blimp_against_model(results, mixtral_dir, config)
+    wiki = results["results"][WIKI]
+    assert 1 < wiki["word_perplexity,none"] < math.inf and 1 < wiki["byte_perplexity,none"] < math.inf
+    assert wiki["bits_per_byte,none"] == pytest.approx(math.log2(wiki["byte_perplexity,none"]))
+
+    stats = results["config"]["routing_stats"]
+    assert stats["routing_config"] == (config.to_dict() if config else None)
+    assert stats["top_k"] == 2 and stats["num_experts"] == 8 and stats["num_tokens"] > 0
+    assert list(stats["activated_per_layer"]) == ["0", "1"]
+    flops, flops_topk = stats["flops_per_token"]["total"], stats["flops_per_token_topk"]["total"]
+    if config is None:  # the model's own top-2
+        assert stats["mean_activated"] == pytest.approx(2.0)
+        assert flops == pytest.approx(flops_topk) and stats["flops_reduction"] == pytest.approx(0.0)
+    elif isinstance(config, TopKConfig):
+        assert stats["mean_activated"] == pytest.approx(1.0)
+        assert 0 < stats["flops_reduction"] < 1 and flops < flops_topk
+    else:  # top-p: a variable number of experts per token, between 1 and top-k
+        assert 1.0 < stats["mean_activated"] < 2.0
+        assert all(1.0 <= v <= 2.0 for v in stats["activated_per_layer"].values())
+        assert flops < flops_topk
+    assert stats["avg_max_vio"] >= 0 and stats["sup_max_vio"] >= stats["avg_max_vio"]
+    json.dumps(results["config"]["routing_stats"])  # JSON-ready, as lm-eval writes it
+
+
+def test_adapter_model_arg_loads_a_saved_routing_adapter(mixtral_dir, tasks, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    patch_model(model, TopPConfig(p=0.5))
+    adapter = save_routing_adapter(model, tmp_path / "adapter", model_card=False)
+    results = _evaluate(mixtral_dir, tasks, f"adapter={adapter}", task_names=[BLIMP], limit=3)
+    stats = results["config"]["routing_stats"]
+    assert stats["adapter"] == str(adapter)
+    assert stats["routing_config"] == TopPConfig(p=0.5).to_dict()
+    _check_blimp_against_model(results, mixtral_dir, TopPConfig(p=0.5))
+
+
+def test_bad_model_args_fail_before_loading_with_clear_messages(tasks, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown routing 'nonsense'\. Known routings: .*topk"):
+        _evaluate(tmp_path / "not-loaded", tasks, "routing=nonsense")
+    with pytest.raises(ValueError, match="without a method: add routing=NAME"):
+        _evaluate(tmp_path / "not-loaded", tasks, "routing_top_k=1")
+    with pytest.raises(ValueError, match="either routing=.* or adapter="):
+        _evaluate(tmp_path / "not-loaded", tasks, "routing=topk,adapter=somewhere")
+    with pytest.raises(ValueError, match=r"Unknown topk routing settings \['k'\]"):
+        _evaluate(tmp_path / "not-loaded", tasks, "routing=topk,routing_k=1")
+
+
+def test_routing_settings_from_json_string_file_or_dict(tmp_path):
+    assert routing_config_from_args("topk", '{"top_k": 1}') == TopKConfig(top_k=1)
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(TopPConfig(p=0.7).to_dict()))
+    assert routing_config_from_args(None, str(path)) == TopPConfig(p=0.7)
+    assert routing_config_from_args("top_p", {"p": 0.3}, {"p": 0.6}) == TopPConfig(p=0.6)  # settings win
+    assert routing_config_from_args() is None
+    with pytest.raises(ValueError, match="contradicts"):
+        routing_config_from_args("topk", str(path))
+    with pytest.raises(ValueError, match="neither a JSON object"):
+        routing_config_from_args("topk", "missing.json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        routing_config_from_args("topk", "{top_k: 1}")
+
+
+def test_packaged_tasks_cover_every_blimp_paradigm_and_wikitext(tasks, data):
+    paradigms = sorted(p.stem for p in (data / "blimp").glob("*.jsonl"))
+    assert len(paradigms) == 67
+    assert "blimp_local" in tasks.all_groups
+    assert sorted(t for t in tasks.all_subtasks if t.startswith("blimp_local_")) == [
+        f"blimp_local_{p}" for p in paradigms
+    ]
+    assert WIKI in tasks.all_subtasks
+    group = (TASKS_DIR / "blimp_local" / "_blimp_local.yaml").read_text()
+    assert all(f"- blimp_local_{p}\n" in group for p in paradigms)
+
+
+def test_task_data_is_read_from_the_configured_folder(tmp_path, monkeypatch):
+    (tmp_path / "blimp").mkdir()
+    pair = {"sentence_good": "Cats sleep.", "sentence_bad": "Cats sleeps.", "UID": "mini"}
+    (tmp_path / "blimp" / "mini.jsonl").write_text(json.dumps(pair) + "\n")
+    assert blimp_dataset("mini", data_dir=tmp_path)["test"][0]["sentence_bad"] == "Cats sleeps."
+    monkeypatch.setenv("HF_MOE_ROUTING_DATA", str(tmp_path))
+    assert blimp_dataset("mini")["test"].num_rows == 1
+    with pytest.raises(FileNotFoundError, match="--metadata data_dir=DIR"):
+        blimp_dataset("adjunct_island", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="HF_MOE_ROUTING_DATA"):
+        blimp_dataset("mini", data_dir=tmp_path / "nowhere")
+
+
+def test_split_articles_starts_a_document_at_each_top_level_heading():
+    lines = [" \n", " = A = \n", " \n", " a text \n", " = = Section = = \n", " more \n", " = B = \n", " b \n"]
+    assert split_articles(lines) == ["= A = \n \n a text \n = = Section = = \n more", "= B = \n b"]
+
+
+@pytest.fixture
+def cli_tasks_only_ours(monkeypatch):
+    """The CLI as is, except that lm-eval does not index its ~10k built-in task files (slow on 2 cores)."""
+    import lm_eval.tasks
+
+    class OursOnly(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OursOnly)
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap stderr without a process pool
+
+
+def test_cli_passes_lm_eval_options_through_and_prints_routing_stats(
+    tmp_path_factory, data, cli_tasks_only_ours, capsys
+):
+    model_dir = _save_tiny(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe", data)
+    out = tmp_path_factory.mktemp("results")
+    argv = ["lm-eval", "--model_args", f"pretrained={model_dir},routing=top_p,routing_p=0.5,dtype=float32"]
+    argv += ["--tasks", f"{BLIMP},blimp_local_wh_island", WIKI, "--limit", "1", "--device", "cpu"]
+    argv += ["--output_path", str(out), "--log_samples", "--data_dir", str(data)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "|blimp_local_wh_island" in printed and "word_perplexity" in printed  # lm-eval's own tables
+    assert (
+        "routing statistics" in printed and "top_p(p=0.5)" in printed and "mean activated experts" in printed
+    )
+
+    (results_file,) = out.rglob("results_*.json")
+    saved = json.loads(results_file.read_text())
+    assert saved["config"]["model"] == "hf-moe-routing"  # the default --model
+    stats = saved["config"]["routing_stats"]
+    assert stats["routing_config"] == TopPConfig(p=0.5).to_dict() and 1.0 <= stats["mean_activated"] < 2.0
+    assert len(list(out.rglob("samples_*.jsonl"))) == 3  # --log_samples went through
+
+
+def test_cli_help_and_user_errors(cli_tasks_only_ours, capsys, tmp_path):
+    assert main(["lm-eval", "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "routing=NAME" in printed and "--data_dir" in printed  # ours
+    assert (
+        "--model_args" in printed and "--include_path" in printed and "--log_samples" in printed
+    )  # lm-eval's
+
+    argv = ["lm-eval", "--model_args", f"pretrained={tmp_path},routing=nonsense", "--tasks", BLIMP]
+    assert main(argv) == 2
+    assert "error: Unknown routing 'nonsense'. Known routings:" in capsys.readouterr().err
+
+    assert main(["lm-eval", "ls", "groups"]) == 0
+    assert "blimp_local" in capsys.readouterr().out
