@@ -164,6 +164,7 @@ def patch_model(
     for block, layer in zip(blocks, layers, strict=True):
         gate = block.gate
         layer.to(_execution_device(gate))
+        layer.train(gate.training)  # new modules start in training mode; follow the model's (eval) mode
         gate.__class__ = _routed_class(type(gate))
         gate.add_module(ROUTING_ATTR, layer)
         if hasattr(gate, "_old_forward"):  # accelerate hook: it calls module._old_forward

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_moe_routing import (
+    ROUTING_METHODS,
     RoutingConfig,
     RoutingLayer,
     TopKConfig,
@@ -228,3 +229,29 @@ def test_saving_into_a_file_path_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "file")
+
+
+#: settings a built-in method needs before it can route (everything else uses its defaults)
+REQUIRED_SETTINGS = {"dynamic_skip": {"beta": 0.3}}
+BUILT_IN = sorted(name for name in ROUTING_METHODS if name != OffsetConfig.routing_type)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_built_in_routing_round_trips(name, ids, tmp_path):
+    config = ROUTING_METHODS[name](**REQUIRED_SETTINGS.get(name, {}))
+    model = patch_model(tiny_model("qwen3_moe"), config)
+    gen = torch.Generator().manual_seed(5)
+    for layer in routing_layers(model).values():  # non-trivial state (allocators, BIP prices, biases)
+        for tensor in layer.routing_state().values():
+            if tensor.is_floating_point():
+                tensor.data.copy_(torch.randn(tensor.shape, generator=gen) * 0.1 + tensor.data)
+    folder = save_routing_adapter(model, tmp_path / name)
+    fresh = load_routing_adapter(tiny_model("qwen3_moe"), folder)
+    assert get_patch_state(fresh).config == config
+    assert not any(layer.training for layer in routing_layers(fresh).values())  # eval model: eval routing
+    saved, loaded = routing_layers(model), routing_layers(fresh)
+    for index in saved:
+        a, b = saved[index].routing_state(), loaded[index].routing_state()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # stateful methods may update their state in the forward: both copies must stay in step
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
