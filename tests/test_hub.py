@@ -23,6 +23,7 @@ from hf_moe_routing.hub import (
     push_to_hub,
     results_from_lm_eval,
     save_routing_adapter,
+    template_path,
     upload_adapter_folder,
 )
 from hf_moe_routing.testing import tiny_model
@@ -291,6 +292,30 @@ def test_cli_push(adapter, monkeypatch, capsys, tmp_path):
     assert main(["push", str(broken), "me/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "corrupt" in err and "Traceback" not in err
+
+
+def test_one_call_loading_passes_token_and_revision_to_the_adapter_download(tmp_path, monkeypatch):
+    base = tiny_model("mixtral")
+    base.save_pretrained(tmp_path / "base")
+    folder = save_routing_adapter(patch_model(base, TopKConfig(top_k=1)), tmp_path / "adapter")
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    model = AutoRoutedModelForCausalLM.from_pretrained(
+        tmp_path / "base", adapter="me/top1", adapter_revision="v3", token="hf_tok"
+    )
+    assert seen == {**seen, "repo_id": "me/top1", "revision": "v3", "token": "hf_tok"}
+    assert get_patch_state(model).config == TopKConfig(top_k=1)
+
+
+def test_the_packaged_template_is_the_one_in_model_cards():
+    repo_template = Path(__file__).resolve().parents[1] / "model_cards" / "routing_adapter.md"
+    assert template_path().read_text() == repo_template.read_text()
+    assert "{{ card_data }}" in repo_template.read_text()
 
 
 def test_top_level_exports():
