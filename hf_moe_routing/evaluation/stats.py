@@ -153,7 +153,8 @@ class RoutingStats:
                 mask = None
             with torch.no_grad():
                 loads = expert_loads(index, self.num_experts, mask)
-                tokens = mask.sum() if mask is not None else torch.tensor(index.shape[0], device=index.device)
+                # a device-side fill, not torch.tensor(n, device=...): no host-to-device copy per layer
+                tokens = mask.sum() if mask is not None else index.new_full((), index.shape[0])
             self._pending[row] = (loads, tokens)
 
         return hook
@@ -168,8 +169,10 @@ class RoutingStats:
         no_tokens = torch.zeros((), dtype=torch.long, device=device)
         rows = [pending.get(row, (zeros, no_tokens)) for row in range(len(self.layers))]
         loads = torch.stack([r[0].to(device) for r in rows])
-        tokens = torch.stack([r[1].to(device) for r in rows]).double().cpu()  # the one sync per forward
-        activated = loads.double().sum(dim=-1).cpu() / tokens.clamp(min=1)
+        tokens = torch.stack([r[1].to(device) for r in rows]).double()
+        host = torch.stack([tokens, loads.double().sum(dim=-1)]).cpu()  # the one sync per forward
+        tokens, routed = host[0], host[1]
+        activated = routed / tokens.clamp(min=1)
         batch = BatchStats(
             loads=loads,
             max_vio=max_violation(loads),
