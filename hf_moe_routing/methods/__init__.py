@@ -1,5 +1,6 @@
 """Routing methods, one folder each (``config.py``, ``layer.py`` and the method's math)."""
 
+from .adak import AdaKConfig
 from .base import ROUTING_METHODS, RoutingConfig, RoutingLayer, get_routing_class, register_routing
 from .bip import BIPConfig
 from .dynamic_skip import DynamicSkipConfig
@@ -12,6 +13,7 @@ __all__ = [
     "BIPConfig",
     "LossControlledConfig",
     "LossFreeConfig",
+    "AdaKConfig",
     "ROUTING_METHODS",
     "RoutingConfig",
     "RoutingLayer",

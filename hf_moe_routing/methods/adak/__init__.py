@@ -1,0 +1,16 @@
+"""Ada-K routing (Yue et al., ICLR 2025): learned per-token expert counts, trained with PPO."""
+
+from .allocator import Allocator
+from .config import AdaKConfig
+from .layer import AdaKLayer, AllocatorRecord, adak_layers, default_routing, recording, selectable_experts
+
+__all__ = [
+    "AdaKConfig",
+    "AdaKLayer",
+    "Allocator",
+    "AllocatorRecord",
+    "adak_layers",
+    "default_routing",
+    "recording",
+    "selectable_experts",
+]
