@@ -280,3 +280,19 @@ def test_cli_help_and_user_errors(cli_tasks_only_ours, capsys, tmp_path):
 
     assert main(["lm-eval", "ls", "groups"]) == 0
     assert "blimp_local" in capsys.readouterr().out
+
+
+def test_evaluate_lm_eval_on_a_patched_model_in_memory(mixtral_dir, data):
+    from transformers import AutoTokenizer
+
+    from hf_moe_routing.integrations.lm_eval import evaluate_lm_eval
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    patch_model(model, TopKConfig(top_k=1))
+    tokenizer = AutoTokenizer.from_pretrained(mixtral_dir)
+    results = evaluate_lm_eval(
+        model, [BLIMP], tokenizer=tokenizer, data_dir=data, include_defaults=False, limit=2, bootstrap_iters=0
+    )
+    assert results["config"]["routing_stats"]["routing_config"] == TopKConfig(top_k=1).to_dict()
+    assert results["config"]["routing_stats"]["mean_activated"] == pytest.approx(1.0)
+    _check_blimp_against_model(results, mixtral_dir, TopKConfig(top_k=1))

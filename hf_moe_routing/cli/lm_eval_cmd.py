@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     # prefix_chars="+" and REMAINDER: every argument, --help included, is handed to lm-eval untouched.
     parser = subparsers.add_parser(
         NAME,
-        help="evaluate with lm-eval (all its options): routed model type, offline BLiMP/WikiText tasks",
+        help="lm-eval (all its options) with routing=/adapter= model_args, offline BLiMP/WikiText tasks, routing stats",
         description=__doc__,
         add_help=False,
         prefix_chars="+",

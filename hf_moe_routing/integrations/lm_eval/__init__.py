@@ -50,11 +50,18 @@ def task_manager(
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"HFMoERoutingLM", "last_routing_report", "format_routing_report"}:
+    if name in {"HFMoERoutingLM", "evaluate_lm_eval", "format_routing_report", "last_routing_report"}:
         from . import model
 
         return getattr(model, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["TASKS_DIR", "HFMoERoutingLM", "format_routing_report", "last_routing_report", "task_manager"]
+__all__ = [
+    "TASKS_DIR",
+    "HFMoERoutingLM",
+    "evaluate_lm_eval",
+    "format_routing_report",
+    "last_routing_report",
+    "task_manager",
+]

@@ -222,6 +222,43 @@ class HFMoERoutingLM(HFLM):
         return info
 
 
+def evaluate_lm_eval(
+    model: Any,
+    tasks: list[str],
+    *,
+    tokenizer: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    include_defaults: bool = True,
+    model_args: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` of ``model`` with our model type and tasks; returns lm-eval's results.
+
+    Args:
+        model: a loaded (patched or unpatched) transformers causal LM, or a local path / Hub id.
+        tasks: lm-eval task names, e.g. ``["blimp_local", "wikitext2_local"]`` or any lm-eval task.
+        tokenizer: the tokenizer (needed for a loaded model whose tokenizer lm-eval cannot find by name).
+        data_dir: the data folder of the offline tasks (default: see :mod:`.task_data`).
+        include_defaults: also index lm-eval's own tasks (False is ~20 s faster on a small CPU).
+        model_args: further model_args (``routing``, ``routing_<setting>``, ``adapter``, ``dtype``, ...).
+        kwargs: passed to ``lm_eval.simple_evaluate`` (``limit``, ``log_samples``, ...); ``batch_size``,
+            ``max_batch_size`` and ``device`` go to the model.
+
+    The routing statistics are in ``results["config"]["routing_stats"]``.
+    """
+    from lm_eval import simple_evaluate
+
+    from . import task_manager
+
+    model_args = dict(model_args or {})
+    for name in ("batch_size", "max_batch_size", "device"):  # model settings, not simple_evaluate's here
+        if name in kwargs:
+            model_args[name] = kwargs.pop(name)
+    lm = HFMoERoutingLM(pretrained=model, tokenizer=tokenizer, **model_args)
+    manager = task_manager(data_dir=data_dir, include_defaults=include_defaults)
+    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kwargs)
+
+
 def last_routing_report() -> dict[str, Any] | None:
     """The routing report of the last finished lm-eval run in this process (None before any)."""
     return _last_report
@@ -248,7 +285,9 @@ def format_routing_report(report: dict[str, Any]) -> str:
         ]
     else:
         rows.append(("tokens routed", "0 (no forward pass was run)"))
+    rows.insert(0, ("routing statistics", "value"))
     width = max(len(name) for name, _ in rows)
-    lines = [f"|{'routing statistics':<{width}}|value|", f"|{'-' * width}|-----|"]
-    lines += [f"|{name:<{width}}|{value}|" for name, value in rows]
+    value_width = max(len(value) for _, value in rows)
+    lines = [f"|{name:<{width}}|{value:<{value_width}}|" for name, value in rows]
+    lines.insert(1, f"|{'-' * width}|{'-' * value_width}|")
     return "\n".join(lines)
