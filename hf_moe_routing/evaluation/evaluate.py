@@ -307,6 +307,60 @@ def evaluate_routing(
     return out
 
 
+def token_expert_counts(
+    model: nn.Module,
+    eval_data: Any,
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Routed experts each real token got in each MoE layer (for per-token analyses such as Ada-K's).
+
+    Returns ``input_ids`` (N,) of the real (non-padding) tokens in data order, ``next_ids`` (N,) the token
+    that follows each (-100 at the end of a row or before padding), and ``counts``
+    ``{layer_index: (N,) long}``: the number of non-sentinel expert slots of each token.
+    """
+    shape = moe_shape(model)
+    adapter_blocks = (
+        get_patch_state(model).blocks if get_patch_state(model) is not None else get_adapter(model)[1]
+    )
+    current: dict[int, torch.Tensor] = {}
+
+    def hook(layer_index: int):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            current[layer_index] = (output[2] < shape.num_experts).sum(dim=-1).cpu()
+
+        return record
+
+    handles = [b.gate.register_forward_hook(hook(b.layer_index)) for b in adapter_blocks]
+    ids_out, next_out, counts_out = [], [], {b.layer_index: [] for b in adapter_blocks}
+    try:
+        with torch.no_grad():
+            for batch in iter_batches(
+                eval_data, batch_size, model_device(model), max_batches=max_batches, progress=progress
+            ):
+                current.clear()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                mask = batch["attention_mask"].cpu().bool()
+                ids = batch["input_ids"].cpu()
+                following = torch.full_like(ids, IGNORE_INDEX)
+                following[:, :-1] = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+                flat = mask.reshape(-1)
+                ids_out.append(ids.reshape(-1)[flat])
+                next_out.append(following.reshape(-1)[flat])
+                for i, values in current.items():
+                    counts_out[i].append(values.reshape(-1)[flat])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "input_ids": torch.cat(ids_out),
+        "next_ids": torch.cat(next_out),
+        "counts": {i: torch.cat(v) for i, v in counts_out.items()},
+    }
+
+
 # ---- speed ---------------------------------------------------------------------------------------
 def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
