@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from functools import partial
 
@@ -41,14 +40,17 @@ QWEN15_MOE_LAYER = dict(
 
 
 def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds (after one warm-up call)."""
+    """Best wall time of ``fn()`` over ``repeats`` calls, in seconds (after one warm-up call).
+
+    The minimum, not the median: on a shared machine other processes only ever add time.
+    """
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def one_layer_model(device: str):
