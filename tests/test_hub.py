@@ -181,6 +181,26 @@ def test_card_names_the_base_model_and_hub_id():
     assert build_model_card(config).data.base_model is None
 
 
+def test_evaluate_routing_output_goes_on_the_card_as_results(tmp_path):
+    from hf_moe_routing.evaluation.evaluate import evaluate_routing
+
+    model = patch_model(tiny_model("qwen3_moe"), TopKConfig(top_k=1))
+    data = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    evaluation = evaluate_routing(model, data, batch_size=2, progress=False)
+    folder = save_routing_adapter(model, tmp_path / "a", results={"synthetic": evaluation})
+    card = check_model_card((folder / CARD_NAME).read_text())
+    got = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert {r.dataset_name for r in card.data.eval_results} == {"synthetic"}
+    assert got["perplexity"] == pytest.approx(evaluation["perplexity"])
+    assert got["mean_activated"] == pytest.approx(1.0)
+    assert got["flops_per_token"] == pytest.approx(evaluation["flops_per_token"]["total"])
+    assert (
+        got["flops_reduction"] == pytest.approx(evaluation["flops_reduction"]) and got["flops_reduction"] > 0
+    )
+    assert not {"top_k", "seq_len", "num_tokens", "routing_config", "activated_per_layer"} & set(got)
+    assert "| synthetic | Mean activated experts per token | 1 |" in card.text
+
+
 def test_card_validation_rejects_broken_metadata(adapter):
     _, folder = adapter
     text = (folder / CARD_NAME).read_text()

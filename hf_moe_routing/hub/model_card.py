@@ -27,6 +27,12 @@ DEFAULT_DATASET = "evaluation"
 _METRIC_NAMES = {
     "perplexity": "Perplexity",
     "mean_activated_experts": "Mean activated experts per token",
+    "mean_activated": "Mean activated experts per token",
+    "activation_reduction": "Activated experts reduction vs. top-k",
+    "routed_flops_reduction": "Routed-expert FLOPs reduction vs. top-k",
+    "flops_per_token_topk": "FLOPs per token (top-k)",
+    "perplexity_change": "Perplexity change vs. top-k",
+    "loss": "Loss",
     "activated_experts": "Mean activated experts per token",
     "flops_per_token": "FLOPs per token",
     "flops_reduction": "FLOPs reduction vs. top-k",
@@ -53,20 +59,55 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and _REPO_ID.match(name) is not None and not os.path.exists(name)
 
 
+#: keys of evaluation outputs (``evaluate_routing``) that describe the run, not a measured result
+_NOT_RESULTS = frozenset(
+    {
+        "routing",
+        "routing_config",
+        "seq_len",
+        "num_tokens",
+        "num_batches",
+        "num_experts",
+        "top_k",
+        "topk",
+        "layers",
+    }
+)
+
+
 def normalize_results(results: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
     """``{dataset: {metric: value}}`` with finite scalar values only.
 
     Accepts ``{dataset: {metric: value}}``, a flat ``{metric: value}`` (filed under ``"evaluation"``),
-    or a mix. Non-scalar entries (per-layer lists, breakdowns) are left out of the card.
+    or a mix, e.g. ``{"wikitext-2": evaluate_routing(model, data, ...)}``. FLOPs breakdowns count
+    with their ``total``; per-layer mappings, lists and run settings (``seq_len``, ``top_k``,
+    ``routing_config``, ...) are left out of the card.
     """
     out: dict[str, dict[str, float]] = {}
     for key, value in (results or {}).items():
-        if isinstance(value, Mapping):
-            metrics = {m: float(v) for m, v in value.items() if _is_number(v)}
+        if isinstance(value, Mapping) and not _is_breakdown(value) and key not in _NOT_RESULTS:
+            metrics = _metrics(value)
             if metrics:
                 out.setdefault(str(key), {}).update(metrics)
-        elif _is_number(value):
-            out.setdefault(DEFAULT_DATASET, {})[str(key)] = float(value)
+        else:
+            out.setdefault(DEFAULT_DATASET, {}).update(_metrics({key: value}))
+    return {dataset: metrics for dataset, metrics in out.items() if metrics}
+
+
+def _is_breakdown(value: Mapping[str, Any]) -> bool:
+    return "total" in value and _is_number(value["total"])
+
+
+def _metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar metrics of one dataset (breakdowns by their total; per-layer data and settings dropped)."""
+    out = {}
+    for name, value in values.items():
+        if name in _NOT_RESULTS:
+            continue
+        if isinstance(value, Mapping) and _is_breakdown(value):
+            value = value["total"]
+        if _is_number(value):
+            out[str(name)] = float(value)
     return out
 
 
