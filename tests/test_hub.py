@@ -326,9 +326,19 @@ def test_one_call_loading_passes_token_and_revision_to_the_adapter_download(tmp_
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     model = AutoRoutedModelForCausalLM.from_pretrained(
-        tmp_path / "base", adapter="me/top1", adapter_revision="v3", token="hf_tok"
+        tmp_path / "base",
+        adapter="me/top1",
+        adapter_revision="v3",
+        token="hf_tok",
+        cache_dir=tmp_path / "cache",
     )
-    assert seen == {**seen, "repo_id": "me/top1", "revision": "v3", "token": "hf_tok"}
+    assert seen == {
+        **seen,
+        "repo_id": "me/top1",
+        "revision": "v3",
+        "token": "hf_tok",
+        "cache_dir": tmp_path / "cache",
+    }
     assert get_patch_state(model).config == TopKConfig(top_k=1)
 
 

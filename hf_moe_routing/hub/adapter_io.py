@@ -268,7 +268,11 @@ def _swap_folders(new: Path, target: Path) -> None:
 
 
 def resolve_adapter_folder(
-    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """A local folder holding the adapter files: ``path_or_repo_id`` itself, or a Hub download.
 
@@ -286,10 +290,12 @@ def resolve_adapter_folder(
         )
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
         raise FileNotFoundError(f"Routing adapter folder {text} does not exist.")
-    return _download(text, revision=revision, token=token)
+    return _download(text, revision=revision, token=token, cache_dir=cache_dir)
 
 
-def _download(repo_id: str, *, revision: str | None, token: str | bool | None) -> Path:
+def _download(
+    repo_id: str, *, revision: str | None, token: str | bool | None, cache_dir: str | os.PathLike | None
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -308,7 +314,11 @@ def _download(repo_id: str, *, revision: str | None, token: str | bool | None) -
     try:
         validate_repo_id(repo_id)
         folder = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
         )
     except HFValidationError as error:
         raise ValueError(

@@ -53,7 +53,9 @@ class AutoRoutedModelForCausalLM:
                     "adapter='folder-or-repo-id'). To load a model without one, use AutoModelForCausalLM."
                 )
         token = kwargs.get("token")
-        folder = resolve_adapter_folder(adapter, revision=adapter_revision, token=token)
+        folder = resolve_adapter_folder(
+            adapter, revision=adapter_revision, token=token, cache_dir=kwargs.get("cache_dir")
+        )
         stored = read_adapter_config(folder).get("base_model") or {}
         if base is None:
             base = stored.get("id")
