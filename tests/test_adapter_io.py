@@ -211,6 +211,20 @@ def test_crash_mid_save_keeps_the_previous_adapter(exchange, ids, tmp_path, monk
     assert torch.equal(logits(model, ids), logits(second, ids))
 
 
+def test_saved_folder_gets_normal_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        folder = save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "a")
+        assert folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+        folder.chmod(0o750)
+        save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), folder)
+        assert folder.stat().st_mode & 0o777 == 0o750  # an existing folder keeps its mode
+    finally:
+        os.umask(umask)
+
+
 def test_a_readme_that_is_not_ours_is_kept(tmp_path):
     folder = tmp_path / "a"
     folder.mkdir()

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -123,6 +124,7 @@ def save_routing_adapter(
     )
     tensors = adapter_state_dict(model)
     target = Path(save_directory)
+    write_card = model_card and _may_write_card(target / CARD_NAME)
 
     def write(folder: Path) -> None:
         _write_json(folder / CONFIG_NAME, config)
@@ -134,7 +136,6 @@ def save_routing_adapter(
         if write_card:
             build_model_card(config).save(folder / CARD_NAME)
 
-    write_card = model_card and _may_write_card(target / CARD_NAME)
     replace = {CONFIG_NAME, WEIGHTS_NAME} | ({CARD_NAME} if write_card else set())
     atomic_write_folder(target, write, replace=replace)
     return target
@@ -182,6 +183,7 @@ def atomic_write_folder(target: Path, write: Callable[[Path], None], *, replace:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
+        os.chmod(tmp, _folder_mode(target))  # mkdtemp makes 0700 folders
         if target.is_dir():
             for entry in target.iterdir():
                 if entry.name not in replace:
@@ -200,6 +202,15 @@ def atomic_write_folder(target: Path, write: Callable[[Path], None], *, replace:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folder_mode(target: Path) -> int:
+    """The permissions the folder should get: the existing folder's, else the umask default."""
+    if target.is_dir():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _carry_over(src: Path, dst: Path) -> None:
