@@ -171,6 +171,18 @@ def test_state_that_does_not_fit_is_refused_and_previous_routing_restored(ids, t
     assert torch.equal(logits(model, ids), before)
 
 
+def test_invalid_settings_are_refused_before_the_model_changes(ids, tmp_path):
+    folder = save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig(top_k=1)), tmp_path / "a")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["routing"]["top_k"] = 99
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    model = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()))
+    before = logits(model, ids)
+    with pytest.raises(ValueError, match="top_k=99"):
+        load_routing_adapter(model, folder, replace=True)
+    assert get_patch_state(model).config == OffsetConfig() and torch.equal(logits(model, ids), before)
+
+
 def test_replace_swaps_the_routing_of_a_patched_model(ids, tmp_path):
     source = randomize_offsets(patch_model(tiny_model("deepseek_v3"), OffsetConfig(top_k=3)))
     folder = save_routing_adapter(source, tmp_path / "a")

@@ -469,6 +469,7 @@ def load_routing_adapter(
     adapter, blocks = (previous.adapter, previous.blocks) if previous else get_adapter(target)
     shape = previous.shape if previous else adapter.shape(target, blocks)
     check_fingerprint(data["moe_shape"], shape.fingerprint())
+    config.validate(shape)
     indices = {block.layer_index for block in blocks}
     if set(weights) - indices:
         raise ValueError(
@@ -483,8 +484,8 @@ def load_routing_adapter(
         if previous
         else {}
     )
-    patch_model(target, config, adapter=adapter, replace=replace)
     try:
+        patch_model(target, config, adapter=adapter, replace=replace)
         for index, layer in routing_layers(target).items():
             try:
                 layer.load_routing_state(weights.get(index, {}))
@@ -494,7 +495,8 @@ def load_routing_adapter(
                     f"({config.routing_type} routing): {error}"
                 ) from error
     except BaseException:
-        unpatch_model(target)
+        if get_patch_state(target) is not None:
+            unpatch_model(target)
         if previous is not None:
             patch_model(target, previous.config, adapter=previous.adapter)
             for index, layer in routing_layers(target).items():
