@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         if not added:
             raise RuntimeError(f"{module.__name__}.add_parser registered no subcommand.")
         for name in added:
-            subparsers.choices[name].set_defaults(_command_module=module)
+            subparser = subparsers.choices[name]
+            subparser.set_defaults(_command_module=module)
+            if "--traceback" not in subparser._option_string_actions:  # also accepted after the command
+                subparser.add_argument(
+                    "--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                )
     return parser
 
 
