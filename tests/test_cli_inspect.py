@@ -103,6 +103,8 @@ def test_help_version_and_no_command(capsys):
     assert "usage:" in capsys.readouterr().err
 
 
-def test_traceback_flag_reraises(tmp_path):
+@pytest.mark.parametrize("before_command", [True, False])
+def test_traceback_flag_reraises(tmp_path, before_command):
+    argv = ["inspect", str(tmp_path / "missing")]
     with pytest.raises(FileNotFoundError):
-        main(["--traceback", "inspect", str(tmp_path / "missing")])
+        main(["--traceback", *argv] if before_command else [*argv, "--traceback"])
