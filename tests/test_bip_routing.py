@@ -224,3 +224,52 @@ def test_config_round_trip_and_bad_settings():
     model = tiny_model("mixtral")
     with pytest.raises(ValueError, match="outside 1..8"):
         patch_model(model, BIPConfig(top_k=9))
+
+
+# ---- hf-moe-routing balance ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from hf_moe_routing.data import read_corpus, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(read_corpus("tinyshakespeare")[:800], 300, model_max_length=128)
+    tiny_model("qwen2_moe", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["bip", "loss-free"])
+def test_balance_cli_saves_a_loadable_routing_adapter(model_folder, tmp_path, capsys, method):
+    from transformers import AutoModelForCausalLM
+
+    from hf_moe_routing.cli.main import main
+
+    out = tmp_path / method
+    argv = [str(model_folder), "--method", method, "--output", str(out), "--steps", "6", "--quiet"]
+    argv += ["--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--dataset", "tinyshakespeare"]
+    argv += ["--update-rate", "0.01"] if method == "loss-free" else ["--update", "before"]
+    assert main(["balance", *argv]) == 0
+    assert "held-out AvgMaxVio: Top-K" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    load_routing_adapter(model, out)
+    state = next(iter(routing_layers(model).values())).routing_state()
+    assert max(t.abs().max() for t in state.values()) > 0  # fitted, not the zero init
+
+
+def test_balance_cli_bad_settings_exit_2(model_folder, tmp_path, capsys):
+    from hf_moe_routing.cli.main import main
+
+    argv = [
+        "balance",
+        str(model_folder),
+        "--method",
+        "bip",
+        "--output",
+        str(tmp_path),
+        "--capacity-factor",
+        "0.5",
+    ]
+    assert main(argv) == 2
+    assert "infeasible" in capsys.readouterr().err

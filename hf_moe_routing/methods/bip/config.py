@@ -64,8 +64,8 @@ class BIPConfig(RoutingConfig):
             raise ValueError(f"BIPConfig(num_iters={self.num_iters!r}): T must be an int >= 1 (default 4).")
         if not self.capacity_factor >= 1.0:
             raise ValueError(
-                f"BIPConfig(capacity_factor={self.capacity_factor}) is infeasible: capacity "
-                "capacity_factor * k * n / m below k * n / m cannot give every token k experts. "
+                f"BIPConfig(capacity_factor={self.capacity_factor}) is infeasible: experts that take at most "
+                f"{self.capacity_factor} * k * n / m tokens cannot give every one of n tokens k experts. "
                 "Use capacity_factor >= 1.0 (1.0 = perfectly even loads)."
             )
         if self.update not in UPDATE_MODES:
