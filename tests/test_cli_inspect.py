@@ -53,6 +53,9 @@ def test_inspect_config_only_reads_only_the_config(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["num_experts"], info["top_k"], info["expert_intermediate_size"]) == (60, 4, 1408)
     assert info["shared_expert_gate"] is True
+    # the published size of Qwen1.5-MoE-A2.7B: 14.3B parameters, 2.7B activated
+    assert round(info["num_parameters"] / 1e9, 1) == 14.3
+    assert round(info["num_active_parameters"] / 1e9, 1) == 2.7
     assert info["flops_per_token"]["total"] == pytest.approx(flops_per_token(config, 2048).total)
     # without --config-only the same folder has no weights to load: a clear error, no traceback
     _error_of(["inspect", str(tmp_path)], capsys)

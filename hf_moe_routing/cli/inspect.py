@@ -73,6 +73,12 @@ def describe(model: nn.Module, seq_len: int = 2048, causal: bool = True) -> dict
     first = blocks[0]
     shared = [attr for attr in adapter.shared_expert_attrs if getattr(first.block, attr, None) is not None]
     config = getattr(model, "config", None)
+    total = sum(p.numel() for p in model.parameters())
+    routed = [sum(p.numel() for p in b.experts.parameters()) for b in blocks]
+    inactive = sum(
+        n * (1 - adapter.top_k(b.gate) / adapter.num_experts(b.gate))
+        for n, b in zip(routed, blocks, strict=True)
+    )
     return {
         "model_class": type(model).__name__,
         "model_type": model_type_of(model),
@@ -88,6 +94,8 @@ def describe(model: nn.Module, seq_len: int = 2048, causal: bool = True) -> dict
         "shared_intermediate_size": shape.shared_intermediate_size,
         "shared_expert_gate": getattr(first.block, "shared_expert_gate", None) is not None,
         "router_class": type(first.gate).__name__,
+        "num_parameters": total,
+        "num_active_parameters": round(total - inactive),
         "renormalizes_top_k": adapter.normalizes(first.gate),
         "routed_scaling_factor": adapter.scaling(first.gate),
         "experts_implementation": getattr(config, "_experts_implementation", None),
@@ -130,6 +138,10 @@ def format_table(info: dict[str, Any]) -> str:
             f"{info['num_experts']} per layer, intermediate {info['expert_intermediate_size']}",
         ),
         ("top-k", str(info["top_k"])),
+        (
+            "parameters",
+            f"{_count(info['num_parameters'])} total, {_count(info['num_active_parameters'])} activated per token",
+        ),
         ("shared experts", shared),
         ("router", info["router_class"]),
         ("top-k renormalised", "yes" if info["renormalizes_top_k"] else "no"),
@@ -151,6 +163,13 @@ def format_table(info: dict[str, Any]) -> str:
         rows.append((f"  {name.replace('_', ' ')}", f"{flops[name] / scale:.3f} {unit}  {share:5.1f}%"))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
 
 
 def run(args: argparse.Namespace) -> int:
