@@ -138,8 +138,10 @@ def test_bad_input():
         flops_per_token(model, 0)
     with pytest.raises(ValueError, match="2 MoE layers"):
         flops_per_token(model, 8, activated=[1.0, 2.0, 1.0])
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="must lie in 0..8"):
         flops_per_token(model, 8, activated=-1)
+    with pytest.raises(ValueError, match="must lie in 0..8"):
+        flops_per_token(model, 8, activated=[2.0, 9.0])
     with pytest.raises(TypeError, match="model or a transformers config"):
         flops_per_token("mixtral", 8)
     llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)

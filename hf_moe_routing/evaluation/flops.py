@@ -88,6 +88,7 @@ class LayerStructure:
     shared_experts: float
     router: float
     expert: float  # one routed expert
+    num_experts: int
     top_k: int
 
 
@@ -198,7 +199,7 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
         mlp = sum(linear_flops(m) for m in others)
         if block is None:
             shared = router = expert = 0.0
-            top_k = 0
+            top_k = num_experts = 0
         else:
             gate = block.gate
             shared = sum(
@@ -209,6 +210,7 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
             router = 2.0 * gate.weight.shape[0] * gate.weight.shape[1]
             expert = expert_flops(block.experts)
             top_k = adapter.top_k(gate)
+            num_experts = adapter.num_experts(gate)
         layers.append(
             LayerStructure(
                 index=index,
@@ -224,6 +226,7 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
                 shared_experts=shared,
                 router=router,
                 expert=expert,
+                num_experts=num_experts,
                 top_k=top_k,
             )
         )
@@ -273,8 +276,11 @@ def flops_per_token(
                 f"activated has {len(per_moe)} values but the model has {len(moe_layers)} MoE layers; "
                 "pass one number, or one per MoE layer."
             )
-    if any(a < 0 for a in per_moe):
-        raise ValueError(f"activated expert counts must be >= 0, got {per_moe}.")
+    if any(not 0 <= a <= layer.num_experts for a, layer in zip(per_moe, moe_layers, strict=True)):
+        raise ValueError(
+            f"activated expert counts must lie in 0..{moe_layers[0].num_experts} (the routed experts per layer), "
+            f"got {per_moe}."
+        )
 
     attention = 0.0
     for layer in layers:
