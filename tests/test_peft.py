@@ -111,3 +111,28 @@ def test_patching_through_the_peft_wrapper_survives_merge_and_unload(ids, tmp_pa
     save_routing_adapter(merged, tmp_path / "routing")
     unpatch_model(merged)
     assert not any(hasattr(m, "routing") for m in merged.modules())
+
+
+def test_all_linear_lora_on_router_and_experts_keeps_the_routing_adapter_working(ids, tmp_path):
+    """PEFT's "all-linear" also wraps the router and experts of MoE models (``target_parameters``)."""
+    model = routed_model("mixtral")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4, init_lora_weights=False))
+    assert "gate.weight" in (peft_model.peft_config["default"].target_parameters or ())
+    expected = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        assert not torch.equal(logits(peft_model, ids), expected)
+    assert len(routing_layers(peft_model)) == 2
+    save_routing_adapter(peft_model, tmp_path / "routing")
+    peft_model.save_pretrained(tmp_path / "lora")
+
+    first = PeftModel.from_pretrained(tiny_model("mixtral"), tmp_path / "lora")
+    load_routing_adapter(first, tmp_path / "routing")
+    second = PeftModel.from_pretrained(
+        load_routing_adapter(tiny_model("mixtral"), tmp_path / "routing"), tmp_path / "lora"
+    )
+    assert torch.equal(logits(first, ids), expected) and torch.equal(logits(second, ids), expected)
+
+    unpatch_model(peft_model)
+    assert get_patch_state(peft_model) is None
+    assert not any(hasattr(m, "routing") for m in peft_model.modules())

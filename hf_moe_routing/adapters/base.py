@@ -30,6 +30,17 @@ from torch import nn
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
+def peft_base_layer(module: nn.Module) -> nn.Module:
+    """The module a PEFT tuner layer wraps, else ``module``.
+
+    PEFT >= 0.17 can put LoRA on a router's or experts' weights (``target_parameters``, which
+    ``target_modules="all-linear"`` fills in for MoE models) by wrapping ``block.gate`` /
+    ``block.experts``; routing is patched on, and read from, the wrapped module.
+    """
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
 @dataclass(frozen=True)
 class MoEBlock:
     """One MoE block of a model: where it is and what it holds."""
@@ -40,11 +51,11 @@ class MoEBlock:
 
     @property
     def gate(self) -> nn.Module:
-        return self.block.gate
+        return peft_base_layer(self.block.gate)
 
     @property
     def experts(self) -> nn.Module:
-        return self.block.experts
+        return peft_base_layer(self.block.experts)
 
 
 @dataclass(frozen=True)
@@ -170,8 +181,8 @@ class MoEAdapter:
         return (
             isinstance(gate, nn.Module)
             and isinstance(experts, nn.Module)
-            and hasattr(experts, "num_experts")
-            and isinstance(getattr(gate, "weight", None), torch.Tensor)
+            and hasattr(peft_base_layer(experts), "num_experts")
+            and isinstance(getattr(peft_base_layer(gate), "weight", None), torch.Tensor)
         )
 
     def find_blocks(self, model: nn.Module) -> list[MoEBlock]:
