@@ -255,7 +255,7 @@ def train_adak(
         k_penalty=k_penalty,
         seed=seed,
         eval_batches=None,
-        logging_steps=max(1, size.ppo_steps // 10),
+        logging_steps=max(1, (size.warmup_steps + size.ppo_steps) // 4),  # a few log lines
         progress_bar=progress,
     )
     trainer = AdaKTrainer(model, config, data.train, None, tokenizer=data.tokenizer, adak_config=AdaKConfig())
