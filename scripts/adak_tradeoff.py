@@ -9,7 +9,8 @@ WikiText-2 test rows are evaluated with :func:`hf_moe_routing.evaluation.evaluat
 * Ada-K (allocators warm-started with P-Warm, then PPO) at several lambda (the expected-k penalty),
   trained on the models' training text (tinyshakespeare + WikiText-2 valid) while the model stays frozen.
 
-Writes ``results.json`` (every run, incremental), ``tradeoff.md`` (tables) and ``pareto.png`` (held-out
+Writes ``<model>/runs.json`` (incrementally; models may run as parallel processes with the same ``--out``),
+then ``results.json`` (all models found under ``--out``), ``tradeoff.md`` (tables) and ``pareto.png`` (held-out
 perplexity against mean activated routed experts) into ``--out``, and the Ada-K routing adapters into
 ``--out/<model>/adak-lambda<value>``. Targets (issue 4): Ada-K removes >= 30% of routed activations with
 perplexity within 1% of Top-K, and no baseline reaches a better perplexity at the same or lower compute.
@@ -88,7 +89,7 @@ def train_adak(model, tokenizer, train, eval_rows, lam: float, args, folder: Pat
     return {"train_seconds": seconds, "warmup_p": trainer.state.warmup_p}
 
 
-def run_model(name: str, args, results: dict[str, Any], out: Path) -> None:
+def run_model(name: str, args, out: Path) -> None:
     model, tokenizer = reference_model(
         name, args.cache_dir, data_dir=args.data_dir, max_steps=args.reference_steps, progress=not args.quiet
     )
@@ -98,7 +99,7 @@ def run_model(name: str, args, results: dict[str, Any], out: Path) -> None:
     train_texts = [t for c in ("tinyshakespeare", "wikitext-2/valid") for t in read_corpus(c, args.data_dir)]
     train = pack_dataset(train_texts, tokenizer, args.seq_len).shuffle(seed=args.seed)
     calib = train.select(range(min(len(train), args.batch_size * args.calibration_batches)))
-    runs = results.setdefault("runs", [])
+    runs: list[dict[str, Any]] = []
 
     def record(method: str, setting: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         res = evaluate_routing(model, eval_rows, batch_size=args.batch_size, progress=False)
@@ -109,7 +110,7 @@ def run_model(name: str, args, results: dict[str, Any], out: Path) -> None:
             **(extra or {}),
         }
         runs.append(row)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        save_model_runs(out, name, runs)
         print(
             f"{name:<12} {method:<12} {setting:<14} ppl {row['perplexity']:8.3f} ({100 * row['perplexity_change']:+6.2f}%)"
             f"  k {row['mean_activated']:.3f}/{row['top_k']}  ({100 * row['activation_reduction']:5.1f}% fewer)",
@@ -117,7 +118,6 @@ def run_model(name: str, args, results: dict[str, Any], out: Path) -> None:
         )
         return row
 
-    top_k = None
     record("topk", "model")
     top_k = runs[-1]["top_k"]
     for k in range(1, top_k + 2):
@@ -139,8 +139,24 @@ def run_model(name: str, args, results: dict[str, Any], out: Path) -> None:
         info = train_adak(model, tokenizer, train, eval_rows, lam, args, folder)
         row = record("ada-k", f"lambda={lam:g}", info)
         row["k_hist"] = k_histogram(model, eval_rows, args.batch_size)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        save_model_runs(out, name, runs)
         unpatch_model(model)
+
+
+def save_model_runs(out: Path, name: str, runs: list[dict[str, Any]]) -> None:
+    """``<out>/<model>/runs.json``: the runs of one model (models can run in parallel processes)."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    (out / name / "runs.json").write_text(
+        json.dumps([r for r in runs if r["model"] == name], indent=2) + "\n"
+    )
+
+
+def collect(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Every model's ``runs.json`` under ``out`` merged into one results dict."""
+    runs = [r for path in sorted(out.glob("*/runs.json")) for r in json.loads(path.read_text())]
+    if not runs:
+        raise FileNotFoundError(f"No <model>/runs.json under {out}: run the trade-off first.")
+    return {"config": config, "runs": runs, "pareto": pareto_check(runs)}
 
 
 def pareto_check(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -281,27 +297,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="results/adak_tradeoff")
     parser.add_argument(
-        "--replot", action="store_true", help="only rebuild the tables and plot from results.json"
+        "--replot", action="store_true", help="only merge <model>/runs.json and rebuild the tables and plot"
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.replot:
-        results = json.loads((out / "results.json").read_text())
-    else:
-        results = {
-            "config": {k: v for k, v in vars(args).items() if k not in ("replot", "quiet")},
-            "runs": [],
-        }
-        started = time.perf_counter()
+    config = {k: v for k, v in vars(args).items() if k not in ("replot", "quiet")}
+    config["machine"] = f"CPU, {args.threads} torch threads, torch {torch.__version__}"
+    if not args.replot:
         for name in args.models:
-            run_model(name, args, results, out)
-        results["total_seconds"] = time.perf_counter() - started
-        results["machine"] = f"CPU, {args.threads} torch threads, torch {torch.__version__}"
-        results["pareto"] = pareto_check(results["runs"])
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            started = time.perf_counter()
+            run_model(name, args, out)
+            print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    results = collect(out, config)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(write_tables(results, out))
     print(f"wrote {out / 'results.json'}, {out / 'tradeoff.md'}, {plot(results, out)}")
     return 0

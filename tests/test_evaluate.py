@@ -233,3 +233,21 @@ def test_evaluate_command_bad_input_exits_2(model_dir, extra, message, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.search(r"^error: .*" + message, err, re.MULTILINE)
+
+
+def test_token_expert_counts_follow_the_routers_and_skip_padding(data):
+    from hf_moe_routing.evaluation.evaluate import token_expert_counts
+
+    model = tiny_model("mixtral")
+    patch_model(model, TopPConfig(p=0.5))
+    mask = torch.ones_like(data)
+    mask[0, 8:] = 0
+    seen = []
+    hook = model.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2]))
+    out = token_expert_counts(model, {"input_ids": data, "attention_mask": mask}, batch_size=6)
+    hook.remove()
+    real = mask.reshape(-1).bool()
+    assert torch.equal(out["input_ids"], data.reshape(-1)[real])
+    assert torch.equal(out["counts"][1], (seen[0] < 8).sum(-1)[real])
+    assert set(out["counts"]) == {0, 1}
+    assert out["next_ids"][7] == -100 and out["next_ids"][0] == data[0, 1]
