@@ -187,7 +187,11 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
             or getattr(attn, "num_attention_heads", None)
             or text_config.num_attention_heads
         )
-        head_dim = getattr(attn, "head_dim", None)
+        head_dim = (
+            getattr(attn, "head_dim", None)
+            or getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
         qk_dim = int(getattr(attn, "qk_head_dim", None) or head_dim)
         v_dim = int(getattr(attn, "v_head_dim", None) or head_dim)
         block = moe_by_layer.get(index)
