@@ -8,10 +8,14 @@ shared expert of intermediate 5632 = 4 x 1408), float32. For each n (tokens) it 
 * the MoE layer forward with BIP routing at the default T (update="before", training mode),
 
 and prints them side by side with the solve's share of the layer time. A second table shows how the
-solve grows with the number of experts m at fixed n. Run::
+solve grows with the number of experts m at fixed n. ``--quality`` instead measures what the solver
+achieves: the objective against the exact optimum (scipy HiGHS) and the MaxVio over a stream of skewed
+batches with q warm-started from batch to batch, for our reading of the update rules and for the
+literal rules of the issue (``p = max(0, (k+1)-th)``, ``q = max(0, (C+1)-th)``). Run::
 
     python scripts/bench_bip_overhead.py                       # n = 512..4096, T = 1..8
     python scripts/bench_bip_overhead.py --tokens 512 --json out.json
+    python scripts/bench_bip_overhead.py --quality
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from hf_moe_routing import BIPConfig, TopKConfig, patch_model, routing_layers
 from hf_moe_routing.methods.bip.layer import BIPLayer
-from hf_moe_routing.methods.bip.solver import expert_capacity, solve_duals
+from hf_moe_routing.methods.bip.solver import (
+    assign,
+    bip_round,
+    expert_capacity,
+    expert_loads,
+    max_violation,
+    solve_duals,
+)
 
 QWEN15_MOE_LAYER = dict(
     hidden_size=2048,
@@ -85,6 +96,101 @@ def bare_solve(scores: torch.Tensor, k: int, capacity: int, num_iters: int, sync
     sync()
 
 
+def literal_round(scores: torch.Tensor, q: torch.Tensor, k: int, capacity: int) -> torch.Tensor:
+    """The issue's literal rules: ``p = max(0, (k+1)-th of s - q)``, ``q = max(0, (C+1)-th of s - p)``."""
+    p = (scores - q).topk(k + 1, dim=1).values[:, k].clamp_min(0)
+    return (scores - p[:, None]).topk(capacity + 1, dim=0).values[capacity].clamp_min(0)
+
+
+def skewed_batch(n: int, m: int, generator: torch.Generator, skew: float = 2.0) -> torch.Tensor:
+    logits = torch.randn(n, m, generator=generator) + torch.linspace(0, skew, m)
+    return logits.softmax(-1)
+
+
+def quality(args: argparse.Namespace) -> dict:
+    """Objective vs HiGHS, and MaxVio over a warm-started stream, for both readings of the rules."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    out: dict = {"exactness": [], "stream": []}
+    print("Exactness against scipy HiGHS (milp), cold start, T=4 plus extra rounds while overloaded")
+    print(
+        f"{'n':>5} {'m':>4} {'k':>3} {'C':>4} {'objective/opt':>14} {'overload':>9} {'rounds':>7} {'top-k overload':>15}"
+    )
+    g = torch.Generator().manual_seed(0)
+    for n, m, k in [(300, 8, 1), (240, 8, 2), (300, 16, 2), (200, 16, 6), (200, 64, 1), (256, 64, 6)]:
+        logits = (
+            torch.randn(n, m, generator=g) * 1.5 + torch.linspace(0, 3.0, m)[torch.randperm(m, generator=g)]
+        )
+        scores = logits.softmax(-1)
+        capacity = expert_capacity(n, m, k)
+        a = sp.vstack([sp.kron(sp.identity(n), np.ones((1, m))), sp.kron(np.ones((1, n)), sp.identity(m))])
+        lower = np.concatenate([np.full(n, k), np.full(m, -np.inf)])
+        upper = np.concatenate([np.full(n, k), np.full(m, capacity)])
+        best = milp(
+            -scores.double().flatten().numpy(),
+            constraints=LinearConstraint(a.tocsr(), lower, upper),
+            integrality=np.ones(n * m),
+            bounds=Bounds(0, 1),
+        )
+        result = solve_duals(scores, torch.zeros(m), k, capacity, 4, tolerance=1, max_extra_iters=64)
+        ratio = scores.gather(1, result.index).sum().item() / -best.fun
+        topk_over = int(expert_loads(scores.topk(k, 1).indices, m).max()) - capacity
+        out["exactness"].append(
+            dict(
+                n=n,
+                m=m,
+                k=k,
+                capacity=capacity,
+                ratio=ratio,
+                overload=result.overload,
+                rounds=result.rounds,
+                topk_overload=topk_over,
+            )
+        )
+        print(
+            f"{n:>5} {m:>4} {k:>3} {capacity:>4} {ratio:>14.4f} {result.overload:>9} {result.rounds:>7} {topk_over:>15}"
+        )
+
+    print("\nMaxVio over a stream of 40 skewed batches (q warm-started), mean / max over batches 2..40")
+    print(
+        f"{'n':>5} {'m':>4} {'k':>3} {'T':>3} {'literal rules':>15} {'ours, T rounds':>15} {'ours + extra':>13} {'top-k':>7}"
+    )
+    for n, m, k in [(512, 16, 2), (1024, 64, 6)]:
+        capacity = expert_capacity(n, m, k)
+        for t in args.iters:
+            g = torch.Generator().manual_seed(1)
+            q_lit, q_ours, q_extra = torch.zeros(m), torch.zeros(m), torch.zeros(m)
+            vios: dict[str, list[float]] = {"literal": [], "ours": [], "extra": [], "topk": []}
+            for _ in range(40):
+                scores = skewed_batch(n, m, g)
+                for _ in range(t):
+                    q_lit = literal_round(scores, q_lit, k, capacity)
+                    q_ours = bip_round(scores, q_ours, k, capacity)
+                tol = max(1, int(BIPConfig().tolerance * capacity))
+                q_extra = solve_duals(scores, q_extra, k, capacity, t, tolerance=tol, max_extra_iters=16).q
+                for name, q in (("literal", q_lit), ("ours", q_ours), ("extra", q_extra)):
+                    vios[name].append(max_violation(expert_loads(assign(scores, q, k), m)))
+                vios["topk"].append(max_violation(expert_loads(scores.topk(k, 1).indices, m)))
+            cells = {name: (sum(v[1:]) / len(v[1:]), max(v[1:])) for name, v in vios.items()}
+            out["stream"].append(
+                dict(
+                    n=n,
+                    m=m,
+                    k=k,
+                    T=t,
+                    **{f"{a}_mean": b[0] for a, b in cells.items()},
+                    **{f"{a}_max": b[1] for a, b in cells.items()},
+                )
+            )
+            text = " ".join(
+                f"{cells[name][0]:>7.3f}/{cells[name][1]:<6.3f}" for name in ("literal", "ours", "extra")
+            )
+            print(f"{n:>5} {m:>4} {k:>3} {t:>3} {text} {cells['topk'][0]:>7.3f}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,7 +203,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
+    parser.add_argument("--quality", action="store_true", help="measure solver quality instead of time")
     args = parser.parse_args()
+    if args.quality:
+        results = quality(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     default_t = BIPConfig().num_iters
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
