@@ -123,8 +123,9 @@ def test_one_call_loading_from_local_folders(tmp_path, ids):
     assert torch.equal(logits(model, ids), expected)
 
     # the base model id recorded in the adapter is used when the base is omitted; kwargs pass through
-    model = AutoRoutedModelForCausalLM.from_pretrained(adapter=folder, dtype=torch.bfloat16)
+    model = AutoRoutedModelForCausalLM.from_pretrained(adapter=folder, dtype=torch.bfloat16, device_map="cpu")
     assert model.dtype == torch.bfloat16 and get_patch_state(model) is not None
+    assert model(ids).logits.dtype == torch.bfloat16
 
     # a folder holding both the checkpoint and the routing adapter
     source.save_pretrained(tmp_path / "both")
