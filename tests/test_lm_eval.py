@@ -296,3 +296,13 @@ def test_evaluate_lm_eval_on_a_patched_model_in_memory(mixtral_dir, data):
     assert results["config"]["routing_stats"]["routing_config"] == TopKConfig(top_k=1).to_dict()
     assert results["config"]["routing_stats"]["mean_activated"] == pytest.approx(1.0)
     _check_blimp_against_model(results, mixtral_dir, TopKConfig(top_k=1))
+
+
+def test_flops_sequence_length_is_the_token_weighted_mean_length():
+    from hf_moe_routing.integrations.lm_eval import HFMoERoutingLM
+
+    lm = HFMoERoutingLM.__new__(HFMoERoutingLM)  # only the position counters, no model
+    lm._positions = lm._positions_sq = 0
+    lm._count_positions(torch.zeros(1, 10, dtype=torch.long))
+    lm._count_positions(torch.zeros(2, 30, dtype=torch.long))
+    assert lm.mean_seq_len == round((10 * 10 + 2 * 30 * 30) / (10 + 2 * 30))  # sum L^2 / sum L

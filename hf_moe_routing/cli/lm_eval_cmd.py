@@ -127,5 +127,5 @@ def run(args: argparse.Namespace) -> int:
     cli.execute(namespace)
     report = last_routing_report()
     if namespace.command == "run" and report is not None and report is not before:
-        print(format_routing_report(report))
+        print(f"\n{format_routing_report(report)}")
     return 0

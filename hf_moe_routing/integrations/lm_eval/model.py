@@ -138,8 +138,8 @@ class HFMoERoutingLM(HFLM):
             )
         self.routing_stats = RoutingStats(model)
         self.routing_stats.attach()
-        self._rows = 0
-        self._positions = 0
+        self._positions = 0  # sum over forward rows of L (row length)
+        self._positions_sq = 0  # sum over forward rows of L^2
 
     @contextlib.contextmanager
     def _stats_paused(self) -> Iterator[None]:
@@ -157,19 +157,31 @@ class HFMoERoutingLM(HFLM):
             return super()._detect_batch_size(*args, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._rows += inps.shape[0]
-        self._positions += inps.numel()
+        self._count_positions(inps)
         return super()._model_call(inps, *args, **kwargs)
 
     def _model_generate(self, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._rows += context.shape[0]
-        self._positions += context.numel()
+        self._count_positions(context)
         return super()._model_generate(context, *args, **kwargs)
 
     def reset_routing_stats(self) -> None:
         """Forget the routing statistics gathered so far."""
         self.routing_stats.reset()
-        self._rows = self._positions = 0
+        self._positions = self._positions_sq = 0
+
+    def _count_positions(self, ids: torch.Tensor) -> None:
+        rows, length = ids.shape[:2]
+        self._positions += rows * length
+        self._positions_sq += rows * length * length
+
+    @property
+    def mean_seq_len(self) -> int:
+        """Token-weighted mean length of the evaluated sequences, sum L^2 / sum L.
+
+        Per-token attention FLOPs are linear in the sequence length, so the FLOPs per token at this
+        length are the mean FLOPs per evaluated token.
+        """
+        return max(1, round(self._positions_sq / max(self._positions, 1)))
 
     def routing_report(self) -> dict[str, Any]:
         """Routing, mean activated experts, MaxVio and FLOPs per token of everything evaluated so far.
@@ -177,7 +189,7 @@ class HFMoERoutingLM(HFLM):
         Keys as in :func:`~hf_moe_routing.evaluation.evaluate.evaluate_routing`: ``routing``,
         ``routing_config``, ``adapter``, ``num_experts``, ``top_k``, ``num_tokens``, ``mean_activated``,
         ``activated_per_layer``, ``activation_reduction``, ``avg_max_vio``, ``sup_max_vio``,
-        ``max_vio_per_layer``, ``seq_len`` (mean evaluated sequence length), ``flops_per_token`` and
+        ``max_vio_per_layer``, ``seq_len`` (:attr:`mean_seq_len`), ``flops_per_token`` and
         ``flops_per_token_topk`` (breakdowns), ``flops_reduction``.
         """
         model = self.model
@@ -196,7 +208,7 @@ class HFMoERoutingLM(HFLM):
             return report
         layers = [str(i) for i in summary["layers"]]
         per_layer = [float(v) for v in summary["activated_per_layer"]]
-        seq_len = max(1, round(self._positions / max(self._rows, 1)))
+        seq_len = self.mean_seq_len
         flops = flops_per_token(model, seq_len, activated=per_layer)
         flops_topk = flops_per_token(model, seq_len)
         report.update(
@@ -280,7 +292,8 @@ def format_routing_report(report: dict[str, Any]) -> str:
             ("MaxVio avg / max over batches", f"{report['avg_max_vio']:.3f} / {report['sup_max_vio']:.3f}"),
             (
                 f"FLOPs per token (seq_len {report['seq_len']})",
-                f"{flops:.4g} (top-k {flops_topk:.4g}: {100 * report['flops_reduction']:.1f}% fewer)",
+                f"{flops:.4g} (top-k {flops_topk:.4g}: {100 * abs(report['flops_reduction']):.1f}% "
+                f"{'fewer' if report['flops_reduction'] >= 0 else 'more'})",
             ),
         ]
     else:
