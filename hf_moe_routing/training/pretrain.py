@@ -41,7 +41,7 @@ class PretrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # None: 10% of max_steps
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr), "linear" (to 0) or "constant"
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
@@ -58,7 +58,7 @@ class PretrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.lr_schedule not in _SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {self.lr_schedule!r}.")
-        if not 0 <= self.warmup_steps <= self.max_steps:
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(
                 f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}."
             )
@@ -197,7 +197,7 @@ def pretrain(
     scheduler = get_scheduler(
         _SCHEDULES[config.lr_schedule],
         optimizer,
-        num_warmup_steps=config.warmup_steps,
+        num_warmup_steps=config.warmup_steps if config.warmup_steps is not None else config.max_steps // 10,
         num_training_steps=config.max_steps,
         scheduler_specific_kwargs={"min_lr_rate": config.min_lr_ratio}
         if config.lr_schedule == "cosine"
