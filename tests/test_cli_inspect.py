@@ -70,20 +70,29 @@ def test_non_moe_model_is_a_clear_error(tmp_path, capsys):
     assert "no Mixture-of-Experts block" in err and "mixtral" in err
 
 
-def test_unsupported_router_is_a_clear_error(tmp_path, capsys):
-    # GLM-4-MoE routes with sigmoid scores + correction bias: not a family the generic adapter reproduces
+UNSUPPORTED = {
+    # GLM-4-MoE routes with sigmoid scores + correction bias: the generic adapter cannot reproduce it
+    "glm4_moe": (
+        dict(n_routed_experts=8, first_k_dense_replace=0, n_group=1, topk_group=1),
+        "not a softmax-top-k router",
+    ),
+    # ERNIE-4.5-MoE's router lacks the standard attributes (hidden_dim) that the adapters read
+    "ernie4_5_moe": (dict(num_experts=8), "not supported"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
+def test_unsupported_router_is_a_clear_error(model_type, tmp_path, capsys):
+    overrides, message = UNSUPPORTED[model_type]
     config = AutoConfig.for_model(
-        "glm4_moe",
-        **{**_COMMON, "intermediate_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 8},
+        model_type,
+        **{**_COMMON, "intermediate_size": 64, "moe_intermediate_size": 32, **overrides},
         num_experts_per_tok=2,
-        first_k_dense_replace=0,
-        n_group=1,
-        topk_group=1,
         head_dim=16,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     err = _error_of(["inspect", str(tmp_path)], capsys)
-    assert "not a softmax-top-k router" in err and "Supported families" in err
+    assert message in err and "mixtral" in err
 
 
 def test_bad_arguments(tmp_path, capsys):

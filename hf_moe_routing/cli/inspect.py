@@ -68,7 +68,16 @@ def describe(model: nn.Module, seq_len: int = 2048, causal: bool = True) -> dict
     from ..adapters import get_adapter, model_type_of
     from ..evaluation.flops import flops_per_token
 
-    adapter, blocks = get_adapter(model)
+    try:
+        adapter, blocks = get_adapter(model)
+    except AttributeError as error:  # a gate/experts block whose router lacks the standard attributes
+        from ..adapters import ADAPTERS
+
+        raise TypeError(
+            f"{type(model).__name__} (model_type={model_type_of(model)!r}) is not supported: its MoE router does "
+            f"not have the standard transformers interface ({error}). Supported families: "
+            f"{', '.join(sorted(ADAPTERS))}, and other softmax-top-k families through the generic adapter."
+        ) from error
     shape = adapter.shape(model, blocks)
     first = blocks[0]
     shared = [attr for attr in adapter.shared_expert_attrs if getattr(first.block, attr, None) is not None]
