@@ -39,6 +39,15 @@ from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_mod
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _force_k(model, k: int) -> None:
     """Make every allocator choose k (a very large logit on k), whatever the input."""
     for layer in adak_layers(model).values():

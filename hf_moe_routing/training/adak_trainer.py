@@ -574,10 +574,10 @@ class AdaKTrainer:
             ).mean()
             total = total + ent
         return total, {
-            "loss": float(total),
-            "policy_loss": float(policy),
-            "k_penalty_loss": float(penalty),
-            "entropy_loss": float(ent),
+            "loss": float(total.detach()),
+            "policy_loss": float(policy.detach()),
+            "k_penalty_loss": float(penalty.detach()),
+            "entropy_loss": float(ent.detach()),
             "clip_fraction": float(torch.stack(clip_terms).mean()),
         }
 
