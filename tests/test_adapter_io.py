@@ -47,7 +47,6 @@ class OffsetLayer(RoutingLayer):
         return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
 
 
-@register_routing
 @dataclass
 class OffsetConfig(RoutingConfig):
     """Test routing with per-layer state (an expert offset buffer and a scale parameter)."""
@@ -57,6 +56,14 @@ class OffsetConfig(RoutingConfig):
 
     def create_layer(self, adapter, block, shape, context):
         return OffsetLayer(adapter, block, context, shape.num_experts, self.top_k)
+
+
+@pytest.fixture(autouse=True)
+def offset_routing():
+    """Register the test routing for the duration of a test only (import this fixture to use it)."""
+    register_routing(OffsetConfig)
+    yield OffsetConfig
+    ROUTING_METHODS.pop(OffsetConfig.routing_type, None)
 
 
 def randomize_offsets(model, seed=1):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
-from test_adapter_io import OffsetConfig, logits, randomize_offsets
+from test_adapter_io import OffsetConfig, logits, offset_routing, randomize_offsets  # noqa: F401 (autouse fixture)
 
 import hf_moe_routing
 from hf_moe_routing import AutoRoutedModelForCausalLM, TopKConfig, get_patch_state, patch_model

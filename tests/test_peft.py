@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_adapter_io import OffsetConfig, randomize_offsets
+from test_adapter_io import OffsetConfig, offset_routing, randomize_offsets  # noqa: F401 (autouse fixture)
 
 from hf_moe_routing import get_patch_state, patch_model, unpatch_model
 from hf_moe_routing.hub import CONFIG_NAME, load_routing_adapter, save_routing_adapter
