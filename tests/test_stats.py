@@ -172,3 +172,14 @@ def test_generation_counts_every_new_token():
     # prompt forward (real tokens only) + two cached steps of one token per sequence
     assert stats.summary()["num_tokens"] == 23 + 2 * 3
     assert stats.summary()["num_batches"] == 3
+
+
+def test_gradient_checkpointing_recomputation_is_not_counted():
+    model = tiny_model("qwen2_moe").train()
+    model.gradient_checkpointing_enable()
+    ids, mask = _batch()
+    with RoutingStats(model) as stats:
+        model(ids, attention_mask=mask, labels=ids).loss.backward()  # backward re-runs every layer's forward
+    summary = stats.summary()
+    assert summary["num_batches"] == 1 and summary["num_tokens"] == 23
+    assert summary["mean_activated"] == 2.0

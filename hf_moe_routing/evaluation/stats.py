@@ -74,6 +74,8 @@ class RoutingStats:
     >>> stats.summary()["max_vio_global"]
 
     Padding tokens (``attention_mask == 0`` in the model's forward) are excluded from every statistic.
+    Only routing inside calls of ``model`` itself is recorded (call the model you pass here, not one of
+    its submodules), so the recomputation of gradient checkpointing during backward is not counted twice.
     The hooks stay attached until :meth:`detach` (or the end of the ``with`` block); the collected
     numbers stay readable afterwards.
     """
@@ -92,6 +94,7 @@ class RoutingStats:
         self.layers: list[int] = [b.layer_index for b in blocks]
         self._handles: list = []
         self._mask: torch.Tensor | None = None
+        self._active = False  # inside a forward of self.model
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -112,6 +115,7 @@ class RoutingStats:
             handle.remove()
         self._handles.clear()
         self._mask = None
+        self._active = False
 
     def __enter__(self) -> RoutingStats:
         return self.attach()
@@ -133,10 +137,12 @@ class RoutingStats:
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._finalize()
         self._mask = flat_token_mask(args, kwargs)
+        self._active = True
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._finalize()
         self._mask = None
+        self._active = False
 
     def _gate_hook(self, row: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -145,9 +151,9 @@ class RoutingStats:
                     f"RoutingStats expects routers to return (logits, weights, index); "
                     f"{type(module).__name__} returned {type(output).__name__}."
                 )
+            if not self._active:  # e.g. gradient-checkpointing recomputation during backward
+                return
             index = output[2].detach()
-            if row in self._pending:  # the gate ran again without a model-level forward: new batch
-                self._finalize()
             mask = self._mask
             if mask is not None and mask.numel() != index.shape[0]:
                 mask = None
