@@ -288,3 +288,24 @@ def test_every_built_in_routing_round_trips(name, ids, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # stateful methods may update their state in the forward: both copies must stay in step
     assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+def test_results_and_training_info_are_stored_as_plain_json(tmp_path):
+    from hf_moe_routing.evaluation.flops import flops_per_token
+
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    flops = flops_per_token(model, 16, activated=1.0)
+    folder = save_routing_adapter(
+        model,
+        tmp_path / "a",
+        results={"flops_per_token": flops, "per_layer": torch.tensor([1.0, 1.0])},
+        training_info={"config": TopKConfig(top_k=1)},
+    )
+    config = read_adapter_config(folder)
+    assert config["results"]["flops_per_token"]["total"] == flops.total
+    assert config["results"]["per_layer"] == [1.0, 1.0]
+    assert config["training"] == {"config": {"routing_type": "topk", "top_k": 1}}  # via to_dict()
+    assert f"| FLOPs per token | {flops.total:.4g} |" in (folder / CARD_NAME).read_text()
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_routing_adapter(model, tmp_path / "b", results={"bad": object()})
+    assert not (tmp_path / "b").exists()

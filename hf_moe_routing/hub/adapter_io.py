@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import os
 import re
@@ -70,12 +71,16 @@ def adapter_config_dict(
     training_info: Mapping[str, Any] | None = None,
     results: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``routing_config.json`` stores for the patched ``model``."""
+    """What ``routing_config.json`` stores for the patched ``model`` (plain JSON types).
+
+    ``training_info`` and ``results`` may hold tensors, numpy values, dataclasses and objects with
+    ``to_dict()`` (e.g. ``FlopsBreakdown``); they are converted to JSON types.
+    """
     state = _require_patched(model)
     model_config = getattr(model, "config", None)
     base_model_id = base_model_id or getattr(model_config, "_name_or_path", None) or None
     revision = revision or getattr(model_config, "_commit_hash", None) or None
-    return {
+    config = {
         "format_version": FORMAT_VERSION,
         "library": {"name": "hf-moe-routing", "version": _library_version()},
         "routing": state.config.to_dict(),
@@ -84,6 +89,7 @@ def adapter_config_dict(
         "training": dict(training_info or {}),
         "results": dict(results or {}),
     }
+    return json.loads(json.dumps(config, default=_json_default))  # plain JSON types, as read back later
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -152,8 +158,12 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if hasattr(value, "to_dict"):  # e.g. FlopsBreakdown, configs
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
     raise TypeError(f"training_info/results must be JSON-serialisable; got {type(value).__name__}: {value!r}")
 
 
