@@ -352,3 +352,25 @@ def test_the_packaged_template_is_the_one_in_model_cards():
 def test_top_level_exports():
     for name in ("save_routing_adapter", "load_routing_adapter", "push_to_hub", "AutoRoutedModelForCausalLM"):
         assert hasattr(hf_moe_routing, name)
+
+
+def test_adapters_in_subfolders_of_a_folder_or_repo(tmp_path, ids, monkeypatch):
+    source = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()))
+    save_routing_adapter(source, tmp_path / "repo" / "offset")
+    model = load_routing_adapter(tiny_model("mixtral"), tmp_path / "repo", subfolder="offset")
+    assert torch.equal(logits(model, ids), logits(source, ids))
+
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    base = tiny_model("mixtral")
+    base.save_pretrained(tmp_path / "base")
+    model = AutoRoutedModelForCausalLM.from_pretrained(
+        tmp_path / "base", adapter="me/adapters", adapter_subfolder="offset", attn_implementation="eager"
+    )
+    assert set(seen["allow_patterns"]) == {f"offset/{n}" for n in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)}
+    assert torch.equal(logits(model, ids), logits(source, ids))

@@ -294,16 +294,17 @@ def resolve_adapter_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    subfolder: str | None = None,
 ) -> Path:
     """A local folder holding the adapter files: ``path_or_repo_id`` itself, or a Hub download.
 
-    Hub repos are fetched with ``huggingface_hub.snapshot_download`` (only the adapter files).
-    Errors say whether the folder is missing, the repo id is invalid or unknown, or the Hub could
-    not be reached (network or token).
+    Hub repos are fetched with ``huggingface_hub.snapshot_download`` (only the adapter files, of
+    ``subfolder`` if given). Errors say whether the folder is missing, the repo id is invalid or
+    unknown, or the Hub could not be reached (network or token).
     """
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
-        return local
+        return local / subfolder if subfolder else local
     text = str(path_or_repo_id)
     if local.exists():
         raise FileNotFoundError(
@@ -311,11 +312,16 @@ def resolve_adapter_folder(
         )
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
         raise FileNotFoundError(f"Routing adapter folder {text} does not exist.")
-    return _download(text, revision=revision, token=token, cache_dir=cache_dir)
+    return _download(text, revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder)
 
 
 def _download(
-    repo_id: str, *, revision: str | None, token: str | bool | None, cache_dir: str | os.PathLike | None
+    repo_id: str,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    subfolder: str | None,
 ) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -339,7 +345,10 @@ def _download(
             revision=revision,
             token=token,
             cache_dir=cache_dir,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+            allow_patterns=[
+                f"{subfolder.strip('/')}/{name}" if subfolder else name
+                for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+            ],
         )
     except HFValidationError as error:
         raise ValueError(
@@ -375,7 +384,7 @@ def _download(
                 f"({type(error).__name__}: {error}). Check the network connection and your token."
             ) from error
         raise
-    return Path(folder)
+    return Path(folder) / subfolder if subfolder else Path(folder)
 
 
 def is_network_error(error: BaseException) -> bool:
@@ -457,14 +466,16 @@ def load_routing_adapter(
     revision: str | None = None,
     token: str | bool | None = None,
     replace: bool = False,
+    subfolder: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` with a saved routing adapter (local folder or Hub repo id); returns ``model``.
 
     The adapter's MoE fingerprint must match the model's. ``replace=True`` swaps the routing of an
-    already patched model. Everything is read and checked before the model changes; if loading
-    the state fails anyway, the model's previous routing is restored.
+    already patched model. ``subfolder`` selects an adapter inside the folder or repo. Everything is
+    read and checked before the model changes; if loading the state fails anyway, the model's
+    previous routing is restored.
     """
-    folder = resolve_adapter_folder(path_or_repo_id, revision=revision, token=token)
+    folder = resolve_adapter_folder(path_or_repo_id, revision=revision, token=token, subfolder=subfolder)
     data = read_adapter_config(folder)
     weights = read_adapter_weights(folder)
     config = RoutingConfig.from_dict(data["routing"])

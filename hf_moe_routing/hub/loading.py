@@ -28,6 +28,7 @@ class AutoRoutedModelForCausalLM:
         *model_args: Any,
         adapter: str | os.PathLike | None = None,
         adapter_revision: str | None = None,
+        adapter_subfolder: str | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load the base model with transformers and patch it with the routing adapter.
@@ -39,6 +40,7 @@ class AutoRoutedModelForCausalLM:
             adapter: routing adapter folder or Hub repo id.
             adapter_revision: revision of the adapter repo (``revision=`` is the base model's, as in
                 transformers).
+            adapter_subfolder: folder of the adapter inside ``adapter`` (e.g. one of several adapters in a repo).
             **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``,
                 ``revision``, ``token``, ...); ``token`` and ``cache_dir`` are also used for the adapter.
         """
@@ -54,7 +56,11 @@ class AutoRoutedModelForCausalLM:
                 )
         token = kwargs.get("token")
         folder = resolve_adapter_folder(
-            adapter, revision=adapter_revision, token=token, cache_dir=kwargs.get("cache_dir")
+            adapter,
+            revision=adapter_revision,
+            token=token,
+            cache_dir=kwargs.get("cache_dir"),
+            subfolder=adapter_subfolder,
         )
         stored = read_adapter_config(folder).get("base_model") or {}
         if base is None:
