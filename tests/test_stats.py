@@ -183,3 +183,11 @@ def test_gradient_checkpointing_recomputation_is_not_counted():
     summary = stats.summary()
     assert summary["num_batches"] == 1 and summary["num_tokens"] == 23
     assert summary["mean_activated"] == 2.0
+
+
+def test_calls_of_a_submodule_are_not_recorded_and_warn():
+    model = tiny_model("mixtral")
+    ids, _ = _batch()
+    with RoutingStats(model) as stats, torch.no_grad(), pytest.warns(UserWarning, match="outside a call"):
+        model.model(ids)  # the inner model, not the one RoutingStats records
+    assert stats.summary()["num_batches"] == 0

@@ -17,6 +17,7 @@ an int.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,12 @@ from torch import nn
 from ..adapters import MoEBlock, get_adapter
 from ..context import flat_token_mask
 from ..patching import get_patch_state
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running (gradient-checkpointing recomputation happens there)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def max_violation(loads: torch.Tensor) -> torch.Tensor:
@@ -95,6 +102,7 @@ class RoutingStats:
         self._handles: list = []
         self._mask: torch.Tensor | None = None
         self._active = False  # inside a forward of self.model
+        self._warned_outside = False
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -152,6 +160,13 @@ class RoutingStats:
                     f"{type(module).__name__} returned {type(output).__name__}."
                 )
             if not self._active:  # e.g. gradient-checkpointing recomputation during backward
+                if not _in_backward() and not self._warned_outside:
+                    self._warned_outside = True
+                    warnings.warn(
+                        f"RoutingStats: a router ran outside a call of the {type(self.model).__name__} it "
+                        "records; such calls are not counted. Pass the model you call to RoutingStats.",
+                        stacklevel=2,
+                    )
                 return
             index = output[2].detach()
             mask = self._mask
