@@ -11,6 +11,7 @@ from .evaluation import FlopsBreakdown, RoutingStats, flops_per_token
 from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
 from .methods import (
     ROUTING_METHODS,
+    AdaKConfig,
     BIPConfig,
     DynamicSkipConfig,
     LossControlledConfig,
@@ -29,10 +30,14 @@ from .patching import (
     routing_layers,
     unpatch_model,
 )
+from .training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaKConfig",
+    "AdaKTrainer",
+    "AdaKTrainingConfig",
     "FlopsBreakdown",
     "RoutingStats",
     "flops_per_token",
