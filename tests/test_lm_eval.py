@@ -281,6 +281,11 @@ def test_cli_help_and_user_errors(cli_tasks_only_ours, capsys, tmp_path):
     assert main(["lm-eval", "ls", "groups"]) == 0
     assert "blimp_local" in capsys.readouterr().out
 
+    (tmp_path / "mine.yaml").write_text("task: my_own_task\ndataset_path: json\noutput_type: loglikelihood\n")
+    assert main(["lm-eval", "ls", "tasks", "--include_path", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "my_own_task" in listed and "wikitext2_local" in listed  # the user's path is kept, ours added
+
 
 def test_evaluate_lm_eval_on_a_patched_model_in_memory(mixtral_dir, data):
     from transformers import AutoTokenizer
