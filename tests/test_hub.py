@@ -299,11 +299,12 @@ def test_cli_push(adapter, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
     code = main(
         ["push", str(folder), "me/qwen-offset", "--private", "--revision", "dev", "--commit-message", "hi"]
+        + ["--path-in-repo", "offset"]
     )
     assert code == 0
     assert "Uploaded routing adapter" in capsys.readouterr().out
     assert api.calls[0][2]["private"] is True and api.calls[-1][2]["commit_message"] == "hi"
-    assert api.calls[-1][2]["revision"] == "dev"
+    assert api.calls[-1][2]["revision"] == "dev" and api.calls[-1][2]["path_in_repo"] == "offset"
 
     assert main(["push", str(tmp_path / "missing"), "me/x"]) == 2
     assert "does not exist" in capsys.readouterr().err

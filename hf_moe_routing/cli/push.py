@@ -37,6 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument(
+        "--path-in-repo",
+        default=None,
+        help="upload into this subfolder of the repo (load with subfolder=...)",
+    )
+    parser.add_argument(
         "--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)"
     )
 
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         token=args.token,
         create_pr=args.create_pr,
+        path_in_repo=args.path_in_repo,
     )
     url = (
         getattr(commit, "pr_url", None)

@@ -29,6 +29,7 @@ def push_to_hub(
     revision: str | None = None,
     token: str | bool | None = None,
     create_pr: bool = False,
+    path_in_repo: str | None = None,
     base_model_id: str | None = None,
     training_info: Mapping[str, Any] | None = None,
     results: Mapping[str, Any] | None = None,
@@ -37,7 +38,8 @@ def push_to_hub(
     """Upload the routing adapter of a patched ``model`` with its model card to the Hub repo ``repo_id``.
 
     The repo is created if needed (``private`` applies then). ``revision`` is the branch to commit to
-    (created from ``main`` if missing), ``create_pr`` opens a pull request instead of committing.
+    (created from ``main`` if missing), ``create_pr`` opens a pull request instead of committing,
+    ``path_in_repo`` puts the adapter in a subfolder (load it with ``subfolder=``).
     ``token`` defaults to the usual places (``HF_TOKEN``, ``hf auth login``). ``results`` (e.g.
     ``{"wikitext-2": {"perplexity": 12.3, "mean_activated_experts": 1.6}}``) go on the card as
     ``model-index`` metadata and a table. ``api`` is an ``HfApi``-like object (for tests). Returns the
@@ -62,6 +64,7 @@ def push_to_hub(
             revision=revision,
             token=token,
             create_pr=create_pr,
+            path_in_repo=path_in_repo,
             api=api,
         )
 
@@ -75,6 +78,7 @@ def upload_adapter_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     create_pr: bool = False,
+    path_in_repo: str | None = None,
     api: Any = None,
 ) -> Any:
     """Upload a saved routing adapter folder (checked first) to ``repo_id``; see :func:`push_to_hub`.
@@ -103,6 +107,7 @@ def upload_adapter_folder(
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
+            path_in_repo=path_in_repo,
             commit_message=message,
             revision=revision,
             create_pr=create_pr,
