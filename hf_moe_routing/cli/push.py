@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "examples:\n"
-            "  hf-moe-routing push ./demo-output/adapter my-user/tiny-moe-adak\n"
+            "  hf-moe-routing push ./hf-moe-routing-demo/adak-adapter my-user/tiny-moe-adak\n"
             "  hf-moe-routing push ./adak your-org/qwen-moe-adak --private --revision experiments\n\n"
             "The token comes from --token, HF_TOKEN, or `hf auth login`."
         ),
