@@ -78,7 +78,7 @@ class DemoConfig:
     text_field: str = "text"
     size: str = "default"
     seq_len: int | None = None  # default: the size's (synthetic) or 256 (Hub)
-    k_penalty: float = 1e-2  # Ada-K lambda (the paper uses 3e-3 on much larger models)
+    k_penalty: float = 0.1  # Ada-K lambda (the paper uses 3e-3 on much larger models)
     seed: int = 0
     plot: bool = True
     progress: bool = True
@@ -332,7 +332,9 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
+    top = max((v for values in series.values() for v in values), default=1.0)
+    ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)  # room for the legend above the bars
+    ax.legend(loc="upper right", ncol=len(series))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -437,6 +439,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         log(f"[1/4] loaded {config.model} and {len(data.train)} x {seq_len} tokens of {config.dataset}")
         base_model_id = config.model
 
+    dataset_name = config.dataset or "synthetic language (held out)"
+
     # 3. BIP
     log("[2/4] balancing with BIP")
     calibration = _timed(timings, "bip", lambda: calibrate_bip(model, data, size, progress=config.progress))
@@ -448,7 +452,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         out / "bip-adapter",
         base_model_id=base_model_id,
         training_info={"method": "BIP q calibrated on training batches", "batches": len(calibration)},
-        results={"perplexity": bip["perplexity"], "avg_max_vio": bip["avg_max_vio"]},
+        results={dataset_name: {"perplexity": bip["perplexity"], "avg_max_vio": bip["avg_max_vio"]}},
     )
 
     # 4. Ada-K
@@ -476,7 +480,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     report: dict[str, Any] = {
         "output_dir": str(out),
         "base_model": base_model_id,
-        "dataset": config.dataset or "synthetic (hf_moe_routing.data.synthetic)",
+        "dataset": dataset_name,
         "size": config.size,
         "seq_len": seq_len,
         "pretrain": pretrain_result.summary() if pretrain_result is not None else None,
@@ -490,9 +494,11 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         out / "adak-adapter",
         base_model_id=base_model_id,
         results={
-            "perplexity": adak["perplexity"],
-            "mean_activated_experts": adak["mean_activated"],
-            "flops_reduction": adak["flops_reduction"],
+            dataset_name: {
+                "perplexity": adak["perplexity"],
+                "mean_activated_experts": adak["mean_activated"],
+                "flops_reduction": adak["flops_reduction"],
+            }
         },
     )
 

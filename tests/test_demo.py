@@ -51,6 +51,9 @@ def test_demo_refuses_existing_output(quick_demo, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "mine.txt"])
     assert main(["demo", "--model", "x"]) == 2
     assert "--dataset" in capsys.readouterr().err
+    missing = ["--model", "no-such-user/no-such-moe", "--dataset", "tinyshakespeare"]
+    assert main(["demo", *missing, "--output", str(out.parent / "other")]) == 2
+    assert "network" in capsys.readouterr().err
 
 
 def test_default_output_is_a_new_folder(tmp_path, monkeypatch):
