@@ -206,9 +206,6 @@ def main() -> None:
     parser.add_argument(
         "--end-to-end", action="store_true", help="also time the BIP-routed layer forward at the default T"
     )
-    parser.add_argument(
-        "--end-to-end", action="store_true", help="also time the BIP-routed layer forward at the default T"
-    )
     parser.add_argument("--quality", action="store_true", help="measure solver quality instead of time")
     args = parser.parse_args()
     if args.quality:
