@@ -19,7 +19,17 @@ from collections.abc import Sequence
 from types import ModuleType
 
 #: Modules under ``hf_moe_routing.cli`` that provide a subcommand, in help order (add yours to the tuple).
-COMMANDS: tuple[str, ...] = ("inspect", "lm_eval_cmd", "evaluate", "bench", "push", "demo", "balance", "warmup", "train")
+COMMANDS: tuple[str, ...] = (
+    "inspect",
+    "lm_eval_cmd",
+    "evaluate",
+    "bench",
+    "push",
+    "demo",
+    "balance",
+    "warmup",
+    "train",
+)
 
 #: Exceptions that mean "the user asked for something that cannot be done", not a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (
