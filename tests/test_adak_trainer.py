@@ -142,15 +142,17 @@ def _run(tmp_path, name, interrupt_at=None, resume=False):
     torch.manual_seed(123)
     config = _config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, save_steps=0)
     trainer = AdaKTrainer(model, config, _data(), adak_config=AdaKConfig())
-    if interrupt_at is not None:
-        original = trainer._ppo_step
+    if interrupt_at is not None:  # Ctrl-C in the middle of PPO step `interrupt_at`, after its first update
+        original, ppo_updates = trainer._optimizer_step, []
 
         def step():
-            if trainer.state.ppo_step == interrupt_at:
+            norm = original()
+            ppo_updates.extend([1] if trainer._phase == "ppo" else [])
+            if len(ppo_updates) == config.ppo_epochs * interrupt_at + 1:
                 raise KeyboardInterrupt
-            return original()
+            return norm
 
-        trainer._ppo_step = step
+        trainer._optimizer_step = step
     trainer.train(resume_from_checkpoint=resume or None)
     return model, trainer
 
@@ -351,7 +353,10 @@ def test_cli_warmup_train_overwrite_and_resume(tmp_path, capsys):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "ppo"] == [1, 2, 3]
     config = json.loads((out / "routing_config.json").read_text())
-    assert config["routing"]["routing_type"] == "adak" and config["training"]["command"] == "hf-moe-routing train"
+    assert (
+        config["routing"]["routing_type"] == "adak"
+        and config["training"]["command"] == "hf-moe-routing train"
+    )
     from transformers import AutoModelForCausalLM
 
     load_routing_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out)

@@ -25,6 +25,7 @@ clipped surrogate + ``k_penalty`` * expected k - ``entropy_coef`` * entropy (see
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -749,9 +750,11 @@ class AdaKTrainer:
             disable=not (self.config.progress_bar and self.accelerator.is_local_main_process),
             dynamic_ncols=True,
         )
+        snapshot = None  # the state before the step in progress (restored on Ctrl-C)
         try:
             while self.state.warmup_step < warmup_total:
                 self._set_phase("warmup")
+                snapshot = self._snapshot()
                 if self.config.warmup == "p-warm" and self.state.warmup_p is None:
                     if self.config.warmup_p is None:
                         self.state.warmup_p, self.state.warmup_mean_label = self.calibrate_threshold()
@@ -764,17 +767,22 @@ class AdaKTrainer:
                 started = time.perf_counter()
                 stats = self._warmup_step()
                 self.state.warmup_step += 1
+                snapshot = None
                 bar.update(1)
                 self._after_step(stats, started, bar, last=self.state.global_step == total)
             while self.state.ppo_step < self.config.max_steps:
                 self._set_phase("ppo")
+                snapshot = self._snapshot()
                 started = time.perf_counter()
                 stats = self._ppo_step()
                 self.state.ppo_step += 1
+                snapshot = None
                 bar.update(1)
                 bar.set_postfix(k=f"{stats['activated_mean']:.2f}", reward=f"{stats['reward']:.3f}")
                 self._after_step(stats, started, bar, last=self.state.global_step == total)
         except KeyboardInterrupt:
+            if snapshot is not None:  # drop the half-done step: the checkpoint is the last step boundary
+                self._restore(snapshot)
             path = self.save_checkpoint()
             if self.accelerator.is_main_process:
                 bar.write(f"Interrupted: saved {path}; resume with train(resume_from_checkpoint=True).")
@@ -792,6 +800,29 @@ class AdaKTrainer:
             self.accelerator.end_training()
             self._trackers_started = False
         return self.state
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Allocators, optimiser, RNG and progress before a step (small: allocators are tiny)."""
+        return {
+            "params": [p.detach().clone() for p in self.bank.parameters()],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "state": (self.state.batches_seen, self.state.warmup_p, self.state.warmup_mean_label),
+            "log_length": len(self.state.log_history),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.bank.parameters(), snapshot["params"]):
+                param.copy_(saved)
+                param.grad = None
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        torch.set_rng_state(snapshot["rng"])
+        if snapshot["cuda_rng"]:
+            torch.cuda.set_rng_state_all(snapshot["cuda_rng"])
+        self.state.batches_seen, self.state.warmup_p, self.state.warmup_mean_label = snapshot["state"]
+        del self.state.log_history[snapshot["log_length"] :]
 
     def _after_step(self, stats: dict[str, Any], started: float, bar: Any, last: bool) -> None:
         config, step = self.config, self.state.global_step
