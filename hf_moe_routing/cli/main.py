@@ -44,6 +44,7 @@ EXIT_USAGE = 2
 
 _EPILOG = """\
 examples:
+  hf-moe-routing demo                                   # the offline end-to-end demo
   hf-moe-routing inspect Qwen/Qwen1.5-MoE-A2.7B --config-only
   hf-moe-routing inspect ./my-mixtral --seq-len 4096 --json
 
