@@ -24,10 +24,10 @@ class BIPConfig(RoutingConfig):
     across batches and is saved in the routing adapter. See ``methods/bip/solver.py`` for the math.
 
     Args:
-        num_iters: T, dual rounds per batch (warm-started from the previous batch's q). Default 4:
-            on the Qwen1.5-MoE-A2.7B layer shape it keeps the solve within the 5% overhead budget
-            (``scripts/bench_bip_overhead.py``) and brings the stream MaxVio of skewed batches to
-            ~0.05 (T=8: ~0.03).
+        num_iters: T, dual rounds per batch (warm-started from the previous batch's q). Default 4: on
+            streams of skewed batches (``scripts/bench_bip_overhead.py --quality``) it gives mean MaxVio
+            ~0.04 before any extra round (T=2: ~0.08, T=8: ~0.02), and its solve time at the
+            Qwen1.5-MoE-A2.7B layer shape is well under the 5% budget of the layer forward (README).
         capacity_factor: expert capacity ``C = ceil(capacity_factor * k * n / m)`` (n = real tokens
             of the batch, global under torch.distributed). Must be >= 1 (below, not every token can
             get k experts).
