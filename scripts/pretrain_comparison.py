@@ -42,14 +42,15 @@ TRAIN_CORPORA = ("tinyshakespeare", "wikitext-2/valid")
 TEST_CORPUS = "wikitext-2/test"
 
 
-def method_config(name: str, bip_iters: int) -> RoutingConfig:
+def method_config(name: str, bip_iters: int, bip_extra_iters: int | None = None) -> RoutingConfig:
     """Routing config of a method name."""
+    extra = {} if bip_extra_iters is None else {"max_extra_iters": bip_extra_iters}
     methods = {
         "topk": TopKConfig(),
         "loss_controlled": LossControlledConfig(coefficient=0.01),
         "loss_free": LossFreeConfig(update_rate=1e-3),
-        "bip": BIPConfig(num_iters=bip_iters, update="before"),
-        "bip_after": BIPConfig(num_iters=bip_iters, update="after"),
+        "bip": BIPConfig(num_iters=bip_iters, update="before", **extra),
+        "bip_after": BIPConfig(num_iters=bip_iters, update="after", **extra),
     }
     if name not in methods:
         raise ValueError(f"Unknown method {name!r}; choose from {', '.join(methods)}.")
@@ -103,7 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = {name: method_config(name, args.bip_iters) for name in args.methods}  # fail fast on bad names
+    configs = {
+        name: method_config(name, args.bip_iters, args.bip_extra_iters) for name in args.methods
+    }  # fail fast on bad names
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
