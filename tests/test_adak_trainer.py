@@ -87,7 +87,10 @@ def test_logs_checkpoints_and_adapter(tmp_path):
     from hf_moe_routing.hub import load_routing_adapter
 
     model = tiny_model("qwen3_moe")
-    trainer = AdaKTrainer(model, _config(tmp_path, save_steps=2), _data(), _data(8, seed=1))
+    hook = lambda t: {"hook_step": t.state.global_step}  # noqa: E731
+    trainer = AdaKTrainer(
+        model, _config(tmp_path, save_steps=2, eval_steps=4), _data(), _data(8, seed=1), eval_fn=hook
+    )
     state = trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert lines == state.log_history
@@ -105,6 +108,7 @@ def test_logs_checkpoints_and_adapter(tmp_path):
     ):
         assert isinstance(ppo[-1][key], float)
     assert len(ppo[-1]["activated_per_layer"]) == 2
+    assert [e["hook_step"] for e in lines if "hook_step" in e] == [4, 5]  # every 4 steps and at the end
     evaluation = [e for e in lines if "eval_ppl" in e][-1]
     assert evaluation["eval_ppl"] > 1 and evaluation["eval_ppl_topk"] > 1 and evaluation["eval_tokens"] > 0
     # checkpoints every 2 steps, the last two kept (save_total_limit=2)

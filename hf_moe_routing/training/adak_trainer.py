@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,8 @@ class AdaKTrainer:
             :func:`hf_moe_routing.data.pack_dataset`) or text datasets (then pass ``tokenizer``).
         tokenizer: used to pack text datasets; ``seq_len`` is their block length.
         accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``config``).
+        eval_fn: an extra evaluation hook, called as ``eval_fn(trainer) -> dict`` whenever the trainer
+            evaluates (every ``eval_steps`` and at the end); its results are logged with the others.
 
     Every base-model parameter is frozen (``requires_grad=False``); after each optimiser step the
     trainer asserts that none has a gradient, and at the end that none changed.
@@ -284,6 +286,7 @@ class AdaKTrainer:
         adak_config: AdaKConfig | None = None,
         seq_len: int | None = None,
         accelerator: Any = None,
+        eval_fn: Callable[[AdaKTrainer], dict[str, Any]] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -337,6 +340,7 @@ class AdaKTrainer:
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
             pad = tokenizer.pad_token_id
         self.collate = _pad_collate(int(pad or 0))
+        self.tokenizer, self.seq_len = tokenizer, seq_len
         self.train_dataset = prepare_dataset(train_dataset, model, tokenizer, seq_len)
         self.eval_dataset = (
             prepare_dataset(eval_dataset, model, tokenizer, seq_len) if eval_dataset is not None else None
@@ -352,6 +356,7 @@ class AdaKTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self._phase: str | None = None
         self._trackers_started = False
+        self.eval_fn = eval_fn
 
     # ---- devices and checks ---------------------------------------------------------------------
     @property
@@ -678,6 +683,8 @@ class AdaKTrainer:
         Returns ``eval_nll`` / ``eval_ppl`` (Ada-K), ``eval_nll_topk`` / ``eval_ppl_topk``,
         ``eval_activated_mean``, ``eval_activated_per_layer`` and ``eval_tokens``.
         """
+        if dataset is not None:
+            dataset = prepare_dataset(dataset, self.model, self.tokenizer, self.seq_len)
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("No evaluation data: pass eval_dataset to the trainer or dataset= here.")
@@ -831,8 +838,12 @@ class AdaKTrainer:
             stats["phase"] = "warmup" if self._phase == "warmup" else "ppo"
             stats["seconds"] = time.perf_counter() - started
             self.log(stats, bar)
-        if self.eval_dataset is not None and ((config.eval_steps and step % config.eval_steps == 0) or last):
-            self.log(self.evaluate(), bar)
+        due = (config.eval_steps and step % config.eval_steps == 0) or last
+        if due and (self.eval_dataset is not None or self.eval_fn is not None):
+            results = self.evaluate() if self.eval_dataset is not None else {}
+            if self.eval_fn is not None:
+                results.update(self.eval_fn(self))
+            self.log(results, bar)
         if (config.save_steps and step % config.save_steps == 0) or last:
             self.save_checkpoint()
 
