@@ -9,7 +9,7 @@ import torch
 from hf_moe_routing import patch_model
 from hf_moe_routing.data import pack_dataset, synthetic_corpus, synthetic_tokenizer
 from hf_moe_routing.data.synthetic import classify_words
-from hf_moe_routing.methods.adak import AdaKConfig, default_routing, recording
+from hf_moe_routing.methods.adak import AdaKConfig, adak_layers, default_routing, recording
 from hf_moe_routing.methods.adak.ppo import token_log_likelihood
 from hf_moe_routing.testing import tiny_model
 from hf_moe_routing.training.adak_trainer import (
@@ -80,6 +80,27 @@ def test_a_base_parameter_with_a_gradient_is_refused(tmp_path):
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="lm_head"):
         trainer.train()
+
+
+def test_offloaded_base_model_with_a_device_map(tmp_path):
+    """A base model dispatched by accelerate (layer 1 offloaded to disk) trains in one process."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert model.model.layers[1].mlp.gate.weight.device.type == "meta"
+    trainer = AdaKTrainer(model, _config(tmp_path), _data(), _data(8, seed=1))
+    initial = _allocators(model)
+    trainer.train()
+    assert all(layer.allocator.weight.device.type == "cpu" for layer in adak_layers(model).values())
+    assert any(not torch.equal(_allocators(model)[k], v) for k, v in initial.items())
+    assert (
+        trainer.evaluate()["eval_activated_per_layer"][1] > 0
+    )  # the offloaded layer routes with its allocator
 
 
 # ---- logs, evaluation, adapters ------------------------------------------------------------------

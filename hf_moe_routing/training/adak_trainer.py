@@ -366,7 +366,8 @@ class AdaKTrainer:
 
     def _checksum(self) -> list[float]:
         with torch.no_grad():
-            return [float(p.detach().double().sum()) for _, p in self._base_params]
+            # offloaded weights (meta tensors) are not in memory here, so they cannot change
+            return [float(p.detach().double().sum()) for _, p in self._base_params if p.device.type != "meta"]
 
     def _check_base_frozen(self) -> None:
         for name, param in self._base_params:
@@ -377,9 +378,8 @@ class AdaKTrainer:
 
     def _check_base_unchanged(self) -> None:
         if self._base_checksum is not None and self._checksum() != self._base_checksum:
-            changed = [
-                n for (n, _), a, b in zip(self._base_params, self._checksum(), self._base_checksum) if a != b
-            ]
+            names = [n for n, p in self._base_params if p.device.type != "meta"]
+            changed = [n for n, a, b in zip(names, self._checksum(), self._base_checksum) if a != b]
             raise RuntimeError(f"Base-model parameters changed during allocator training: {changed[:5]}.")
 
     # ---- data ----------------------------------------------------------------------------------
