@@ -171,13 +171,17 @@ def build_demo_model(size: DemoSize, vocab_size: int, seq_len: int, seed: int = 
 
 
 def load_hub_model(model_id: str) -> tuple[nn.Module, Any]:
-    """A MoE causal LM and its tokenizer from the Hub or a local folder (float32 on CPU, native dtype on GPU)."""
+    """A MoE causal LM and its tokenizer from the Hub or a local folder.
+
+    On GPUs: native dtype, spread over the visible GPUs with ``device_map="auto"``; on CPU: float32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": "auto", "device_map": "auto"} if cuda else {"dtype": torch.float32}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        cuda = torch.cuda.is_available()
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto" if cuda else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     except OSError as error:
         raise OSError(
             f"Could not load {model_id!r}: {error}. Check the id, your network connection and your Hugging "
@@ -185,8 +189,6 @@ def load_hub_model(model_id: str) -> tuple[nn.Module, Any]:
         ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if torch.cuda.is_available():
-        model.to("cuda")
     return model.eval(), tokenizer
 
 

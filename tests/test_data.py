@@ -170,3 +170,25 @@ def test_synthetic_language():
     assert tok.unk_token_id not in ids and tok.decode(ids) == texts[0]
     # a block cut mid-sentence: words before the first keyword are "other"
     assert classify_words(["n3", ".", "</s>", "say", "red"])[:3] == ["other"] * 3
+
+
+def test_chat_template_records_mask_everything_but_replies():
+    tok = synthetic_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}"
+    chat = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "add n1 n2"},
+                    {"role": "assistant", "content": "is n3"},
+                    {"role": "user", "content": "rev a b"},
+                    {"role": "assistant", "content": "to b a"},
+                ]
+            }
+        ]
+    )
+    row = pack_dataset(chat, tok, 24, packing=False)[0]
+    words = tok.convert_ids_to_tokens(row["input_ids"][row["attention_mask"].bool()].tolist())
+    trained = tok.convert_ids_to_tokens(row["input_ids"][row["labels"] != IGNORE_INDEX].tolist())
+    assert words[:4] == ["<unk>", "add", "n1", "n2"]  # "user" is not a word of the language
+    assert trained == ["<unk>", "is", "n3", ".", "<unk>", "to", "b", "a", ".", "</s>"]

@@ -224,7 +224,9 @@ def pack_dataset(
     one row, padded to ``seq_len``; a longer record raises ValueError unless ``truncate=True``.
 
     Labels equal ``input_ids`` on trained tokens and -100 on padding and on chat/SFT prompts (the model
-    shifts them itself). ``max_length`` (default: the tokenizer's ``model_max_length`` if set) is the
+    shifts them itself). Chat records are rendered with the tokenizer's chat template if it has one
+    (each turn is what it adds to the rendering, so an assistant turn's own role markers are trained on
+    too), else as ``role: content`` lines whose ``role:`` header is never trained on. ``max_length`` (default: the tokenizer's ``model_max_length`` if set) is the
     model's context: a longer ``seq_len`` is an error.
 
     Returns a ``datasets.Dataset`` with torch-formatted ``input_ids``, ``attention_mask``, ``labels``.
