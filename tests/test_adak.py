@@ -189,10 +189,7 @@ def test_forcing_default_k_reproduces_the_model(family, ids):
     model = tiny_model(family)
     ref = _logits(model, ids)
     shape_top_k = model.config.num_experts_per_tok
-    renormalize = model.config.model_type in ("mixtral", "minimax") or bool(
-        getattr(model.config, "norm_topk_prob", False)
-    )
-    patch_model(model, AdaKConfig(renormalize=renormalize))
+    patch_model(model, AdaKConfig(renormalize=None))  # the family's own weighting rule
     _force_k(model, shape_top_k)
     assert torch.allclose(_logits(model, ids), ref, atol=1e-5)
     with default_routing(model):  # the PPO baseline: the model's own Top-K without re-patching

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+_RENORMALIZE = {"paper": True, "family": None, "never": False}
+
 _EXAMPLES = (
     "examples:\n"
     "  hf-moe-routing train ./my-qwen-moe --dataset wikitext-2/valid --output-dir adak --steps 300\n"
@@ -72,6 +74,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     alloc.add_argument("--decision", choices=("greedy", "sample"), default="greedy", help="k at inference")
     alloc.add_argument("--layers", default=None, help="comma-separated MoE layer indices (default all)")
+    alloc.add_argument(
+        "--renormalize",
+        choices=tuple(_RENORMALIZE),
+        default="paper",
+        help="weights of the chosen experts: 'paper' divides by their sum, 'family' follows the model's own "
+        "rule (e.g. Qwen1.5-MoE does not), 'never' (default paper)",
+    )
     alloc.add_argument(
         "--init-adapter", default=None, help="start from the allocators of a saved Ada-K routing adapter"
     )
@@ -160,9 +169,10 @@ def training_config(args: argparse.Namespace, warmup_only: bool):
 def adak_config(args: argparse.Namespace):
     from ..methods.adak import AdaKConfig
 
-    if args.init_adapter and (args.k_max is not None or args.layers or args.decision != "greedy"):
+    custom = args.k_max is not None or args.layers or args.decision != "greedy" or args.renormalize != "paper"
+    if args.init_adapter and custom:
         raise ValueError(
-            "--k-max, --layers and --decision come from the routing adapter given with --init-adapter; "
+            "--k-max, --layers, --decision and --renormalize come from the routing adapter given with --init-adapter; "
             "drop them (or start without --init-adapter)."
         )
     layers = None
@@ -171,7 +181,9 @@ def adak_config(args: argparse.Namespace):
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError as error:
             raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}.") from error
-    return AdaKConfig(k_max=args.k_max, decision=args.decision, layers=layers)
+    return AdaKConfig(
+        k_max=args.k_max, decision=args.decision, layers=layers, renormalize=_RENORMALIZE[args.renormalize]
+    )
 
 
 def prepare_output(args: argparse.Namespace) -> Path:

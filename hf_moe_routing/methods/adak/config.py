@@ -24,8 +24,10 @@ class AdaKConfig(RoutingConfig):
             In training mode (``layer.train()``) k is always sampled.
         layers: decoder-layer indices that get allocators (default: every MoE layer); the other MoE
             layers keep the model's own Top-K routing.
-        renormalize: divide the chosen experts' probabilities by their sum (the paper's rule); the
-            family's scaling (e.g. DeepSeek's ``routed_scaling_factor``) is kept either way.
+        renormalize: True divides the chosen experts' probabilities by their sum (the paper's rule);
+            False never does; None follows the family's own rule (e.g. Qwen1.5-MoE's
+            ``norm_topk_prob=False``), so that a token given the model's k is routed exactly as before.
+            The family's scaling (e.g. DeepSeek's ``routed_scaling_factor``) is kept in every case.
     """
 
     routing_type = "adak"
@@ -34,7 +36,7 @@ class AdaKConfig(RoutingConfig):
     k_max: int | None = None
     decision: str = "greedy"
     layers: list[int] | None = None
-    renormalize: bool = True
+    renormalize: bool | None = True
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:

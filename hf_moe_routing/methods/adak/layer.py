@@ -65,7 +65,7 @@ class AdaKLayer(RoutingLayer):
         hidden_size: int,
         k_max: int,
         decision: str = "greedy",
-        renormalize: bool = True,
+        renormalize: bool | None = True,
     ) -> None:
         super().__init__(adapter, block, context)
         self.k_max = int(k_max)
