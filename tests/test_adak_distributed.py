@@ -31,11 +31,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     from hf_moe_routing import patch_model
     from hf_moe_routing.methods.adak import AdaKConfig, adak_layers
     from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
 
+    # a forked child inherits the single-process accelerate state of earlier tests in this pytest process
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == WORLD
     model = patch_model(tiny_model("qwen2_moe", seed=0), AdaKConfig())
