@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--bip-iters", type=int, default=BIPConfig().num_iters)
     parser.add_argument(
+        "--bip-extra-iters", type=int, default=None, help="BIP max_extra_iters (default: BIPConfig's)"
+    )
+    parser.add_argument(
         "--eval-batches", type=int, default=8, help="validation batches (of --batch-size * 2)"
     )
     parser.add_argument("--data-dir", default=None, help="default: $HF_MOE_ROUTING_DATA or ../shared/data")
