@@ -74,10 +74,10 @@ UNSUPPORTED = {
     # GLM-4-MoE routes with sigmoid scores + correction bias: the generic adapter cannot reproduce it
     "glm4_moe": (
         dict(n_routed_experts=8, first_k_dense_replace=0, n_group=1, topk_group=1),
-        "not a softmax-top-k router",
+        "holds state besides its weight",
     ),
-    # ERNIE-4.5-MoE's router lacks the standard attributes (hidden_dim) that the adapters read
-    "ernie4_5_moe": (dict(num_experts=8), "not supported"),
+    # ERNIE-4.5-MoE's router adds a learned selection bias (moe_statics): not plain softmax top-k
+    "ernie4_5_moe": (dict(num_experts=8), "holds state besides its weight"),
 }
 
 

@@ -56,6 +56,21 @@ def get_adapter(
         raise ValueError(f"Unknown adapter {adapter!r}; choose one of {sorted(ADAPTERS)} or 'generic'.")
     blocks = chosen.find_blocks(model)
     if not blocks:
+        moe_like = next(
+            (
+                (n, type(m).__name__)
+                for n, m in model.named_modules()
+                if isinstance(getattr(m, "experts", None), nn.Module)
+            ),
+            None,
+        )
+        if moe_like is not None:
+            raise TypeError(
+                f"{type(model).__name__} (model_type={model_type!r}) is a Mixture-of-Experts model, but its MoE blocks "
+                f"({moe_like[0]}: {moe_like[1]}) do not use the standard `gate` router + `experts` interface that "
+                f"hf-moe-routing patches. Supported families: {', '.join(sorted(ADAPTERS))}, and other transformers "
+                "MoE families whose blocks have `gate` (softmax top-k router) and `experts` modules."
+            )
         raise ValueError(
             f"{type(model).__name__} (model_type={model_type!r}) has no Mixture-of-Experts block: hf-moe-routing "
             f"patches MoE models only. Supported families: {', '.join(sorted(ADAPTERS))}, and other transformers "

@@ -104,7 +104,7 @@ class MoEAdapter:
     # ---- routing steps ---------------------------------------------------------------------
     def logits(self, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits ``h W^T`` of shape (n, m) in the family's dtype."""
-        hidden = hidden.reshape(-1, gate.hidden_dim)
+        hidden = hidden.reshape(-1, self.hidden_dim(gate))
         return nn.functional.linear(hidden, gate.weight)
 
     def scores(self, gate: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -156,6 +156,10 @@ class MoEAdapter:
     def scaling(self, gate: nn.Module) -> float | None:
         """Factor applied to the routed experts' weights (DeepSeek's ``routed_scaling_factor``)."""
         return None
+
+    def hidden_dim(self, gate: nn.Module) -> int:
+        """Width of the hidden states the router reads (its weight is (m, h))."""
+        return int(gate.weight.shape[-1])
 
     def top_k(self, gate: nn.Module) -> int:
         return int(gate.top_k)
@@ -226,7 +230,7 @@ class MoEAdapter:
             family=self.family,
             num_hidden_layers=int(getattr(text_config, "num_hidden_layers", len(blocks))),
             moe_layers=tuple(b.layer_index for b in blocks),
-            hidden_size=int(gate.hidden_dim),
+            hidden_size=self.hidden_dim(gate),
             num_experts=self.num_experts(gate),
             top_k=self.top_k(gate),
             expert_intermediate_size=int(getattr(experts, "intermediate_dim", 0)),

@@ -39,7 +39,7 @@ class DeepseekV2Adapter(MoEAdapter):
     cast_weights = False
 
     def logits(self, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.view(-1, gate.hidden_dim)
+        hidden = hidden.view(-1, self.hidden_dim(gate))
         return nn.functional.linear(hidden.type(torch.float32), gate.weight.type(torch.float32))
 
     def choice_scores(

@@ -22,10 +22,26 @@ class GenericAdapter(MoEAdapter):
 
     def check_router(self, block: MoEBlock) -> None:
         gate = block.gate
+        missing = [a for a in ("top_k", "num_experts") if not hasattr(gate, a)]
+        if missing or gate.weight.dim() != 2:
+            raise TypeError(
+                f"{block.name}.gate ({type(gate).__name__}) lacks {missing or ['a 2-D weight']}: it is not a "
+                "standard transformers top-k router. Supported families: " + ", ".join(_supported()) + "."
+            )
+        state = [n for n, _ in gate.named_parameters() if n != "weight"] + [
+            n for n, _ in gate.named_buffers()
+        ]
+        if state:
+            raise TypeError(
+                f"{block.name}.gate ({type(gate).__name__}) holds state besides its weight ({', '.join(state)}), "
+                "so it is not a plain softmax-top-k router the generic adapter can reproduce. Supported families: "
+                + ", ".join(_supported())
+                + "."
+            )
         if gate.weight.device.type == "meta":  # offloaded or config-only: nothing to probe with
             return
         generator = torch.Generator(device="cpu").manual_seed(0)
-        hidden = torch.randn(16, gate.hidden_dim, generator=generator).to(gate.weight)
+        hidden = torch.randn(16, self.hidden_dim(gate), generator=generator).to(gate.weight)
         with torch.no_grad():
             try:
                 reference = type(gate).forward(gate, hidden)

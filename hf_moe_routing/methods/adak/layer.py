@@ -89,7 +89,7 @@ class AdaKLayer(RoutingLayer):
         scores = self.adapter.scores(gate, logits)
         choice = self.adapter.choice_scores(gate, scores, offset=torch.zeros(m, device=scores.device))
         ranked = torch.topk(choice, self.k_max, dim=-1, sorted=True)
-        hidden = hidden_states.reshape(-1, gate.hidden_dim)
+        hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
         allocator_logits = self.allocator(hidden)
         k = choose_k(allocator_logits, "sample" if self.training else self.decision)
         slots = torch.arange(self.k_max, device=k.device)
@@ -114,7 +114,7 @@ class AdaKLayer(RoutingLayer):
             gate, scores, offset=torch.zeros(self.num_experts, device=scores.device)
         )
         order = torch.topk(choice, self.k_max, dim=-1, sorted=True).indices
-        hidden = hidden_states.reshape(-1, gate.hidden_dim)
+        hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
         self.last = AllocatorRecord(
             states=hidden.detach().float(),
             ordered_probs=ordered_probabilities(scores, order).detach(),
