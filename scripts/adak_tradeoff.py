@@ -79,14 +79,22 @@ def train_adak(model, tokenizer, train, eval_rows, lam: float, args, folder: Pat
         progress_bar=not args.quiet,
         seed=args.seed,
     )
-    trainer = AdaKTrainer(model, config, train, eval_rows, tokenizer=tokenizer, adak_config=AdaKConfig())
+    adak = AdaKConfig(renormalize=args.adak_renormalize == "paper")
+    trainer = AdaKTrainer(model, config, train, eval_rows, tokenizer=tokenizer, adak_config=adak)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     trainer.save_adapter(
         folder / "adapter", training_info={"k_penalty": lam, "script": "scripts/adak_tradeoff.py"}
     )
-    return {"train_seconds": seconds, "warmup_p": trainer.state.warmup_p}
+    return {
+        "train_seconds": seconds,
+        "warmup_p": trainer.state.warmup_p,
+        "ppo_steps": args.ppo_steps,
+        "warmup_steps": args.warmup_steps,
+        "weights": args.adak_renormalize,
+        "adapter": str(folder / "adapter"),
+    }
 
 
 def run_model(name: str, args, out: Path) -> None:
@@ -120,11 +128,13 @@ def run_model(name: str, args, out: Path) -> None:
 
     record("topk", "model")
     top_k = runs[-1]["top_k"]
-    for k in range(1, top_k + 2):
+    for k in range(1, top_k + 2) if not args.skip_baselines else ():
         if k != top_k:
             patch_model(model, TopKConfig(top_k=k))
             record("static-k", f"k={k}")
             unpatch_model(model)
+    if args.skip_baselines:
+        args.top_p, args.skip_quantiles = [], []
     for p in args.top_p:
         patch_model(model, TopPConfig(p=p))
         record("top-p", f"p={p}")
@@ -135,20 +145,32 @@ def run_model(name: str, args, out: Path) -> None:
         record("dyn-skip", f"q={q}", {"betas": betas})
         unpatch_model(model)
     for lam in args.lambdas:
-        folder = out / name / f"adak-lambda{lam:g}"
+        setting = f"lambda={lam:g} ppo={args.ppo_steps}" + (
+            " family-w" if args.adak_renormalize == "family" else ""
+        )
+        folder = out / name / f"adak-lambda{lam:g}-ppo{args.ppo_steps}-{args.adak_renormalize}"
         info = train_adak(model, tokenizer, train, eval_rows, lam, args, folder)
-        row = record("ada-k", f"lambda={lam:g}", info)
+        row = record("ada-k", setting, info)
         row["k_hist"] = k_histogram(model, eval_rows, args.batch_size)
         save_model_runs(out, name, runs)
         unpatch_model(model)
 
 
 def save_model_runs(out: Path, name: str, runs: list[dict[str, Any]]) -> None:
-    """``<out>/<model>/runs.json``: the runs of one model (models can run in parallel processes)."""
-    (out / name).mkdir(parents=True, exist_ok=True)
-    (out / name / "runs.json").write_text(
-        json.dumps([r for r in runs if r["model"] == name], indent=2) + "\n"
+    """``<out>/<model>/runs.json``: the runs of one model (models can run in parallel processes).
+
+    Runs already in the file are kept unless this process re-ran the same (method, setting).
+    """
+    path = out / name / "runs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = [r for r in runs if r["model"] == name]
+    done = {(r["method"], r["setting"]) for r in mine}
+    old = (
+        [r for r in json.loads(path.read_text()) if (r["method"], r["setting"]) not in done]
+        if path.is_file()
+        else []
     )
+    path.write_text(json.dumps(old + mine, indent=2) + "\n")
 
 
 def collect(out: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -227,24 +249,32 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     for ax, model in zip(axes[0], models):
         runs = [r for r in results["runs"] if r["model"] == model]
         ref = next(r for r in runs if r["method"] == "topk")
-        for method, (marker, color) in styles.items():
-            pts = sorted((r for r in runs if r["method"] == method), key=lambda r: r["mean_activated"])
-            if not pts:
-                continue
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:  # one Ada-K series per training set-up (lambda varies along it)
+            key = r["method"] if r["method"] != "ada-k" else "ada-k " + r["setting"].partition(" ")[2]
+            series.setdefault(key, []).append(r)
+        adak_colors = iter(["tab:blue", "tab:purple", "tab:cyan", "tab:brown", "tab:pink"])
+        for key, pts in series.items():
+            method = pts[0]["method"]
+            marker, color = styles.get(method, ("o", "tab:blue"))
+            if method == "ada-k":
+                color = next(adak_colors, "tab:blue")
+            pts = sorted(pts, key=lambda r: r["mean_activated"])
             xs, ys = [r["mean_activated"] for r in pts], [r["perplexity"] for r in pts]
             ax.plot(
                 xs,
                 ys,
                 marker=marker,
                 color=color,
-                label=method,
+                label=key,
                 linestyle="-" if len(pts) > 1 else "none",
                 markersize=10 if method == "topk" else 6,
             )
             for r in pts:
                 if method != "topk":
+                    label = r["setting"].split(" ")[0] if method == "ada-k" else r["setting"]
                     ax.annotate(
-                        r["setting"],
+                        label,
                         (r["mean_activated"], r["perplexity"]),
                         fontsize=6,
                         xytext=(3, 3),
@@ -283,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ppo-steps", type=int, default=150)
+    parser.add_argument(
+        "--adak-renormalize",
+        default="paper",
+        choices=["paper", "family"],
+        help="Ada-K weights: renormalised over the chosen experts (paper) or the family's own rule",
+    )
+    parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="only Top-K and Ada-K (add Ada-K runs to earlier results)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)

@@ -180,14 +180,20 @@ def token_class(text: str) -> str:
     return "other"
 
 
-def default_adapter(results: Path, model: str) -> Path:
+def default_adapter(results: Path, model: str, setting: str | None = None) -> Path:
+    """The adapter of the Ada-K run named ``setting``, else the one with an activation reduction closest to 35%."""
     data = json.loads(results.read_text())
     runs = [r for r in data["runs"] if r["model"] == model and r["method"] == "ada-k"]
+    if setting is not None:
+        runs = [r for r in runs if r["setting"] == setting]
     if not runs:
-        raise FileNotFoundError(f"No Ada-K run for {model} in {results}: run scripts/adak_tradeoff.py first.")
+        raise FileNotFoundError(
+            f"No matching Ada-K run for {model} in {results}: run scripts/adak_tradeoff.py first."
+        )
     best = min(runs, key=lambda r: abs(r["activation_reduction"] - 0.35))
-    lam = best["setting"].split("=")[1]
-    return results.parent / model / f"adak-lambda{lam}" / "adapter"
+    if "adapter" in best:
+        return Path(best["adapter"])
+    return results.parent / model / f"adak-lambda{best['setting'].split('=')[1]}" / "adapter"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "--adapter", default=None, help="Ada-K routing adapter folder (default: from the trade-off)"
     )
     parser.add_argument("--tradeoff", default="results/adak_tradeoff/results.json")
+    parser.add_argument(
+        "--setting", default=None, help="Ada-K run of the trade-off, e.g. 'lambda=0.03 ppo=150'"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -209,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    adapter = Path(args.adapter) if args.adapter else default_adapter(Path(args.tradeoff), args.model)
+    adapter = (
+        Path(args.adapter) if args.adapter else default_adapter(Path(args.tradeoff), args.model, args.setting)
+    )
     model, tokenizer = reference_model(args.model, args.cache_dir, data_dir=args.data_dir)
     load_routing_adapter(model, adapter)
     rows = pack_dataset(read_corpus("wikitext-2/test", args.data_dir), tokenizer, args.seq_len)
