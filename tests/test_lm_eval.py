@@ -311,3 +311,17 @@ def test_flops_sequence_length_is_the_token_weighted_mean_length():
     lm._count_positions(torch.zeros(1, 10, dtype=torch.long))
     lm._count_positions(torch.zeros(2, 30, dtype=torch.long))
     assert lm.mean_seq_len == round((10 * 10 + 2 * 30 * 30) / (10 + 2 * 30))  # sum L^2 / sum L
+
+
+def test_without_lm_eval_nothing_is_registered_and_the_cli_says_how_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from hf_moe_routing.integrations import register_lm_eval
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a)
+    )
+    assert register_lm_eval() is False
+    assert main(["lm-eval", "--tasks", BLIMP]) == 2
+    assert "pip install 'hf-moe-routing[eval]'" in capsys.readouterr().err

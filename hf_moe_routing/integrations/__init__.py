@@ -9,6 +9,7 @@ imported only when lm-eval asks for it.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 #: The name of our model type in lm-eval (``--model hf-moe-routing``).
 LM_EVAL_MODEL_NAME = "hf-moe-routing"
@@ -24,8 +25,16 @@ def register_lm_eval() -> bool:
     """
     if importlib.util.find_spec("lm_eval") is None:
         return False
-    import lm_eval.models  # noqa: F401  (registers lm-eval's own placeholders: hf, vllm, ...)
-    from lm_eval.api.registry import model_registry
+    try:
+        import lm_eval.models  # noqa: F401  (registers lm-eval's own placeholders: hf, vllm, ...)
+        from lm_eval.api.registry import model_registry
+    except (ImportError, AttributeError) as error:  # a broken optional extra must not break this package
+        warnings.warn(
+            f"lm-eval is installed but cannot be imported ({error}); --model {LM_EVAL_MODEL_NAME} is not "
+            "registered. Reinstall it with pip install 'hf-moe-routing[eval]'.",
+            stacklevel=2,
+        )
+        return False
 
     if LM_EVAL_MODEL_NAME not in model_registry:
         model_registry.register(LM_EVAL_MODEL_NAME, target=_LM_EVAL_TARGET)
