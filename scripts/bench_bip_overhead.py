@@ -208,8 +208,16 @@ def main() -> None:
     parser.add_argument(
         "--end-to-end", action="store_true", help="also time the BIP-routed layer forward at the default T"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: CPU time then counts no idle spinning)",
+    )
     parser.add_argument("--quality", action="store_true", help="measure solver quality instead of time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quality:
         results = quality(args)
         if args.json:
@@ -225,7 +233,7 @@ def main() -> None:
     block = model.model.layers[0].mlp
     gate = block.gate
     print(
-        f"device={args.device} threads={torch.get_num_threads()} layer: hidden 2048, 60 x 1408, top-4, shared 5632"
+        f"device={args.device} ({'wall' if on_cuda else 'process CPU'} time) threads={torch.get_num_threads()} layer: hidden 2048, 60 x 1408, top-4, shared 5632"
     )
     print(f"\nBIP solve time in ms (and % of the Top-K layer forward), default T={default_t}")
     print(f"{'n':>6} {'layer fwd ms':>13} " + " ".join(f"{'T=' + str(t):>14}" for t in args.iters))
