@@ -325,3 +325,21 @@ def test_without_lm_eval_nothing_is_registered_and_the_cli_says_how_to_install(m
     assert register_lm_eval() is False
     assert main(["lm-eval", "--tasks", BLIMP]) == 2
     assert "pip install 'hf-moe-routing[eval]'" in capsys.readouterr().err
+
+
+def test_routing_on_top_of_a_peft_lora_adapter(mixtral_dir, tasks, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(tmp_path / "lora")
+    results = _evaluate(
+        mixtral_dir, tasks, f"peft={tmp_path / 'lora'},routing=topk,routing_top_k=1", [BLIMP], 2
+    )
+    stats = results["config"]["routing_stats"]
+    assert stats["routing_config"] == TopKConfig(top_k=1).to_dict() and stats[
+        "mean_activated"
+    ] == pytest.approx(1)
+    assert stats["flops_reduction"] > 0

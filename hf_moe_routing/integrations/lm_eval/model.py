@@ -30,7 +30,7 @@ from ...evaluation.evaluate import moe_shape, routing_name
 from ...evaluation.flops import flops_per_token
 from ...evaluation.stats import RoutingStats
 from ...methods import ROUTING_METHODS, RoutingConfig, get_routing_class
-from ...patching import get_patch_state, patch_model
+from ...patching import get_patch_state, patch_model, unwrap_model
 from .. import LM_EVAL_MODEL_NAME
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class HFMoERoutingLM(HFLM):
         ``max_vio_per_layer``, ``seq_len`` (:attr:`mean_seq_len`), ``flops_per_token`` and
         ``flops_per_token_topk`` (breakdowns), ``flops_reduction``.
         """
-        model = self.model
+        model = unwrap_model(self.model)  # the transformers model inside a PEFT wrapper (peft=...)
         shape = moe_shape(model)
         state = get_patch_state(model)
         summary = self.routing_stats.summary()
