@@ -308,6 +308,7 @@ def test_flops_sequence_length_is_the_token_weighted_mean_length():
 
     lm = HFMoERoutingLM.__new__(HFMoERoutingLM)  # only the position counters, no model
     lm._positions = lm._positions_sq = 0
+    lm._measuring = True
     lm._count_positions(torch.zeros(1, 10, dtype=torch.long))
     lm._count_positions(torch.zeros(2, 30, dtype=torch.long))
     assert lm.mean_seq_len == round((10 * 10 + 2 * 30 * 30) / (10 + 2 * 30))  # sum L^2 / sum L
@@ -343,3 +344,13 @@ def test_routing_on_top_of_a_peft_lora_adapter(mixtral_dir, tasks, tmp_path):
         "mean_activated"
     ] == pytest.approx(1)
     assert stats["flops_reduction"] > 0
+
+
+def test_batch_size_probes_are_not_counted(mixtral_dir, caplog):
+    from hf_moe_routing.integrations.lm_eval import HFMoERoutingLM
+
+    lm = HFMoERoutingLM(pretrained=str(mixtral_dir), batch_size="auto", max_batch_size=2, device="cpu")
+    assert lm.routing_report()["num_tokens"] == 0 and lm._positions == 0
+    assert "batch_size=auto" in caplog.text and "padding" in caplog.text  # the exactness warning
+    lm._detect_batch_size()  # probing again later (batch_size auto:N) is not counted either
+    assert lm.routing_report()["num_tokens"] == 0 and lm._positions == 0

@@ -120,6 +120,9 @@ class HFMoERoutingLM(HFLM):
                 "Pass either routing=... (a routing method) or adapter=... (a saved routing adapter, which "
                 "stores its own routing config), not both."
             )
+        self._positions = 0  # sum over evaluated forward rows of L (row length)
+        self._positions_sq = 0  # sum over evaluated forward rows of L^2
+        self._measuring = False  # off while HFLM loads the model and probes batch sizes
         super().__init__(pretrained=pretrained, **kwargs)
         model = self.model
         if adapter is not None:
@@ -136,21 +139,20 @@ class HFMoERoutingLM(HFLM):
                 "batch see them. Use batch_size=1 (the default) for exact routing statistics.",
                 self.batch_size_per_gpu,
             )
-        self.routing_stats = RoutingStats(model)
-        self.routing_stats.attach()
-        self._positions = 0  # sum over forward rows of L (row length)
-        self._positions_sq = 0  # sum over forward rows of L^2
+        self.routing_stats = RoutingStats(model).attach()
+        self._measuring = True
 
     @contextlib.contextmanager
     def _stats_paused(self) -> Iterator[None]:
-        stats = getattr(self, "routing_stats", None)
-        if stats is not None:
-            stats.detach()
+        measuring, self._measuring = self._measuring, False
+        if measuring:
+            self.routing_stats.detach()
         try:
             yield
         finally:
-            if stats is not None:
-                stats.attach()
+            if measuring:
+                self.routing_stats.attach()
+            self._measuring = measuring
 
     def _detect_batch_size(self, *args: Any, **kwargs: Any) -> int:
         with self._stats_paused():  # probe batches are not part of the evaluation
@@ -170,6 +172,8 @@ class HFMoERoutingLM(HFLM):
         self._positions = self._positions_sq = 0
 
     def _count_positions(self, ids: torch.Tensor) -> None:
+        if not self._measuring:
+            return
         rows, length = ids.shape[:2]
         self._positions += rows * length
         self._positions_sq += rows * length * length
