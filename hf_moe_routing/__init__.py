@@ -8,6 +8,7 @@ from . import experts  # noqa: F401  (registers the sentinel-safe experts implem
 from . import integrations  # noqa: F401  (registers --model hf-moe-routing with lm-eval, if installed)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
 from .evaluation import FlopsBreakdown, RoutingStats, flops_per_token
+from .evaluation.evaluate import compare_speed, evaluate_routing, measure_speed
 from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
 from .methods import (
     ROUTING_METHODS,
@@ -35,6 +36,9 @@ from .training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "compare_speed",
+    "evaluate_routing",
+    "measure_speed",
     "AdaKConfig",
     "AdaKTrainer",
     "AdaKTrainingConfig",
