@@ -354,3 +354,17 @@ def test_batch_size_probes_are_not_counted(mixtral_dir, caplog):
     assert "batch_size=auto" in caplog.text and "padding" in caplog.text  # the exactness warning
     lm._detect_batch_size()  # probing again later (batch_size auto:N) is not counted either
     assert lm.routing_report()["num_tokens"] == 0 and lm._positions == 0
+
+
+def test_cli_with_an_lm_eval_yaml_config(mixtral_dir, data, cli_tasks_only_ours, capsys, tmp_path):
+    config = {
+        "model_args": {"pretrained": str(mixtral_dir), "routing": "topk", "routing_top_k": 1},
+        "tasks": [BLIMP],
+        "limit": 2,
+        "device": "cpu",
+        "metadata": {"data_dir": str(data)},
+    }
+    (tmp_path / "eval.yaml").write_text(json.dumps(config))  # JSON is YAML
+    assert main(["lm-eval", "--config", str(tmp_path / "eval.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert f"|{BLIMP}" in printed and "topk(top_k=1)" in printed  # our model by default, routing table

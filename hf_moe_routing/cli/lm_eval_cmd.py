@@ -81,10 +81,13 @@ def _parse(cli: Any, argv: list[str]) -> argparse.Namespace:
         sys.argv = saved
 
 
-def _yaml_sets_model(path: str) -> bool:
+def _yaml_config(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The ``--config`` YAML of ``run`` (command-line values replace its values, so we merge into them)."""
+    if not getattr(namespace, "config", None):
+        return {}
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
-    return "model" in EvaluatorConfig.load_yaml_config(path)
+    return EvaluatorConfig.load_yaml_config(namespace.config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,16 +114,16 @@ def run(args: argparse.Namespace) -> int:
         namespace = _parse(cli, argv)
     except SystemExit as exit_:  # --help, or a usage error lm-eval already printed
         return exit_.code if isinstance(exit_.code, int) else 2
+    yaml_config = _yaml_config(namespace)
     if hasattr(namespace, "include_path"):
-        namespace.include_path = [
-            str(TASKS_DIR),
-            *([namespace.include_path] if namespace.include_path else []),
-        ]
+        theirs = namespace.include_path or yaml_config.get("include_path")
+        namespace.include_path = [str(TASKS_DIR), *([theirs] if theirs else [])]
     if namespace.command == "run":
-        if namespace.model is None and not (namespace.config and _yaml_sets_model(namespace.config)):
+        if namespace.model is None and "model" not in yaml_config:
             namespace.model = LM_EVAL_MODEL_NAME
         if data_dir is not None:
-            namespace.metadata = {**(namespace.metadata or {}), "data_dir": data_dir}
+            metadata = namespace.metadata or yaml_config.get("metadata") or {}
+            namespace.metadata = {**metadata, "data_dir": data_dir}
     elif data_dir is not None:
         raise ValueError("--data_dir only applies to `run` (evaluations).")
     before = last_routing_report()
