@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, patch_model
+from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, patch_model, unpatch_model
 from hf_moe_routing.adapters import get_adapter
 from hf_moe_routing.methods import RoutingConfig
 from hf_moe_routing.methods.dynamic_skip import calibrate
@@ -179,7 +179,6 @@ def test_calibration_sets_beta_to_the_median_ratio_and_excludes_padding(family):
 
     patch_model(model, DynamicSkipConfig())
     # the same tokens plus padded rows: padding must not change beta
-    padded = [{"input_ids": row.tolist()} for row in data] + [{"input_ids": data[0, :5].tolist()}]
     padded_ids = torch.cat([data, torch.zeros(1, 16, dtype=torch.long)])
     padded_mask = torch.ones_like(padded_ids)
     padded_mask[-1] = 0
@@ -193,8 +192,27 @@ def test_calibration_sets_beta_to_the_median_ratio_and_excludes_padding(family):
         assert float(lo) - 1e-6 <= betas[i] <= float(hi) + 1e-6
         assert float(layer.beta) == pytest.approx(betas[i])
     assert "beta" in routing_layers(model)[blocks[0].layer_index].routing_state()
-    assert len(padded) == 7  # ragged list input is accepted too
-    calibrate(model, padded, batch_size=3, progress=False)
+    # ragged records: the short row is right-padded and its padding is not counted either
+    records = [{"input_ids": row.tolist()} for row in data[:5]] + [{"input_ids": data[5, :9].tolist()}]
+    ragged = calibrate(model, records, batch_size=6, progress=False)
+    unpatch_model(model)
+    expected = {i: [] for i in ratios}
+    hooks = [
+        b.gate.register_forward_hook(
+            lambda mod, args, out, i=b.layer_index: expected[i].append(
+                (lambda w: w[:, 1:] / w[:, :1])(out[1].float().sort(-1, descending=True).values)
+            )
+        )
+        for b in blocks
+    ]
+    with torch.no_grad():
+        model(data[:5])
+        model(data[5:, :9])
+    for h in hooks:
+        h.remove()
+    for i, beta in ragged.items():
+        flat = torch.cat([e.reshape(-1) for e in expected[i]]).sort().values
+        assert float(flat[(flat.numel() - 1) // 2]) - 1e-6 <= beta <= float(flat[flat.numel() // 2]) + 1e-6
 
 
 def test_calibrated_skipping_drops_about_half_of_the_second_experts_and_round_trips(ids):
