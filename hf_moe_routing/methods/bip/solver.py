@@ -34,8 +34,9 @@ Our reading differs from the issue's literal rules (``p_i = max(0, (k+1)-th)``,
    constraint is an equality and its dual price is free. With the clamp, once the prices q exceed
    a token's scores the dual lets the token take fewer than k experts, while routing still gives it
    k: those extra picks are invisible to the solver and overload experts. Warm-started from the
-   previous batch's q, the clamped rule stalls at MaxVio ~0.24 on a stream of skewed batches no
-   matter how many rounds run (0.46 ... 0.06 without the clamp, falling with T).
+   previous batch's q, the literal rules stall at MaxVio ~0.2 on a stream of skewed batches no
+   matter how many rounds run (512 x 16, k=2: 0.21 at T=4 and 0.22 at T=8), where ours fall with T
+   (0.16, 0.09, 0.04, 0.026 at T = 1, 2, 4, 8; ``scripts/bench_bip_overhead.py --quality``).
 2. **Prices are the midpoint of the optimal interval**, not its lower end. Both are exact block
    minimisers, but the (C+1)-th largest puts expert j's price exactly on the score of its
    (C+1)-th token, a tie that top-k then breaks either way (one token of overload per expert,
