@@ -4,11 +4,11 @@
 >>> from hf_moe_routing.integrations.lm_eval import task_manager
 >>> results = lm_eval.simple_evaluate(
 ...     model="hf-moe-routing",
-...     model_args="pretrained=Qwen/Qwen1.5-MoE-A2.7B,routing=topk,routing_top_k=2",
+...     model_args="pretrained=Qwen/Qwen1.5-MoE-A2.7B,routing=topk,routing_top_k=1",
 ...     tasks=["blimp_local", "wikitext2_local"],
 ...     task_manager=task_manager(),
 ... )
->>> results["config"]["routing_stats"]["mean_activated_experts"]
+>>> results["config"]["routing_stats"]["mean_activated"]
 
 The tasks (in :data:`TASKS_DIR`): ``blimp_local`` (group of the 67 BLiMP paradigms, subtasks
 ``blimp_local_<paradigm>``) and ``wikitext2_local`` (WikiText-2 test document perplexity), read from the
