@@ -17,7 +17,7 @@ from hf_moe_routing.data import data_dir, train_tokenizer  # noqa: E402
 from hf_moe_routing.integrations.lm_eval import TASKS_DIR, task_manager  # noqa: E402
 from hf_moe_routing.integrations.lm_eval.model import routing_config_from_args  # noqa: E402
 from hf_moe_routing.integrations.lm_eval.task_data import blimp_dataset, split_articles  # noqa: E402
-from hf_moe_routing.testing import tiny_model  # noqa: E402
+from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model  # noqa: E402
 
 BLIMP = "blimp_local_adjunct_island"
 WIKI = "wikitext2_local"
@@ -368,3 +368,21 @@ def test_cli_with_an_lm_eval_yaml_config(mixtral_dir, data, cli_tasks_only_ours,
     assert main(["lm-eval", "--config", str(tmp_path / "eval.yaml")]) == 0
     printed = capsys.readouterr().out
     assert f"|{BLIMP}" in printed and "topk(top_k=1)" in printed  # our model by default, routing table
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES + GENERIC_FAMILIES)
+def test_routing_report_for_every_family(family):
+    from hf_moe_routing.integrations.lm_eval import HFMoERoutingLM
+
+    tokenizer = train_tokenizer(["a b c d e f g h"], vocab_size=16, kind="word", min_frequency=1)
+    model = tiny_model(family)
+    lm = HFMoERoutingLM(pretrained=model, tokenizer=tokenizer, routing="topk", routing_top_k=1)
+    lm._model_call(torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0)))
+    report = lm.routing_report()
+    moe_layers = len(report["activated_per_layer"])
+    assert report["num_tokens"] == 12 and report["seq_len"] == 12 and moe_layers >= 1
+    assert report["mean_activated"] == pytest.approx(1.0)
+    assert 0 < report["flops_reduction"] < 1
+    assert report["flops_per_token"]["routed_experts"] == pytest.approx(
+        report["flops_per_token_topk"]["routed_experts"] / report["top_k"]
+    )
