@@ -4,8 +4,10 @@
 >>> patch_model(model, TopKConfig())   # identical routing, now pluggable
 """
 
-from . import experts  # noqa: F401  (registers the sentinel-safe experts implementation)
-from . import integrations  # noqa: F401  (registers --model hf-moe-routing with lm-eval, if installed)
+from . import (
+    experts,  # noqa: F401  (registers the sentinel-safe experts implementation)
+    integrations,  # noqa: F401  (registers --model hf-moe-routing with lm-eval, if installed)
+)
 from .adapters import ADAPTERS, MoEAdapter, MoEShape, get_adapter, register_adapter
 from .evaluation import FlopsBreakdown, RoutingStats, flops_per_token
 from .evaluation.evaluate import compare_speed, evaluate_routing, measure_speed
