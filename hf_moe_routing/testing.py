@@ -5,10 +5,13 @@ No download is needed: each model is built from a small config (hidden size 32-6
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .methods.base import RoutingConfig, RoutingLayer
 
 _COMMON = dict(
     vocab_size=128,
@@ -119,3 +122,32 @@ def tiny_model(
             if name.endswith("gate.weight") and param.dim() == 2 and "mlp.gate" in name:
                 param.normal_(0.0, 0.5)
     return model.eval()
+
+
+@dataclass
+class DropSlotsConfig(RoutingConfig):
+    """A deterministic variable-k routing for tests: token t keeps the first ``1 + (t mod k)`` of its top-k slots.
+
+    The other slots become sentinels (index = number of experts, weight 0). Not registered by name.
+    """
+
+    routing_type = "test_drop_slots"
+    variable_k = True
+
+    def create_layer(self, adapter, block, shape, context) -> RoutingLayer:
+        return _DropSlotsLayer(adapter, block, context)
+
+
+class _DropSlotsLayer(RoutingLayer):
+    def forward(self, gate, hidden):
+        logits, weights, index = self.adapter.route(gate, hidden)
+        n, k = index.shape
+        keep = (
+            torch.arange(k, device=index.device)[None, :]
+            <= (torch.arange(n, device=index.device) % k)[:, None]
+        )
+        return (
+            logits,
+            weights.masked_fill(~keep, 0.0),
+            index.masked_fill(~keep, self.adapter.num_experts(gate)),
+        )

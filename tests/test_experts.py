@@ -1,13 +1,11 @@
 """The sentinel-safe experts implementation matches transformers' eager experts, forward and backward."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
-from hf_moe_routing import RoutingConfig, RoutingLayer, get_adapter, patch_model, unpatch_model
+from hf_moe_routing import get_adapter, patch_model, unpatch_model
 from hf_moe_routing.experts import SENTINEL_EXPERTS
-from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, DropSlotsConfig, tiny_model
 
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
@@ -86,35 +84,12 @@ def test_all_sentinel_batch_gives_zeros(family):
     assert torch.all(hidden.grad == 0) and torch.all(weights.grad == 0)
 
 
-@dataclass
-class _DropSlotsConfig(RoutingConfig):
-    """Variable-k test routing: token t keeps 1 + (t mod k) of its top-k experts."""
-
-    routing_type = "test_drop_slots_experts"
-    variable_k = True
-
-    def create_layer(self, adapter, block, shape, context):
-        return _DropSlotsLayer(adapter, block, context)
-
-
-class _DropSlotsLayer(RoutingLayer):
-    def forward(self, gate, hidden):
-        logits, weights, index = self.adapter.route(gate, hidden)
-        n, k = index.shape
-        keep = torch.arange(k)[None, :] <= (torch.arange(n) % k)[:, None]
-        return (
-            logits,
-            weights.masked_fill(~keep, 0.0),
-            index.masked_fill(~keep, self.adapter.num_experts(gate)),
-        )
-
-
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("previous", ["grouped_mm", "eager"])
 def test_variable_k_patch_switches_and_restores_the_implementation(family, previous, ids):
     model = tiny_model(family)
     model.set_experts_implementation(previous)
-    patch_model(model, _DropSlotsConfig())
+    patch_model(model, DropSlotsConfig())
     assert model.config._experts_implementation == SENTINEL_EXPERTS
     with torch.no_grad():
         ours = model(ids).logits
@@ -128,7 +103,7 @@ def test_variable_k_patch_switches_and_restores_the_implementation(family, previ
 
 def test_backward_through_a_patched_model(ids):
     model = tiny_model("qwen2_moe").train()
-    patch_model(model, _DropSlotsConfig())
+    patch_model(model, DropSlotsConfig())
     loss = model(ids, labels=ids).loss
     loss.backward()
     expert_grad = model.model.layers[0].mlp.experts.gate_up_proj.grad

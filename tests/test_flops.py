@@ -1,16 +1,20 @@
 """Analytic FLOPs per token agree with torch's FlopCounterMode (matmul FLOPs) on every family."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, LlamaConfig
 
-from hf_moe_routing import RoutingConfig, RoutingLayer, TopKConfig, patch_model
+from hf_moe_routing import TopKConfig, patch_model
 from hf_moe_routing.evaluation import RoutingStats
 from hf_moe_routing.evaluation.flops import causal_context, flops_per_token
-from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_config, tiny_model
+from hf_moe_routing.testing import (
+    GENERIC_FAMILIES,
+    REQUIRED_FAMILIES,
+    DropSlotsConfig,
+    tiny_config,
+    tiny_model,
+)
 
 SEQ_LEN = 20
 VARIANTS = [(f, {}) for f in REQUIRED_FAMILIES + GENERIC_FAMILIES] + [
@@ -48,34 +52,11 @@ def test_flops_match_flop_counter(family, overrides, top_k):
     assert flops_per_token(model.config, SEQ_LEN, activated=top_k, causal=False) == predicted
 
 
-@dataclass
-class _DropSlotsConfig(RoutingConfig):
-    """Variable-k test routing: token t keeps 1 + (t mod k) of its top-k experts."""
-
-    routing_type = "test_drop_slots_flops"
-    variable_k = True
-
-    def create_layer(self, adapter, block, shape, context):
-        return _DropSlotsLayer(adapter, block, context)
-
-
-class _DropSlotsLayer(RoutingLayer):
-    def forward(self, gate, hidden):
-        logits, weights, index = self.adapter.route(gate, hidden)
-        n, k = index.shape
-        keep = torch.arange(k)[None, :] <= (torch.arange(n) % k)[:, None]
-        return (
-            logits,
-            weights.masked_fill(~keep, 0.0),
-            index.masked_fill(~keep, self.adapter.num_experts(gate)),
-        )
-
-
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
 def test_measured_activated_experts_give_the_counted_flops(family):
     """Variable k: FLOPs from RoutingStats' per-layer activated counts match what eager experts compute."""
     model = tiny_model(family)
-    patch_model(model, _DropSlotsConfig())
+    patch_model(model, DropSlotsConfig())
     ids = _ids(batch=3)
     with RoutingStats(model) as stats:
         measured = _measured_flops_per_token(model, ids)

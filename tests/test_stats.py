@@ -1,13 +1,11 @@
 """RoutingStats: loads, MaxVio and activated experts, padding excluded, patched or not."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
-from hf_moe_routing import RoutingConfig, RoutingLayer, TopKConfig, get_adapter, patch_model, unpatch_model
+from hf_moe_routing import TopKConfig, get_adapter, patch_model, unpatch_model
 from hf_moe_routing.evaluation import RoutingStats, expert_loads, max_violation
-from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, DropSlotsConfig, tiny_model
 
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
 
@@ -103,30 +101,10 @@ def test_static_top1_versus_default(family):
     assert summary["mean_activated"] == pytest.approx((default.activated.mean().item() + 1.0) / 2)
 
 
-@dataclass
-class _DropSlotsConfig(RoutingConfig):
-    """Variable-k test routing: token t keeps 1 + (t mod k) of its top-k experts."""
-
-    routing_type = "test_drop_slots_stats"
-    variable_k = True
-
-    def create_layer(self, adapter, block, shape, context):
-        return _DropSlotsLayer(adapter, block, context)
-
-
-class _DropSlotsLayer(RoutingLayer):
-    def forward(self, gate, hidden):
-        logits, weights, index = self.adapter.route(gate, hidden)
-        n, k = index.shape
-        keep = torch.arange(k)[None, :] <= (torch.arange(n) % k)[:, None]
-        m = self.adapter.num_experts(gate)
-        return logits, weights.masked_fill(~keep, 0.0), index.masked_fill(~keep, m)
-
-
 def test_sentinel_slots_are_not_counted():
     model = tiny_model("qwen3_moe")  # top-2
     ids, mask = _batch()
-    patch_model(model, _DropSlotsConfig())
+    patch_model(model, DropSlotsConfig())
     with RoutingStats(model) as stats, torch.no_grad():
         model(ids, attention_mask=mask)
     kept = 1 + torch.arange(ids.numel()) % 2

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .tokenizer import SPECIAL_TOKENS
+from .tokenizer import SPECIAL_TOKENS, wrap_tokenizer
 
 SYNTHETIC_CLASSES = ("random", "predictable", "computed")
 _DIGITS = tuple(f"n{i}" for i in range(10))
@@ -123,14 +123,4 @@ def synthetic_tokenizer(model_max_length: int | None = None) -> PreTrainedTokeni
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    pad, bos, eos, unk = SPECIAL_TOKENS
-    kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=pad,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=unk,
-        clean_up_tokenization_spaces=False,
-        **kwargs,
-    )
+    return wrap_tokenizer(tokenizer, model_max_length)

@@ -69,6 +69,11 @@ def train_tokenizer(
     else:
         raise ValueError(f"kind must be 'bpe' or 'word', got {kind!r}.")
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tokenizer, model_max_length)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A ``tokenizers`` tokenizer as a transformers ``PreTrainedTokenizerFast`` with our special tokens."""
     pad, bos, eos, unk = SPECIAL_TOKENS
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
     return PreTrainedTokenizerFast(
