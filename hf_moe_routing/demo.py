@@ -60,7 +60,7 @@ class DemoSize:
 
 #: ``--size`` presets: "default" is the README's demo (a few minutes on 2 CPU cores), "quick" a smoke test.
 SIZES: dict[str, DemoSize] = {
-    "default": DemoSize(2400, 64, 96, 3, 128, 400, 16, 20, 60, 150, 96),
+    "default": DemoSize(2400, 64, 96, 3, 128, 400, 16, 20, 60, 600, 96),
     "quick": DemoSize(120, 32, 32, 2, 32, 8, 8, 2, 2, 2, 8),
 }
 
@@ -78,7 +78,7 @@ class DemoConfig:
     text_field: str = "text"
     size: str = "default"
     seq_len: int | None = None  # default: the size's (synthetic) or 256 (Hub)
-    k_penalty: float = 0.1  # Ada-K lambda (the paper uses 3e-3 on much larger models)
+    k_penalty: float = 0.03  # Ada-K lambda (the paper uses 3e-3 on much larger models)
     seed: int = 0
     plot: bool = True
     progress: bool = True

@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seq-len", type=int, default=None, help="tokens per sequence (default 64 / 256 for --model)"
     )
     parser.add_argument(
-        "--k-penalty", type=float, default=0.1, help="Ada-K lambda: cost per expected expert (default 0.1)"
+        "--k-penalty", type=float, default=0.03, help="Ada-K lambda: cost per expected expert (default 0.03)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(

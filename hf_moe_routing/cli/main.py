@@ -19,16 +19,16 @@ from collections.abc import Sequence
 from types import ModuleType
 
 #: Modules under ``hf_moe_routing.cli`` that provide a subcommand, in help order (add yours to the tuple).
-COMMANDS: tuple[str, ...] = (
-    "inspect",
-    "lm_eval_cmd",
-    "evaluate",
-    "bench",
-    "push",
+COMMANDS: tuple[str, ...] = (  # in the order of a user's path, as --help lists them
     "demo",
+    "inspect",
     "balance",
     "warmup",
     "train",
+    "evaluate",
+    "bench",
+    "lm_eval_cmd",
+    "push",
 )
 
 #: Exceptions that mean "the user asked for something that cannot be done", not a bug.
