@@ -39,6 +39,15 @@ class RoutingContext:
         return mask if mask is not None and mask.numel() == num_tokens else None
 
 
+def is_recomputing() -> bool:
+    """True while autograd runs a backward pass.
+
+    A model forward that runs then is activation-checkpoint recomputation: routers with state
+    (BIP's q, Loss-Free's bias) must route as in the original forward and must not update twice.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
 def flat_token_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """Flattened ``attention_mask`` of a causal-LM forward call, restricted to its current tokens."""
     mask = kwargs.get("attention_mask")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...context import RoutingContext, is_recomputing
 from ..base import RoutingLayer
 from .solver import check_k, expert_capacity, solve_duals
 
@@ -79,6 +79,8 @@ class BIPLayer(RoutingLayer):
         self.last_rounds = 0
         #: overload (max load - C) of the last solve's assignment, in tokens
         self.last_overload = 0
+        #: the q the last training forward routed with (reused by checkpoint recomputation)
+        self._routed_q: torch.Tensor | None = None
 
     def updates_now(self) -> bool:
         return self.training or self.config.update_in_eval
@@ -113,11 +115,15 @@ class BIPLayer(RoutingLayer):
     def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
         logits = self.adapter.logits(gate, hidden_states)
         scores = self.adapter.scores(gate, logits)
-        update = self.updates_now()
+        recomputing = is_recomputing()  # activation checkpointing: route as the original forward did
+        update = self.updates_now() and not recomputing
         mask = self.context.mask_for(scores.shape[0]) if update else None
         if update and self.config.update == "before":
             self.update_duals(gate, scores, mask)
-        offset = -self.q.to(device=scores.device, dtype=scores.dtype)
+        q = self._routed_q if recomputing and self._routed_q is not None else self.q
+        if self.training and not recomputing:
+            self._routed_q = q.clone()
+        offset = -q.to(device=scores.device, dtype=scores.dtype)
         index = self.adapter.topk(gate, self.adapter.choice_scores(gate, scores, offset), self.top_k)
         weights = self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype)
         if update and self.config.update == "after":

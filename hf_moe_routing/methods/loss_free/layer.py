@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...context import RoutingContext, is_recomputing
 from ..base import RoutingLayer
 from ..bip.layer import check_finite, distributed_world
 from .bias import bias_update, token_loads
@@ -35,6 +35,8 @@ class LossFreeLayer(RoutingLayer):
         self.uses_model_bias = isinstance(getattr(block.gate, MODEL_BIAS, None), torch.Tensor)
         if not self.uses_model_bias:
             self.register_buffer("bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
+        #: the bias the last training forward routed with (reused by checkpoint recomputation)
+        self._routed_bias: torch.Tensor | None = None
 
     @property
     def selection_bias(self) -> torch.Tensor:
@@ -58,13 +60,21 @@ class LossFreeLayer(RoutingLayer):
     def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
         logits = self.adapter.logits(gate, hidden_states)
         scores = self.adapter.scores(gate, logits)
-        # DeepSeek-V3's choice_scores adds its own bias; other families get ours as the offset
-        offset = None if self.uses_model_bias else self.bias.to(device=scores.device, dtype=scores.dtype)
+        recomputing = is_recomputing()  # activation checkpointing: route as the original forward did
+        current = self.selection_bias
+        routed = self._routed_bias if recomputing and self._routed_bias is not None else current
+        if self.training and not recomputing:
+            self._routed_bias = current.detach().clone()
+        offset = routed
+        if self.uses_model_bias:  # DeepSeek-V3's choice_scores adds the model's current bias itself
+            offset = None if routed is current else routed - current
+        if offset is not None:
+            offset = offset.to(device=scores.device, dtype=scores.dtype)
         index = self.adapter.topk(
             gate, self.adapter.choice_scores(gate, scores, offset), self.adapter.top_k(gate)
         )
         weights = self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype)
-        if self.updates_now():
+        if self.updates_now() and not recomputing:
             check_finite(scores.detach(), f"Loss-Free layer {self.layer_index}")
             self.update_bias(index, self.context.mask_for(index.shape[0]))
         return logits, weights, index
