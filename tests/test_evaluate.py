@@ -251,3 +251,22 @@ def test_token_expert_counts_follow_the_routers_and_skip_padding(data):
     assert torch.equal(out["counts"][1], (seen[0] < 8).sum(-1)[real])
     assert set(out["counts"]) == {0, 1}
     assert out["next_ids"][7] == -100 and out["next_ids"][0] == data[0, 1]
+
+
+def test_evaluate_command_runs_lm_eval_tasks_and_saves_with_evaluate(model_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from hf_moe_routing.data import data_dir
+
+    try:
+        data = data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"shared data folder missing: {error}")
+    out = tmp_path / "r.json"
+    argv = ["evaluate", str(model_dir), "--routing", "topk:top_k=1", "--dataset", str(model_dir / "text.txt")]
+    argv += ["--seq-len", "32", "--quiet", "--tasks", "blimp_local_anaphor_gender_agreement", "--limit", "4"]
+    assert main([*argv, "--data-dir", str(data), "--json", str(out)]) == 0
+    assert "blimp_local_anaphor_gender_agreement" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["lm_eval"]["blimp_local_anaphor_gender_agreement"]["acc"] <= 1.0
+    assert result["mean_activated"] == 1.0
+    assert "_timestamp" in result and "_evaluate_version" in result  # evaluate.save's conventions

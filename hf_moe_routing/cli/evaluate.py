@@ -99,7 +99,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser, "wikitext-2/test")
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     parser.add_argument("--no-topk-reference", action="store_true", help="skip the Top-K reference pass")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="also run these lm-eval tasks (comma-separated), e.g. blimp_local,wikitext2_local (needs lm-eval)",
+    )
+    parser.add_argument(
+        "--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)"
+    )
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON here (with `evaluate.save`: adds time, git commit and versions)",
+    )
     parser.add_argument(
         "--plot",
         nargs="?",
@@ -240,6 +253,35 @@ def plot_activated(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def run_lm_eval_tasks(model: nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """lm-eval's metrics per task for the (patched) model in memory: ``{task: {metric: value}}``."""
+    from transformers import AutoTokenizer
+
+    from ..integrations.lm_eval import evaluate_lm_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    ours = all(t.startswith(("blimp_local", "wikitext2_local")) for t in tasks)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    output = evaluate_lm_eval(
+        model, tasks, tokenizer=tokenizer, data_dir=args.data_dir, include_defaults=not ours, limit=args.limit
+    )
+    return {
+        task: {
+            k.split(",")[0]: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "_stderr" not in k
+        }
+        for task, metrics in output["results"].items()
+    }
+
+
+def format_lm_eval(scores: dict[str, dict[str, float]]) -> str:
+    lines = ["lm-eval"]
+    for task, metrics in sorted(scores.items()):
+        lines += [f"  {task:<40} {name:<20} {value:10.4f}" for name, value in sorted(metrics.items())]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate_routing
 
@@ -258,11 +300,15 @@ def run(args: argparse.Namespace) -> int:
     results["model"] = args.model
     results["dataset"] = args.dataset
     print(format_results(results))
+    if args.tasks:
+        results["lm_eval"] = run_lm_eval_tasks(model, args)
+        print(format_lm_eval(results["lm_eval"]))
     if args.json:
+        from ..metrics import save_results
+
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {save_results(path, results)}")
     if args.plot:
         print(f"wrote {plot_activated(results, args.plot)}")
     return 0
