@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .methods.base import RoutingConfig, RoutingLayer
+from .patching import routing_layers
 
 _COMMON = dict(
     vocab_size=128,
@@ -151,3 +152,46 @@ class _DropSlotsLayer(RoutingLayer):
             weights.masked_fill(~keep, 0.0),
             index.masked_fill(~keep, self.adapter.num_experts(gate)),
         )
+
+
+class OffsetLayer(RoutingLayer):
+    """Top-k on ``scores + offset`` with a learned per-expert offset (stateful, like BIP / Loss-Free)."""
+
+    def __init__(self, adapter, block, context, num_experts, top_k):
+        super().__init__(adapter, block, context)
+        self.top_k = top_k
+        self.register_buffer("offset", torch.zeros(num_experts))
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, gate, hidden_states):
+        logits = self.adapter.logits(gate, hidden_states)
+        scores = self.adapter.scores(gate, logits)
+        index = self.adapter.topk(
+            gate, self.adapter.choice_scores(gate, scores, self.offset * self.scale), self.top_k
+        )
+        return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
+
+
+@dataclass
+class OffsetConfig(RoutingConfig):
+    """Test routing with per-layer state (an expert offset buffer and a scale parameter)."""
+
+    routing_type = "test-offset"
+    top_k: int = 2
+
+    def create_layer(self, adapter, block, shape, context):
+        return OffsetLayer(adapter, block, context, shape.num_experts, self.top_k)
+
+
+def randomize_offsets(model, seed=1):
+    """Give every routing layer a different, large offset so the routing differs from top-k."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in routing_layers(model).values():
+        layer.offset.copy_(torch.randn(layer.offset.shape, generator=gen))
+        layer.scale.data.fill_(float(torch.rand((), generator=gen)) + 0.5)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits

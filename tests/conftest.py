@@ -11,3 +11,14 @@ torch.set_num_threads(2)
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def offset_routing():
+    """Register the stateful test routing ``OffsetConfig`` (name "test-offset") for one test only."""
+    from hf_moe_routing import ROUTING_METHODS, register_routing
+    from hf_moe_routing.testing import OffsetConfig
+
+    register_routing(OffsetConfig)
+    yield OffsetConfig
+    ROUTING_METHODS.pop(OffsetConfig.routing_type, None)

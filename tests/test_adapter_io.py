@@ -1,7 +1,6 @@
 """Routing adapters: exact save/load round trips, fingerprint checks, clear errors, atomic writes."""
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,12 +8,9 @@ from safetensors.torch import load_file
 
 from hf_moe_routing import (
     ROUTING_METHODS,
-    RoutingConfig,
-    RoutingLayer,
     TopKConfig,
     get_patch_state,
     patch_model,
-    register_routing,
 )
 from hf_moe_routing.hub import (
     CARD_NAME,
@@ -26,58 +22,16 @@ from hf_moe_routing.hub import (
     save_routing_adapter,
 )
 from hf_moe_routing.patching import routing_layers
-from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_model
+from hf_moe_routing.testing import (
+    GENERIC_FAMILIES,
+    REQUIRED_FAMILIES,
+    OffsetConfig,
+    logits,
+    randomize_offsets,
+    tiny_model,
+)
 
-
-class OffsetLayer(RoutingLayer):
-    """Top-k on ``scores + offset`` with a learned per-expert offset (stateful, like BIP / Loss-Free)."""
-
-    def __init__(self, adapter, block, context, num_experts, top_k):
-        super().__init__(adapter, block, context)
-        self.top_k = top_k
-        self.register_buffer("offset", torch.zeros(num_experts))
-        self.scale = torch.nn.Parameter(torch.ones(()))
-
-    def forward(self, gate, hidden_states):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        index = self.adapter.topk(
-            gate, self.adapter.choice_scores(gate, scores, self.offset * self.scale), self.top_k
-        )
-        return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
-
-
-@dataclass
-class OffsetConfig(RoutingConfig):
-    """Test routing with per-layer state (an expert offset buffer and a scale parameter)."""
-
-    routing_type = "test-offset"
-    top_k: int = 2
-
-    def create_layer(self, adapter, block, shape, context):
-        return OffsetLayer(adapter, block, context, shape.num_experts, self.top_k)
-
-
-@pytest.fixture(autouse=True)
-def offset_routing():
-    """Register the test routing for the duration of a test only (import this fixture to use it)."""
-    register_routing(OffsetConfig)
-    yield OffsetConfig
-    ROUTING_METHODS.pop(OffsetConfig.routing_type, None)
-
-
-def randomize_offsets(model, seed=1):
-    """Give every routing layer a different, large offset so the routing differs from top-k."""
-    gen = torch.Generator().manual_seed(seed)
-    for layer in routing_layers(model).values():
-        layer.offset.copy_(torch.randn(layer.offset.shape, generator=gen))
-        layer.scale.data.fill_(float(torch.rand((), generator=gen)) + 0.5)
-    return model
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+pytestmark = pytest.mark.usefixtures("offset_routing")
 
 
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES + GENERIC_FAMILIES)

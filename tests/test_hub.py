@@ -8,7 +8,6 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
-from test_adapter_io import OffsetConfig, logits, offset_routing, randomize_offsets  # noqa: F401 (autouse fixture)
 
 import hf_moe_routing
 from hf_moe_routing import AutoRoutedModelForCausalLM, TopKConfig, get_patch_state, patch_model
@@ -26,7 +25,7 @@ from hf_moe_routing.hub import (
     template_path,
     upload_adapter_folder,
 )
-from hf_moe_routing.testing import tiny_model
+from hf_moe_routing.testing import OffsetConfig, logits, randomize_offsets, tiny_model
 
 RESULTS = {
     "wikitext-2/test": {
@@ -37,6 +36,9 @@ RESULTS = {
     },
     "blimp": {"acc": 0.61},
 }
+
+
+pytestmark = pytest.mark.usefixtures("offset_routing")
 
 
 class FakeHfApi:

@@ -3,15 +3,17 @@
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_adapter_io import OffsetConfig, offset_routing, randomize_offsets  # noqa: F401 (autouse fixture)
 
 from hf_moe_routing import get_patch_state, patch_model, unpatch_model
 from hf_moe_routing.hub import CONFIG_NAME, load_routing_adapter, save_routing_adapter
 from hf_moe_routing.patching import routing_layers
-from hf_moe_routing.testing import tiny_model
+from hf_moe_routing.testing import OffsetConfig, randomize_offsets, tiny_model
 
 FAMILIES = ["mixtral", "qwen2_moe"]
 TARGETS = ["q_proj", "v_proj"]
+
+
+pytestmark = pytest.mark.usefixtures("offset_routing")
 
 
 def routed_model(family):
