@@ -140,6 +140,46 @@ def test_group_limited_selection_keeps_experts_outside_groups_excluded():
     assert max_violation(expert_loads(result.index, m)) < 0.5 * max_violation(expert_loads(plain, m))
 
 
+def test_group_limited_stream_of_collapsing_routers_stays_balanced_with_demand_rounds():
+    """DeepSeek-V3 shape (64 experts, 8 groups, 4 kept, top-6), sigmoid scores of a router whose
+    experts' popularity drifts apart batch by batch: all tokens rank experts alike, so they all
+    keep the same groups. Exact rounds alone oscillate between groups; demand rounds keep balance."""
+    n, m, k = 512, 64, 6
+    capacity = expert_capacity(n, m, k)
+    g = torch.Generator().manual_seed(0)
+    means, drift = torch.randn(m, generator=g) * 0.3, torch.randn(m, generator=g) * 0.05
+    stream = [
+        (
+            means + step * drift + 0.1 * torch.randn(n, m, generator=torch.Generator().manual_seed(step))
+        ).sigmoid()
+        for step in range(20)
+    ]
+
+    def run(with_demand: bool) -> list[float]:
+        q, vios = torch.zeros(m), []
+        for scores in stream:
+            result = solve_duals(
+                scores,
+                q,
+                k,
+                capacity,
+                4,
+                selection=lambda offset, s=scores: limit_to_groups(s + offset, 8, 4, "top2", float("-inf")),
+                demand=(lambda offset, s=scores: s + offset) if with_demand else None,
+                tolerance=max(1, capacity // 20),
+                max_extra_iters=16,
+            )
+            q = result.q
+            vios.append(max_violation(expert_loads(result.index, m)))
+        return vios[1:]
+
+    topk = limit_to_groups(stream[-1], 8, 4, "top2", float("-inf")).topk(k, 1).indices
+    assert max_violation(expert_loads(topk, m)) > 3  # collapsed: plain top-k is badly unbalanced
+    ours, exact_only = run(True), run(False)
+    assert sum(ours) / len(ours) < 0.16 and max(ours) < 0.25
+    assert sum(exact_only) / len(exact_only) > 1.3 * sum(ours) / len(ours)
+
+
 def test_capacity_rounding_and_infeasible_capacity():
     assert expert_capacity(100, 8, 2) == 25
     assert expert_capacity(101, 8, 2) == 26  # rounded up: m * C >= k * n

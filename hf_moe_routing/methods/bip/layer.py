@@ -57,6 +57,20 @@ def check_finite(scores: torch.Tensor, where: str) -> None:
         )
 
 
+def limits_groups(gate: nn.Module) -> bool:
+    """Whether the router keeps only some expert groups per token (DeepSeek-V2 ``group_limited_greedy``, V3)."""
+    if getattr(gate, "topk_method", None) not in (None, "group_limited_greedy"):
+        return False
+    return getattr(gate, "topk_group", 1) < getattr(gate, "num_group", 1)
+
+
+def demand_scores(gate: nn.Module, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The choice scores without the group limit: ``s + offset`` (+ the router's ``e_score_correction_bias``)."""
+    bias = getattr(gate, "e_score_correction_bias", None)
+    choice = scores + offset
+    return choice if bias is None else choice + bias.detach().float()
+
+
 class BIPLayer(RoutingLayer):
     """Routes one MoE block by ``top-k(s - q)``; q (buffer ``q``, float32, (m,)) persists across batches."""
 
@@ -106,6 +120,7 @@ class BIPLayer(RoutingLayer):
             capacity,
             self.config.num_iters,
             selection=lambda offset: self.adapter.choice_scores(gate, real, offset),
+            demand=(lambda offset: demand_scores(gate, real, offset)) if limits_groups(gate) else None,
             tolerance=max(1, int(self.config.tolerance * capacity)),
             max_extra_iters=self.config.max_extra_iters,
         )
