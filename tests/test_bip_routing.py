@@ -6,7 +6,6 @@ import torch
 from hf_moe_routing import BIPConfig, TopKConfig, get_patch_state, patch_model, routing_layers, unpatch_model
 from hf_moe_routing.hub import load_routing_adapter, save_routing_adapter
 from hf_moe_routing.methods.base import RoutingConfig
-from hf_moe_routing.methods.bip.layer import demand_scores, limits_groups
 from hf_moe_routing.methods.bip.solver import expert_loads, max_violation
 from hf_moe_routing.testing import REQUIRED_FAMILIES, tiny_model
 
@@ -180,13 +179,13 @@ def test_demand_rounds_only_for_group_limited_routers(family, overrides, grouped
     patch_model(model, BIPConfig())
     block = get_patch_state(model).blocks[0]
     gate, adapter = block.gate, routing_layers(model)[block.layer_index].adapter
-    assert limits_groups(gate) == grouped
+    assert adapter.limits_groups(gate) == grouped
     if hasattr(gate, "e_score_correction_bias"):
         with torch.no_grad():
             gate.e_score_correction_bias.normal_()
     m = adapter.num_experts(gate)
     scores, offset = torch.rand(32, m), -torch.rand(m)
-    demand = demand_scores(gate, scores, offset)
+    demand = adapter.choice_scores(gate, scores, offset, limit_groups=False)
     choice = adapter.choice_scores(gate, scores, offset)
     kept = torch.isfinite(choice)
     assert torch.isfinite(demand).all() and torch.allclose(demand[kept], choice[kept])

@@ -112,10 +112,22 @@ class MoEAdapter:
         return nn.functional.softmax(logits, dtype=torch.float, dim=-1)
 
     def choice_scores(
-        self, gate: nn.Module, scores: torch.Tensor, offset: torch.Tensor | None = None
+        self,
+        gate: nn.Module,
+        scores: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        *,
+        limit_groups: bool = True,
     ) -> torch.Tensor:
-        """Scores that top-k selects on: ``s + offset`` (offset is (m,), e.g. ``-q`` for BIP)."""
+        """Scores that top-k selects on: ``s + offset`` (offset is (m,), e.g. ``-q`` for BIP).
+
+        ``limit_groups=False`` skips a family's group limiting (DeepSeek), keeping its other rules.
+        """
         return scores if offset is None else scores + offset
+
+    def limits_groups(self, gate: nn.Module) -> bool:
+        """Whether selection keeps only some expert groups per token (DeepSeek's group-limited top-k)."""
+        return False
 
     def weights(
         self,

@@ -42,12 +42,20 @@ class DeepseekV2Adapter(MoEAdapter):
         hidden = hidden.view(-1, self.hidden_dim(gate))
         return nn.functional.linear(hidden.type(torch.float32), gate.weight.type(torch.float32))
 
+    def limits_groups(self, gate: nn.Module) -> bool:
+        return gate.topk_method == "group_limited_greedy" and gate.topk_group < gate.num_group
+
     def choice_scores(
-        self, gate: nn.Module, scores: torch.Tensor, offset: torch.Tensor | None = None
+        self,
+        gate: nn.Module,
+        scores: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        *,
+        limit_groups: bool = True,
     ) -> torch.Tensor:
         if offset is not None:
             scores = scores + offset
-        if gate.topk_method != "group_limited_greedy":
+        if not limit_groups or gate.topk_method != "group_limited_greedy":
             return scores
         # The family masks with 0 (softmax scores are positive); offsets can make scores negative.
         fill = 0.0 if offset is None else float("-inf")

@@ -18,10 +18,20 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
     def scores(self, gate: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()
 
+    def limits_groups(self, gate: nn.Module) -> bool:
+        return gate.topk_group < gate.num_group
+
     def choice_scores(
-        self, gate: nn.Module, scores: torch.Tensor, offset: torch.Tensor | None = None
+        self,
+        gate: nn.Module,
+        scores: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        *,
+        limit_groups: bool = True,
     ) -> torch.Tensor:
         choice = scores + gate.e_score_correction_bias
         if offset is not None:
             choice = choice + offset
+        if not limit_groups:
+            return choice
         return limit_to_groups(choice, gate.num_group, gate.topk_group, "top2", float("-inf"))

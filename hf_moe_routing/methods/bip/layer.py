@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,20 +58,6 @@ def check_finite(scores: torch.Tensor, where: str) -> None:
         )
 
 
-def limits_groups(gate: nn.Module) -> bool:
-    """Whether the router keeps only some expert groups per token (DeepSeek-V2 ``group_limited_greedy``, V3)."""
-    if getattr(gate, "topk_method", None) not in (None, "group_limited_greedy"):
-        return False
-    return getattr(gate, "topk_group", 1) < getattr(gate, "num_group", 1)
-
-
-def demand_scores(gate: nn.Module, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The choice scores without the group limit: ``s + offset`` (+ the router's ``e_score_correction_bias``)."""
-    bias = getattr(gate, "e_score_correction_bias", None)
-    choice = scores + offset
-    return choice if bias is None else choice + bias.detach().float()
-
-
 class BIPLayer(RoutingLayer):
     """Routes one MoE block by ``top-k(s - q)``; q (buffer ``q``, float32, (m,)) persists across batches."""
 
@@ -113,6 +100,9 @@ class BIPLayer(RoutingLayer):
         if n == 0:
             return
         capacity = expert_capacity(n, self.num_experts, self.top_k, self.config.capacity_factor)
+        demand = None  # group-limited routers: alternate rounds price experts without the limit
+        if self.adapter.limits_groups(gate):
+            demand = functools.partial(self.adapter.choice_scores, gate, real, limit_groups=False)
         result = solve_duals(
             real,
             self.q,
@@ -120,7 +110,7 @@ class BIPLayer(RoutingLayer):
             capacity,
             self.config.num_iters,
             selection=lambda offset: self.adapter.choice_scores(gate, real, offset),
-            demand=(lambda offset: demand_scores(gate, real, offset)) if limits_groups(gate) else None,
+            demand=demand,
             tolerance=max(1, int(self.config.tolerance * capacity)),
             max_extra_iters=self.config.max_extra_iters,
         )
