@@ -128,3 +128,16 @@ def test_bad_input():
     llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     with pytest.raises(ValueError, match="no Mixture-of-Experts block"):
         flops_per_token(llama, 8)
+
+
+def test_flops_of_a_peft_model_count_the_lora_matmuls():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("mixtral")
+    expected = flops_per_token(model, 32)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    got = flops_per_token(wrapped, 32)
+    # LoRA adds its rank-2 matmuls to the q (64 -> 64) and v (64 -> 32) projections of the 2 layers
+    lora = 2 * 2 * ((64 + 64) + (64 + 32)) * 2
+    assert got.attention == expected.attention + lora
+    assert got.routed_experts == expected.routed_experts and got.lm_head == expected.lm_head

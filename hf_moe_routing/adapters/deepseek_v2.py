@@ -57,9 +57,9 @@ class DeepseekV2Adapter(MoEAdapter):
             scores = scores + offset
         if not limit_groups or gate.topk_method != "group_limited_greedy":
             return scores
-        # The family masks with 0 (softmax scores are positive); offsets can make scores negative.
-        fill = 0.0 if offset is None else float("-inf")
-        return limit_to_groups(scores, gate.num_group, gate.topk_group, "max", fill)
+        # The family masks with 0 (its softmax scores are positive, so the same experts win); -inf also
+        # keeps excluded experts out when an offset makes scores negative, and marks them unreachable.
+        return limit_to_groups(scores, gate.num_group, gate.topk_group, "max", float("-inf"))
 
     def scaling(self, gate: nn.Module) -> float:
         return gate.routed_scaling_factor

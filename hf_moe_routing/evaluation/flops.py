@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..adapters import MoEBlock, get_adapter
-from ..patching import get_patch_state
+from ..patching import get_patch_state, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ _LAYER_PATH = re.compile(r"^(.*?(?:layers|h|blocks|layer))\.(\d+)\.")
 
 def _as_model(model_or_config: nn.Module | PretrainedConfig) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
-        return model_or_config
+        return unwrap_model(model_or_config)  # the transformers model inside a PEFT wrapper
     if isinstance(model_or_config, PretrainedConfig):
         from transformers import AutoModelForCausalLM
 

@@ -45,7 +45,7 @@ _KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def _require_patched(model: nn.Module):
-    state = get_patch_state(unwrap_model(model))
+    state = get_patch_state(model)  # looks through PEFT wrappers
     if state is None:
         raise ValueError(
             "This model is not patched, so it has no routing to save: call "
@@ -95,7 +95,7 @@ def adapter_config_dict(
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every routing layer's ``routing_state()``, keyed ``layers.{layer_index}.{name}`` (CPU copies)."""
     out: dict[str, torch.Tensor] = {}
-    for index, layer in routing_layers(unwrap_model(model)).items():
+    for index, layer in routing_layers(model).items():
         for name, tensor in layer.routing_state().items():
             out[f"layers.{index}.{name}"] = tensor.detach().to("cpu", copy=True).contiguous()
     return out

@@ -20,13 +20,13 @@ from .warmup import ordered_probabilities
 def selectable_experts(adapter: MoEAdapter, gate: nn.Module, num_experts: int) -> int:
     """How many experts a token can choose from (fewer than m under DeepSeek's group-limited routing).
 
-    Probes ``adapter.choice_scores`` with uniform scores and a zero offset (which makes every family
-    mark experts outside the selected groups with -inf) and counts the finite entries.
+    Probes ``adapter.choice_scores`` with uniform scores (group-limited families mark experts outside
+    the selected groups with -inf) and counts the finite entries.
     """
     try:
         device = gate.weight.device if gate.weight.device.type != "meta" else torch.device("cpu")
         scores = torch.full((1, num_experts), 1.0 / num_experts, device=device)
-        choice = adapter.choice_scores(gate, scores, offset=torch.zeros(num_experts, device=device))
+        choice = adapter.choice_scores(gate, scores)
         return int(torch.isfinite(choice).sum())
     except (RuntimeError, NotImplementedError):  # offloaded buffers (meta tensors): assume all experts
         return num_experts
@@ -87,7 +87,7 @@ class AdaKLayer(RoutingLayer):
         m = self.num_experts
         logits = self.adapter.logits(gate, hidden_states)
         scores = self.adapter.scores(gate, logits)
-        choice = self.adapter.choice_scores(gate, scores, offset=torch.zeros(m, device=scores.device))
+        choice = self.adapter.choice_scores(gate, scores)
         ranked = torch.topk(choice, self.k_max, dim=-1, sorted=True)
         hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
         allocator_logits = self.allocator(hidden)
@@ -110,9 +110,7 @@ class AdaKLayer(RoutingLayer):
 
     def _record_topk(self, gate: nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor) -> None:
         scores = self.adapter.scores(gate, logits)
-        choice = self.adapter.choice_scores(
-            gate, scores, offset=torch.zeros(self.num_experts, device=scores.device)
-        )
+        choice = self.adapter.choice_scores(gate, scores)
         order = torch.topk(choice, self.k_max, dim=-1, sorted=True).indices
         hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
         self.last = AllocatorRecord(

@@ -30,8 +30,7 @@ class TopPLayer(RoutingLayer):
         adapter = self.adapter
         logits = adapter.logits(gate, hidden_states)
         scores = adapter.scores(gate, logits)
-        # a zero offset makes group-limited families mark excluded experts with -inf
-        choice = adapter.choice_scores(gate, scores, offset=scores.new_zeros(scores.shape[-1]))
+        choice = adapter.choice_scores(gate, scores)
         ranked_choice, ranked = torch.topk(choice, self.max_k, dim=-1, sorted=True)
         probs = scores / scores.sum(dim=-1, keepdim=True)
         counts = top_p_counts(probs.gather(1, ranked), self.p, eligible=torch.isfinite(ranked_choice))
