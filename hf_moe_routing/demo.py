@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.batching import iter_batches, model_device
 from .data import classify_words, load_text_dataset, pack_dataset, synthetic_corpus, synthetic_tokenizer
 from .data.synthetic import SYNTHETIC_CLASSES
-from .evaluation.evaluate import evaluate_routing, iter_batches, model_device, topk_routing
+from .evaluation.evaluate import evaluate_routing, topk_routing
 from .evaluation.stats import RoutingStats
 from .hub import save_routing_adapter
 from .methods import BIPConfig, TopKConfig
@@ -277,7 +278,7 @@ def activated_per_token(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     def hook(module: nn.Module, args: tuple, output: Any) -> None:  # sentinel slots hold index m
         counts.append((output[2] < num_experts).sum(dim=-1).float())
 
-    handles = [block.gate.register_forward_hook(hook) for block in state.blocks]
+    handles = [block.router.register_forward_hook(hook) for block in state.blocks]
     try:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .families import RouterOutput, describe_model
 from .methods.base import RoutingConfig, RoutingLayer
 from .patching import routing_layers
 
@@ -118,11 +120,16 @@ def tiny_model(
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight") and param.dim() == 2 and "mlp.gate" in name:
-                param.normal_(0.0, 0.5)
+    spread_router_weights(model)
     return model.eval()
+
+
+def spread_router_weights(model: nn.Module, std: float = 0.5) -> nn.Module:
+    """Draw every router weight from N(0, std^2) (a freshly initialised router scores experts alike)."""
+    with torch.no_grad():
+        for block in describe_model(model, verify=False).blocks:
+            block.spec.weight(block.router).normal_(0.0, std)
+    return model
 
 
 @dataclass
@@ -135,41 +142,42 @@ class DropSlotsConfig(RoutingConfig):
     routing_type = "test_drop_slots"
     variable_k = True
 
-    def create_layer(self, adapter, block, shape, context) -> RoutingLayer:
-        return _DropSlotsLayer(adapter, block, context)
+    def create_layer(self, block, model, context) -> RoutingLayer:
+        return _DropSlotsLayer(block, context)
 
 
 class _DropSlotsLayer(RoutingLayer):
-    def forward(self, gate, hidden):
-        logits, weights, index = self.adapter.route(gate, hidden)
+    def forward(self, router, hidden, *args):
+        logits, weights, index = self.spec.route(router, hidden)
         n, k = index.shape
         keep = (
             torch.arange(k, device=index.device)[None, :]
             <= (torch.arange(n, device=index.device) % k)[:, None]
         )
-        return (
+        return RouterOutput(
             logits,
             weights.masked_fill(~keep, 0.0),
-            index.masked_fill(~keep, self.adapter.num_experts(gate)),
+            index.masked_fill(~keep, self.spec.num_experts),
         )
 
 
 class OffsetLayer(RoutingLayer):
-    """Top-k on ``scores + offset`` with a learned per-expert offset (stateful, like BIP / Loss-Free)."""
+    """Top-k on ``choice + offset`` with a learned per-expert offset (stateful, like BIP / Loss-Free)."""
 
-    def __init__(self, adapter, block, context, num_experts, top_k):
-        super().__init__(adapter, block, context)
+    def __init__(self, block, context, top_k):
+        super().__init__(block, context)
         self.top_k = top_k
-        self.register_buffer("offset", torch.zeros(num_experts))
+        self.register_buffer("offset", torch.zeros(block.spec.num_experts))
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, gate, hidden_states):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        index = self.adapter.topk(
-            gate, self.adapter.choice_scores(gate, scores, self.offset * self.scale), self.top_k
+    def forward(self, router, hidden_states, *args):
+        spec = self.spec
+        logits = spec.logits(router, hidden_states)
+        scores = spec.scores(logits)
+        index = spec.topk(spec.choice(logits, scores, self.offset * self.scale), self.top_k)
+        return RouterOutput(
+            logits, spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype), index
         )
-        return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
 
 
 @dataclass
@@ -179,8 +187,8 @@ class OffsetConfig(RoutingConfig):
     routing_type = "test-offset"
     top_k: int = 2
 
-    def create_layer(self, adapter, block, shape, context):
-        return OffsetLayer(adapter, block, context, shape.num_experts, self.top_k)
+    def create_layer(self, block, model, context):
+        return OffsetLayer(block, context, self.top_k)
 
 
 def randomize_offsets(model, seed=1):

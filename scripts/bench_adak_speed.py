@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hf_moe_routing.adapters import MoEAdapter, MoEBlock, MoEShape
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe_routing import RoutingConfig, patch_model, unpatch_model
-from hf_moe_routing.adapters import MoEAdapter, MoEBlock, MoEShape
-from hf_moe_routing.context import RoutingContext
+from hf_moe_routing.core.context import RoutingContext
 from hf_moe_routing.evaluation.flops import flops_per_token
 from hf_moe_routing.methods import RoutingLayer
 from hf_moe_routing.methods.top_p.routing import slot_mask, to_sentinel

@@ -29,13 +29,12 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from hf_moe_routing import BIPConfig, TopKConfig, patch_model, routing_layers
+from hf_moe_routing.core.ops import max_vio, tokens_per_expert
 from hf_moe_routing.methods.bip.layer import BIPLayer
 from hf_moe_routing.methods.bip.solver import (
     assign,
     bip_round,
     expert_capacity,
-    expert_loads,
-    max_violation,
     solve_duals,
 )
 
@@ -138,7 +137,7 @@ def quality(args: argparse.Namespace) -> dict:
         )
         result = solve_duals(scores, torch.zeros(m), k, capacity, 4, tolerance=1, max_extra_iters=64)
         ratio = scores.gather(1, result.index).sum().item() / -best.fun
-        topk_over = int(expert_loads(scores.topk(k, 1).indices, m).max()) - capacity
+        topk_over = int(tokens_per_expert(scores.topk(k, 1).indices, m).max()) - capacity
         out["exactness"].append(
             dict(
                 n=n,
@@ -173,8 +172,8 @@ def quality(args: argparse.Namespace) -> dict:
                 tol = max(1, int(BIPConfig().tolerance * capacity))
                 q_extra = solve_duals(scores, q_extra, k, capacity, t, tolerance=tol, max_extra_iters=16).q
                 for name, q in (("literal", q_lit), ("ours", q_ours), ("extra", q_extra)):
-                    vios[name].append(max_violation(expert_loads(assign(scores, q, k), m)))
-                vios["topk"].append(max_violation(expert_loads(scores.topk(k, 1).indices, m)))
+                    vios[name].append(max_vio(tokens_per_expert(assign(scores, q, k), m)))
+                vios["topk"].append(max_vio(tokens_per_expert(scores.topk(k, 1).indices, m)))
             cells = {name: (sum(v[1:]) / len(v[1:]), max(v[1:])) for name, v in vios.items()}
             out["stream"].append(
                 dict(
@@ -231,7 +230,7 @@ def main() -> None:
 
     model = one_layer_model(args.device)
     block = model.model.layers[0].mlp
-    gate = block.gate
+    gate = block.router
     print(
         f"device={args.device} ({'wall' if on_cuda else 'process CPU'} time) threads={torch.get_num_threads()} layer: hidden 2048, 60 x 1408, top-4, shared 5632"
     )

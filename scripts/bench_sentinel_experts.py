@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-from hf_moe_routing.experts import SENTINEL_EXPERTS
+from hf_moe_routing.core.experts import SENTINEL_EXPERTS
 
 PRESETS = {
     "realistic": dict(hidden=2048, experts=60, intermediate=1408, top_k=4, tokens=2048),

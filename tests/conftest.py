@@ -21,4 +21,4 @@ def offset_routing():
 
     register_routing(OffsetConfig)
     yield OffsetConfig
-    ROUTING_METHODS.pop(OffsetConfig.routing_type, None)
+    ROUTING_METHODS.unregister(OffsetConfig.routing_type)

@@ -312,7 +312,7 @@ def test_k_warm_teaches_the_default_k(synthetic_model, tmp_path):
         logging_steps=0,
         progress_bar=False,
     )
-    trainer = AdaKTrainer(model, config, train)
+    trainer = AdaKTrainer(model, config, train, adak_config=AdaKConfig(k_max=8))  # greedy k up to 8
     before = trainer.evaluate(held_out)["eval_activated_mean"]
     trainer.train()
     after = trainer.evaluate(held_out)["eval_activated_mean"]
@@ -333,7 +333,7 @@ def test_ppo_lowers_k_on_predictable_tokens_and_keeps_likelihood(synthetic_model
         logging_steps=0,
         progress_bar=False,
     )
-    trainer = AdaKTrainer(model, config, train, adak_config=AdaKConfig())
+    trainer = AdaKTrainer(model, config, train, adak_config=AdaKConfig(k_max=8))  # greedy k up to 8
     trainer.train()  # P-Warm only
     warm = _per_class(model, tokenizer, held_out)
     trainer.config.max_steps = 100

@@ -108,7 +108,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_routing_adapter(tiny_model("qwen3_moe"), folder)
     (folder / CONFIG_NAME).write_text(json.dumps({"routing": {"routing_type": "nope"}, "moe_shape": {}}))
-    with pytest.raises(ValueError, match="Unknown routing 'nope'"):
+    with pytest.raises(ValueError, match="Unknown routing method 'nope'"):
         load_routing_adapter(tiny_model("qwen3_moe"), folder)
 
 

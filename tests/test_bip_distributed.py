@@ -67,11 +67,10 @@ def test_two_gloo_processes_solve_the_concatenated_batch(tmp_path):
         torch.testing.assert_close(result["q"], expected_q, atol=1e-6, rtol=0)
         hidden, _ = inputs[rank]
         with torch.no_grad():
-            logits = layer.adapter.logits(gate, hidden)
-            scores = layer.adapter.scores(gate, logits)
-            expected_index = layer.adapter.topk(
-                gate, layer.adapter.choice_scores(gate, scores, -result["q"]), 2
-            )
+            spec = layer.spec
+            logits = spec.logits(gate, hidden)
+            scores = spec.scores(logits)
+            expected_index = spec.topk(spec.choice(logits, scores, -result["q"]), 2)
         assert torch.equal(result["index"], expected_index)
 
     layer.q.zero_()

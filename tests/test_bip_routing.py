@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hf_moe_routing import BIPConfig, TopKConfig, get_patch_state, patch_model, routing_layers, unpatch_model
+from hf_moe_routing.core.ops import max_vio, tokens_per_expert
 from hf_moe_routing.hub import load_routing_adapter, save_routing_adapter
 from hf_moe_routing.methods.base import RoutingConfig
-from hf_moe_routing.methods.bip.solver import expert_loads, max_violation
 from hf_moe_routing.testing import REQUIRED_FAMILIES, tiny_model
 
 VARIANTS = [(f, {}) for f in REQUIRED_FAMILIES] + [
@@ -27,7 +27,7 @@ def _capture(model):
 
 
 def _mean_vio(seen, m):
-    return sum(max_violation(expert_loads(out[2], m)) for _, out in seen.values()) / len(seen)
+    return sum(max_vio(tokens_per_expert(out[2], m)) for _, out in seen.values()) / len(seen)
 
 
 @pytest.mark.parametrize(("family", "overrides"), VARIANTS, ids=lambda v: v if isinstance(v, str) else "")
@@ -38,7 +38,7 @@ def test_before_mode_balances_the_batch_and_keeps_family_weights(family, overrid
     seen = _capture(model)
     with torch.no_grad():
         model(ids)
-    m = next(iter(routing_layers(model).values())).adapter.num_experts(model.model.layers[-1].mlp.gate)
+    m = next(iter(routing_layers(model).values())).spec.num_experts
     topk_vio = _mean_vio(seen, m)
 
     patch_model(model, BIPConfig(update="before", num_iters=4), replace=True)
@@ -49,14 +49,12 @@ def test_before_mode_balances_the_batch_and_keeps_family_weights(family, overrid
     assert _mean_vio(seen, m) < 0.5 * topk_vio
     for index, layer in routing_layers(model).items():
         hidden, (logits, weights, chosen) = seen[index]
-        gate = {b.layer_index: b.gate for b in get_patch_state(model).blocks}[index]
-        scores = layer.adapter.scores(gate, logits)
+        spec = layer.spec
+        scores = spec.scores(logits)
         # selection by s - q through the family's rules; weights from the original scores
-        expected = layer.adapter.topk(gate, layer.adapter.choice_scores(gate, scores, -layer.q), layer.top_k)
+        expected = spec.topk(spec.choice(logits, scores, -layer.q), layer.top_k)
         assert torch.equal(chosen, expected)
-        torch.testing.assert_close(
-            weights, layer.adapter.weights(gate, scores, chosen, logits_dtype=logits.dtype)
-        )
+        torch.testing.assert_close(weights, spec.weights(logits, scores, chosen))
         assert layer.q.dtype == torch.float32 and not layer.q.requires_grad and layer.q.max() > 0
 
 
@@ -121,14 +119,13 @@ def test_padding_is_excluded_from_the_solve():
     model = tiny_model("mixtral")
     patch_model(model, BIPConfig(update="before"))
     layer = routing_layers(model)[0]
-    gate = model.model.layers[0].mlp.gate
     layer.train()
     scores = torch.rand(40, 8).softmax(-1)
     mask = torch.rand(40, generator=torch.Generator().manual_seed(1)) > 0.3
-    layer.update_duals(gate, scores, mask)
+    layer.update_duals(scores, mask)
     with_mask = layer.q.clone()
     layer.q.zero_()
-    layer.update_duals(gate, scores[mask], None)
+    layer.update_duals(scores[mask], None)
     assert torch.equal(with_mask, layer.q)
     # a padded batch through the model: padding positions do not count
     padded = _ids(batch=2, length=10)
@@ -178,15 +175,15 @@ def test_demand_rounds_only_for_group_limited_routers(family, overrides, grouped
     model = tiny_model(family, **overrides)
     patch_model(model, BIPConfig())
     block = get_patch_state(model).blocks[0]
-    gate, adapter = block.gate, routing_layers(model)[block.layer_index].adapter
-    assert adapter.limits_groups(gate) == grouped
+    gate, spec = block.router, routing_layers(model)[block.layer_index].spec
+    assert spec.limits_groups == grouped
     if hasattr(gate, "e_score_correction_bias"):
         with torch.no_grad():
             gate.e_score_correction_bias.normal_()
-    m = adapter.num_experts(gate)
+    m = spec.num_experts
     scores, offset = torch.rand(32, m), -torch.rand(m)
-    demand = adapter.choice_scores(gate, scores, offset, limit_groups=False)
-    choice = adapter.choice_scores(gate, scores, offset)
+    demand = spec.choice(scores, scores, offset, limit_groups=False)
+    choice = spec.choice(scores, scores, offset)
     kept = torch.isfinite(choice)
     assert torch.isfinite(demand).all() and torch.allclose(demand[kept], choice[kept])
     assert kept.all() != grouped
@@ -240,7 +237,7 @@ def test_config_round_trip_and_bad_settings():
     assert RoutingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="infeasible"):
         BIPConfig(capacity_factor=0.5)
-    with pytest.raises(ValueError, match="'after' \\(causal\\) or 'before'"):
+    with pytest.raises(ValueError, match="choose one of 'after', 'before'"):
         BIPConfig(update="during")
     with pytest.raises(ValueError, match="num_iters"):
         BIPConfig(num_iters=0)

@@ -6,13 +6,12 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from hf_moe_routing.adapters.deepseek_v2 import limit_to_groups
+from hf_moe_routing.core.ops import max_vio, tokens_per_expert
+from hf_moe_routing.families.kinds import limit_to_groups
 from hf_moe_routing.methods.bip.solver import (
     assign,
     expert_capacity,
-    expert_loads,
     expert_prices,
-    max_violation,
     solve_duals,
     token_prices,
 )
@@ -55,13 +54,13 @@ def test_bip_reaches_the_lp_optimum_within_one_token_of_capacity(n, m, k):
 
     result = solve_duals(scores, torch.zeros(m), k, capacity, num_iters=4, tolerance=1, max_extra_iters=64)
     objective = scores.gather(1, result.index).sum().item()
-    overload = int(expert_loads(result.index, m).max()) - capacity
+    overload = int(tokens_per_expert(result.index, m).max()) - capacity
 
     assert result.index.shape == (n, k) and (result.index.sort(1).values.diff(dim=1) > 0).all()  # k distinct
     assert objective >= 0.98 * optimum
     assert overload <= 1
     # the same instance is badly unbalanced under plain top-k
-    assert int(expert_loads(scores.topk(k, 1).indices, m).max()) - capacity > max(2, capacity // 5)
+    assert int(tokens_per_expert(scores.topk(k, 1).indices, m).max()) - capacity > max(2, capacity // 5)
 
 
 def test_stream_of_batches_stays_balanced_with_warm_started_q():
@@ -80,8 +79,8 @@ def test_stream_of_batches_stays_balanced_with_warm_started_q():
             scores, q, k, capacity, num_iters=4, tolerance=max(1, capacity // 20), max_extra_iters=16
         )
         q = result.q
-        vios.append(max_violation(expert_loads(result.index, m)))
-        topk_vios.append(max_violation(expert_loads(scores.topk(k, 1).indices, m)))
+        vios.append(max_vio(tokens_per_expert(result.index, m)))
+        topk_vios.append(max_vio(tokens_per_expert(scores.topk(k, 1).indices, m)))
         assert float(q.min()) == 0.0 and float(q.max()) < 2.0  # normalised, no drift
     assert max(vios) <= 0.1  # including step 15, where the score distribution changes
     assert sum(vios) / len(vios) < 0.06 < 0.5 < min(topk_vios)
@@ -128,7 +127,7 @@ def test_group_limited_selection_keeps_experts_outside_groups_excluded():
     scores = skewed_scores(n, m, 4).sigmoid()
 
     def selection(offset):
-        return limit_to_groups(scores + offset, 4, 2, "top2", float("-inf"))
+        return limit_to_groups(scores + offset, 4, 2, "top2")
 
     capacity = expert_capacity(n, m, k)
     result = solve_duals(
@@ -136,8 +135,8 @@ def test_group_limited_selection_keeps_experts_outside_groups_excluded():
     )
     allowed = torch.isfinite(selection(-result.q))
     assert allowed.gather(1, result.index).all()
-    plain = limit_to_groups(scores, 4, 2, "top2", float("-inf")).topk(k, 1).indices
-    assert max_violation(expert_loads(result.index, m)) < 0.5 * max_violation(expert_loads(plain, m))
+    plain = limit_to_groups(scores, 4, 2, "top2").topk(k, 1).indices
+    assert max_vio(tokens_per_expert(result.index, m)) < 0.5 * max_vio(tokens_per_expert(plain, m))
 
 
 def test_group_limited_stream_of_collapsing_routers_stays_balanced_with_demand_rounds():
@@ -164,17 +163,17 @@ def test_group_limited_stream_of_collapsing_routers_stays_balanced_with_demand_r
                 k,
                 capacity,
                 4,
-                selection=lambda offset, s=scores: limit_to_groups(s + offset, 8, 4, "top2", float("-inf")),
+                selection=lambda offset, s=scores: limit_to_groups(s + offset, 8, 4, "top2"),
                 demand=(lambda offset, s=scores: s + offset) if with_demand else None,
                 tolerance=max(1, capacity // 20),
                 max_extra_iters=16,
             )
             q = result.q
-            vios.append(max_violation(expert_loads(result.index, m)))
+            vios.append(max_vio(tokens_per_expert(result.index, m)))
         return vios[1:]
 
-    topk = limit_to_groups(stream[-1], 8, 4, "top2", float("-inf")).topk(k, 1).indices
-    assert max_violation(expert_loads(topk, m)) > 3  # collapsed: plain top-k is badly unbalanced
+    topk = limit_to_groups(stream[-1], 8, 4, "top2").topk(k, 1).indices
+    assert max_vio(tokens_per_expert(topk, m)) > 3  # collapsed: plain top-k is badly unbalanced
     ours, exact_only = run(True), run(False)
     assert sum(ours) / len(ours) < 0.16 and max(ours) < 0.25
     assert sum(exact_only) / len(exact_only) > 1.3 * sum(ours) / len(ours)

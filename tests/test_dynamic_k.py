@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, patch_model, unpatch_model
-from hf_moe_routing.adapters import get_adapter
+from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, get_adapter, patch_model, unpatch_model
 from hf_moe_routing.methods import RoutingConfig
 from hf_moe_routing.methods.dynamic_skip import calibrate
 from hf_moe_routing.patching import routing_layers
@@ -47,18 +46,18 @@ def _dense(index, weights, m):
     return dense[:, :m]
 
 
-def _reference_weights(adapter, gate, scores, chosen, normalize=None):
+def _reference_weights(spec, gate, scores, chosen, normalize=None):
     """Family weights of the chosen experts (bool (n, m)), computed by hand."""
     w = scores * chosen
-    if adapter.normalizes(gate) if normalize is None else normalize:
+    if spec.renorm if normalize is None else normalize:
         w = w / w.sum(-1, keepdim=True)
-    scale = adapter.scaling(gate)
+    scale = spec.scaling
     return w * (scale if scale is not None else 1.0)
 
 
-def _reference_top_p(adapter, gate, hidden, p, max_k):
+def _reference_top_p(spec, gate, hidden, p, max_k):
     """Per-token loop: rank experts by the family's choice score, take ranks until the mass reaches p."""
-    scores = adapter.scores(gate, adapter.logits(gate, hidden))
+    scores = spec.scores(spec.logits(gate, hidden))
     bias = getattr(gate, "e_score_correction_bias", None)
     ranking = scores + bias if bias is not None else scores
     eligible = _eligible(gate, scores)
@@ -74,7 +73,7 @@ def _reference_top_p(adapter, gate, hidden, p, max_k):
                 break
             chosen[i, j] = True
             mass += float(probs[i, j])
-    return chosen, _reference_weights(adapter, gate, scores, chosen)
+    return chosen, _reference_weights(spec, gate, scores, chosen)
 
 
 @pytest.mark.parametrize(("family", "overrides"), VARIANTS, ids=IDS)
@@ -82,16 +81,17 @@ def _reference_top_p(adapter, gate, hidden, p, max_k):
 @torch.no_grad()
 def test_top_p_matches_direct_reference(family, overrides, p, max_k):
     model = tiny_model(family, **overrides)
-    adapter, blocks = get_adapter(model)
+    _, blocks = get_adapter(model)
+    spec = blocks[0].spec
     torch.manual_seed(1)
-    hidden = {b.layer_index: torch.randn(40, b.gate.hidden_dim) for b in blocks}
+    hidden = {b.layer_index: torch.randn(40, spec.hidden_size) for b in blocks}
     patch_model(model, TopPConfig(p=p, max_k=max_k))
-    m = adapter.num_experts(blocks[0].gate)
+    m = spec.num_experts
     for block in blocks:
-        logits, weights, index = block.gate(hidden[block.layer_index])
+        logits, weights, index = block.router(hidden[block.layer_index])
         assert index.shape[1] == (max_k or m)
         assert ((index == m) == (weights == 0)).all(), "sentinel slots, and only they, have weight 0"
-        chosen, ref_w = _reference_top_p(adapter, block.gate, hidden[block.layer_index], p, max_k or m)
+        chosen, ref_w = _reference_top_p(block.spec, block.router, hidden[block.layer_index], p, max_k or m)
         assert torch.equal(_dense(index, weights, m) > 0, chosen)
         torch.testing.assert_close(_dense(index, weights, m), ref_w, rtol=1e-5, atol=1e-6)
 
@@ -121,10 +121,10 @@ def test_top_p_full_mass_with_cap_k_is_top_k(ids):
         assert ((index < 8).sum(-1) == 1).all()
 
 
-def _reference_skip(adapter, gate, hidden, beta, renormalize):
+def _reference_skip(spec, gate, hidden, beta, renormalize):
     """Per-token loop: the family's top-k, then drop expert j when s_j < beta * max s."""
-    _, _, index = adapter.route(gate, hidden)
-    scores = adapter.scores(gate, adapter.logits(gate, hidden))
+    _, _, index = spec.route(gate, hidden)
+    scores = spec.scores(spec.logits(gate, hidden))
     kept = torch.zeros_like(scores, dtype=torch.bool)
     topk = torch.zeros_like(scores, dtype=torch.bool)
     for i in range(scores.shape[0]):
@@ -134,8 +134,8 @@ def _reference_skip(adapter, gate, hidden, beta, renormalize):
             topk[i, j] = True
             kept[i, j] = float(scores[i, j]) >= beta * best
     if renormalize:
-        return kept, _reference_weights(adapter, gate, scores, kept)
-    return kept, _reference_weights(adapter, gate, scores, topk) * kept
+        return kept, _reference_weights(spec, gate, scores, kept)
+    return kept, _reference_weights(spec, gate, scores, topk) * kept
 
 
 @pytest.mark.parametrize(("family", "overrides"), VARIANTS, ids=IDS)
@@ -143,14 +143,15 @@ def _reference_skip(adapter, gate, hidden, beta, renormalize):
 @torch.no_grad()
 def test_dynamic_skip_matches_direct_reference(family, overrides, renormalize):
     model = tiny_model(family, **overrides)
-    adapter, blocks = get_adapter(model)
+    _, blocks = get_adapter(model)
+    spec = blocks[0].spec
     torch.manual_seed(2)
     patch_model(model, DynamicSkipConfig(beta=0.5, renormalize=renormalize))
-    m = adapter.num_experts(blocks[0].gate)
+    m = spec.num_experts
     for block in blocks:
-        hidden = torch.randn(40, block.gate.hidden_dim)
-        _, weights, index = block.gate(hidden)
-        kept, ref_w = _reference_skip(adapter, block.gate, hidden, 0.5, renormalize)
+        hidden = torch.randn(40, spec.hidden_size)
+        _, weights, index = block.router(hidden)
+        kept, ref_w = _reference_skip(block.spec, block.router, hidden, 0.5, renormalize)
         assert torch.equal(_dense(index, weights, m) > 0, kept)
         assert ((index < m).sum(-1) >= 1).all()
         torch.testing.assert_close(_dense(index, weights, m), ref_w, rtol=1e-5, atol=1e-6)
@@ -159,13 +160,13 @@ def test_dynamic_skip_matches_direct_reference(family, overrides, renormalize):
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_calibration_sets_beta_to_the_median_ratio_and_excludes_padding(family):
     model = tiny_model(family)
-    adapter, blocks = get_adapter(model)
+    _, blocks = get_adapter(model)
     gen = torch.Generator().manual_seed(3)
     data = torch.randint(3, 128, (6, 16), generator=gen)
     # reference ratios w_(j)/w_(1) from the unpatched routers' own top-k weights
     ratios: dict[int, list[torch.Tensor]] = {b.layer_index: [] for b in blocks}
     hooks = [
-        b.gate.register_forward_hook(
+        b.router.register_forward_hook(
             lambda mod, args, out, i=b.layer_index: ratios[i].append(
                 (lambda w: w[:, 1:] / w[:, :1])(out[1].float().sort(-1, descending=True).values)
             )
@@ -198,7 +199,7 @@ def test_calibration_sets_beta_to_the_median_ratio_and_excludes_padding(family):
     unpatch_model(model)
     expected = {i: [] for i in ratios}
     hooks = [
-        b.gate.register_forward_hook(
+        b.router.register_forward_hook(
             lambda mod, args, out, i=b.layer_index: expected[i].append(
                 (lambda w: w[:, 1:] / w[:, :1])(out[1].float().sort(-1, descending=True).values)
             )
@@ -243,21 +244,22 @@ def test_calibrated_skipping_drops_about_half_of_the_second_experts_and_round_tr
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("cls", "kwargs", "error", "message"),
     [
-        (TopPConfig(p=0.0), r"\(0, 1\]"),
-        (TopPConfig(p=1.5), r"\(0, 1\]"),
-        (TopPConfig(p="0.5"), r"\(0, 1\]"),
-        (TopPConfig(max_k=0), "outside 1..8"),
-        (TopPConfig(max_k=9), "outside 1..8"),
-        (DynamicSkipConfig(beta=1.5), r"\[0, 1\]"),
-        (DynamicSkipConfig(quantile=1.0), r"\(0, 1\)"),
+        (TopPConfig, dict(p=0.0), ValueError, r"\(0\.0, 1\.0\]"),
+        (TopPConfig, dict(p=1.5), ValueError, r"\(0\.0, 1\.0\]"),
+        (TopPConfig, dict(p="0.5"), TypeError, "expected a number"),
+        (TopPConfig, dict(max_k=0), ValueError, r"\[1, inf\]"),
+        (TopPConfig, dict(max_k=9), ValueError, "outside 1..8"),
+        (DynamicSkipConfig, dict(beta=1.5), ValueError, r"\[0\.0, 1\.0\]"),
+        (DynamicSkipConfig, dict(quantile=1.0), ValueError, r"\(0\.0, 1\.0\)"),
     ],
 )
-def test_bad_configs_raise_clear_errors_and_leave_the_model_alone(config, message, ids):
+def test_bad_configs_raise_clear_errors_and_leave_the_model_alone(cls, kwargs, error, message, ids):
+    """Settings are checked at construction; model-dependent limits (max_k vs experts) at patch time."""
     model = tiny_model("mixtral")
-    with pytest.raises(ValueError, match=message):
-        patch_model(model, config)
+    with pytest.raises(error, match=message):
+        patch_model(model, cls(**kwargs))
     assert not hasattr(model, "_hf_moe_routing")
 
 

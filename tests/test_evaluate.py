@@ -10,13 +10,9 @@ import torch
 from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, get_patch_state, patch_model
 from hf_moe_routing.cli.evaluate import parse_routing
 from hf_moe_routing.cli.main import main
-from hf_moe_routing.evaluation.evaluate import (
-    compare_speed,
-    evaluate_routing,
-    iter_batches,
-    measure_speed,
-    topk_routing,
-)
+from hf_moe_routing.core.batching import iter_batches
+from hf_moe_routing.evaluation.evaluate import evaluate_routing, topk_routing
+from hf_moe_routing.evaluation.speed import compare_speed, measure_speed
 from hf_moe_routing.patching import routing_layers
 from hf_moe_routing.testing import REQUIRED_FAMILIES, tiny_model
 
@@ -113,18 +109,24 @@ def test_variable_k_activated_count_matches_the_routers(data):
     assert result["routed_flops_reduction"] == pytest.approx(1 - result["mean_activated"] / 2, rel=1e-6)
 
 
-def test_topk_reference_restores_calibrated_state(data):
+def test_topk_reference_keeps_the_callers_routing_layers(data):
+    """The Top-K reference runs the original routers without unpatching: the layers the caller holds
+    stay the model's layers, with their state, and the reference equals the unpatched model."""
     model = tiny_model("mixtral")
+    with torch.no_grad():
+        unpatched = model(data).logits
     patch_model(model, DynamicSkipConfig(beta=0.37))
+    held = routing_layers(model)
     with torch.no_grad():
         before = model(data).logits
-    with topk_routing(model):
-        assert get_patch_state(model) is None
-    assert float(routing_layers(model)[0].beta) == pytest.approx(0.37)
-    routing_layers(model)[1].set_beta(0.81)
+        with topk_routing(model):
+            assert get_patch_state(model) is not None
+            assert torch.equal(model(data).logits, unpatched)
+    assert not torch.equal(before, unpatched)
+    held[1].set_beta(0.81)
     evaluate_routing(model, data, batch_size=3, progress=False)
-    assert float(routing_layers(model)[1].beta) == pytest.approx(0.81)
-    routing_layers(model)[1].set_beta(0.37)
+    assert routing_layers(model)[1] is held[1] and float(held[1].beta) == pytest.approx(0.81)
+    held[1].set_beta(0.37)
     with torch.no_grad():
         assert torch.equal(model(data).logits, before)
 
@@ -167,7 +169,7 @@ def test_parse_routing_specs(tmp_path):
         parse_routing("nucleus:p=0.5")
     with pytest.raises(ValueError, match="key=value"):
         parse_routing("top_p:0.5")
-    with pytest.raises(ValueError, match="Unknown top_p routing settings"):
+    with pytest.raises(ValueError, match="Unknown TopPConfig settings"):
         parse_routing("top_p:q=0.5")
 
 
@@ -223,7 +225,7 @@ def test_bench_command(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--routing", "top_p:p=2"], r"\(0, 1\]"),
+        (["--routing", "top_p:p=2"], r"\(0\.0, 1\.0\]"),
         (["--routing", "top_p", "--adapter", "x"], "not both"),
         (["--seq-len", "4096"], "context"),
     ],

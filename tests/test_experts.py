@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_moe_routing import get_adapter, patch_model, unpatch_model
-from hf_moe_routing.experts import SENTINEL_EXPERTS
+from hf_moe_routing.core.experts import SENTINEL_EXPERTS
 from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, DropSlotsConfig, tiny_model
 
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
@@ -45,7 +45,7 @@ def test_matches_eager_forward_and_backward(family, dtype):
     model = tiny_model(family, dtype=dtype)
     adapter, blocks = get_adapter(model)
     experts = blocks[0].experts
-    m, top_k = experts.num_experts, adapter.top_k(blocks[0].gate)
+    m, top_k = experts.num_experts, blocks[0].spec.top_k
     index, weights = _variable_k_routing(40, top_k, m)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(40, model.config.hidden_size, generator=generator).to(dtype)
@@ -76,7 +76,7 @@ def test_all_sentinel_batch_gives_zeros(family):
     adapter, blocks = get_adapter(model)
     experts = blocks[0].experts
     hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
-    index = torch.full((5, adapter.top_k(blocks[0].gate)), experts.num_experts)
+    index = torch.full((5, blocks[0].spec.top_k), experts.num_experts)
     weights = torch.zeros(index.shape, requires_grad=True)
     out = experts(hidden, index, weights)
     assert out.shape == hidden.shape and torch.all(out == 0)

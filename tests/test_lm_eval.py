@@ -175,13 +175,13 @@ def test_adapter_model_arg_loads_a_saved_routing_adapter(mixtral_dir, tasks, tmp
 
 
 def test_bad_model_args_fail_before_loading_with_clear_messages(tasks, tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown routing 'nonsense'\. Known routings: .*topk"):
+    with pytest.raises(ValueError, match=r"Unknown routing method 'nonsense'\. Known: .*topk"):
         _evaluate(tmp_path / "not-loaded", tasks, "routing=nonsense")
     with pytest.raises(ValueError, match="without a method: add routing=NAME"):
         _evaluate(tmp_path / "not-loaded", tasks, "routing_top_k=1")
     with pytest.raises(ValueError, match="either routing=.* or adapter="):
         _evaluate(tmp_path / "not-loaded", tasks, "routing=topk,adapter=somewhere")
-    with pytest.raises(ValueError, match=r"Unknown topk routing settings \['k'\]"):
+    with pytest.raises(ValueError, match=r"Unknown TopKConfig settings \['k'\]"):
         _evaluate(tmp_path / "not-loaded", tasks, "routing=topk,routing_k=1")
 
 
@@ -276,7 +276,7 @@ def test_cli_help_and_user_errors(cli_tasks_only_ours, capsys, tmp_path):
 
     argv = ["lm-eval", "--model_args", f"pretrained={tmp_path},routing=nonsense", "--tasks", BLIMP]
     assert main(argv) == 2
-    assert "error: Unknown routing 'nonsense'. Known routings:" in capsys.readouterr().err
+    assert "error: Unknown routing method 'nonsense'. Known:" in capsys.readouterr().err
 
     assert main(["lm-eval", "ls", "groups"]) == 0
     assert "blimp_local" in capsys.readouterr().out

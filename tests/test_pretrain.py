@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_moe_routing import RoutingConfig, RoutingLayer, TopKConfig, get_patch_state
-from hf_moe_routing.adapters import get_adapter
+from hf_moe_routing import RoutingConfig, RoutingLayer, TopKConfig, describe_model, get_patch_state
 from hf_moe_routing.data import pack_dataset, synthetic_corpus, synthetic_tokenizer
 from hf_moe_routing.testing import REQUIRED_FAMILIES, tiny_model
 from hf_moe_routing.training import (
@@ -69,18 +68,18 @@ def test_pretrain_every_family(family, data, tmp_path):
 
 
 class _AuxLayer(RoutingLayer):
-    def forward(self, gate, hidden):
-        logits, weights, index = self.adapter.route(gate, hidden)
-        self.context.add_aux_loss(logits.float().pow(2).mean())
-        return logits, weights, index
+    def forward(self, router, hidden, *args):
+        output = self.spec.route(router, hidden)
+        self.context.add_aux_loss(output.logits.float().pow(2).mean())
+        return output
 
 
 @dataclasses.dataclass
 class _AuxConfig(RoutingConfig):
     routing_type = "test-aux"
 
-    def create_layer(self, adapter, block, shape, context):
-        return _AuxLayer(adapter, block, context)
+    def create_layer(self, block, model, context):
+        return _AuxLayer(block, context)
 
 
 def test_routing_aux_loss_is_trained(data):
@@ -110,8 +109,7 @@ def test_pretrain_bad_input(data):
 @pytest.mark.parametrize("shape", list(MOE_SHAPES))
 def test_moe_shapes(shape):
     model = build_moe_model(shape, vocab_size=64, num_hidden_layers=2)
-    adapter, blocks = get_adapter(model)
-    moe = adapter.shape(model, blocks)
+    moe = describe_model(model).shape
     experts, top_k = {"mixtral-16x2": (16, 2), "deepseek-v3-64x6": (64, 6), "mixtral-8x2": (8, 2)}.get(
         shape, (16, 4)
     )

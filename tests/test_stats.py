@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_moe_routing import TopKConfig, get_adapter, patch_model, unpatch_model
-from hf_moe_routing.evaluation import RoutingStats, expert_loads, max_violation
+from hf_moe_routing.evaluation import RoutingStats, max_vio, tokens_per_expert
 from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, DropSlotsConfig, tiny_model
 
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
@@ -24,7 +24,7 @@ def _capture_indices(model):
     _, blocks = get_adapter(model)
     captured: dict[int, torch.Tensor] = {}
     handles = [
-        b.gate.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out[2]))
+        b.router.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out[2]))
         for i, b in enumerate(blocks)
     ]
     return captured, handles
@@ -37,11 +37,11 @@ def _reference_loads(index: torch.Tensor, mask: torch.Tensor, m: int) -> torch.T
 
 def test_loads_and_max_violation_by_hand():
     index = torch.tensor([[0, 1], [0, 2], [3, 4]])  # 4 experts; 4 is the sentinel of an unused slot
-    assert expert_loads(index, 4, None).tolist() == [2.0, 1.0, 1.0, 1.0]
-    assert expert_loads(index, 4, torch.tensor([True, False, True])).tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert tokens_per_expert(index, 4, None).tolist() == [2.0, 1.0, 1.0, 1.0]
+    assert tokens_per_expert(index, 4, torch.tensor([True, False, True])).tolist() == [1.0, 1.0, 0.0, 1.0]
     # mean 1.25, max 2 -> (2 - 1.25) / 1.25
-    assert max_violation(torch.tensor([2.0, 1.0, 1.0, 1.0])).item() == pytest.approx(0.6)
-    assert max_violation(torch.tensor([[3.0, 3.0], [0.0, 0.0]])).tolist() == [0.0, 0.0]
+    assert max_vio(torch.tensor([2.0, 1.0, 1.0, 1.0])).item() == pytest.approx(0.6)
+    assert max_vio(torch.tensor([[3.0, 3.0], [0.0, 0.0]])).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -55,7 +55,7 @@ def test_stats_match_router_outputs_and_exclude_padding(family):
         h.remove()
     batch = stats.last
     m = stats.num_experts
-    top_k = get_adapter(model)[0].top_k(get_adapter(model)[1][0].gate)
+    top_k = get_adapter(model)[1][0].spec.top_k
     assert batch.num_tokens == int(mask.sum()) == 23
     assert batch.loads.shape == (len(stats.layers), m)
     for row in range(len(stats.layers)):
@@ -91,9 +91,7 @@ def test_static_top1_versus_default(family):
         model(ids, attention_mask=mask)
         top1 = stats.last
         unpatch_model(model)
-    assert default.activated.tolist() == [
-        float(get_adapter(model)[0].top_k(get_adapter(model)[1][0].gate))
-    ] * len(stats.layers)
+    assert default.activated.tolist() == [float(get_adapter(model)[1][0].spec.top_k)] * len(stats.layers)
     assert top1.activated.tolist() == [1.0] * len(stats.layers)
     assert top1.loads.sum().item() == 23 * len(stats.layers)
     summary = stats.summary()
@@ -127,7 +125,7 @@ def test_accumulation_reset_and_detach():
     summary = stats.summary()
     total = first.loads + second.loads
     assert summary["loads"] == total.long().tolist()
-    assert summary["max_vio_global"] == pytest.approx(max_violation(total).tolist())
+    assert summary["max_vio_global"] == pytest.approx(max_vio(total).tolist())
     per_batch = [first.max_vio.mean().item(), second.max_vio.mean().item()]
     assert summary["avg_max_vio"] == pytest.approx(sum(per_batch) / 2)
     assert summary["sup_max_vio"] == pytest.approx(max(per_batch))

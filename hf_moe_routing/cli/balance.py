@@ -109,7 +109,7 @@ def fit(model: nn.Module, batches: list[dict[str, torch.Tensor]], args: argparse
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         model.eval()
         return []
-    routers = [block.gate.weight for block in _blocks(model)]
+    routers = [block.spec.weight(block.router) for block in _blocks(model)]
     for param in model.parameters():
         param.requires_grad_(False)
     for weight in routers:
@@ -139,7 +139,7 @@ def _blocks(model: nn.Module):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import iter_batches, model_device
+    from ..core.batching import iter_batches, model_device
     from ..hub import save_routing_adapter
     from ..patching import patch_model, unpatch_model
     from .evaluate import load_eval_data

@@ -48,7 +48,7 @@ def _batch(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import compare_speed
+    from ..evaluation.speed import compare_speed
 
     if args.repeats < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise ValueError("--repeats and --batch-size must be >= 1 and --seq-len >= 2.")

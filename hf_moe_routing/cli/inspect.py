@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="show the MoE structure, router and FLOPs per token of a model",
         description=(
-            "Load a model (Hub id or local folder) and print its family adapter, MoE layers, experts, "
+            "Load a model (Hub id or local folder) and print its family, router kind, MoE layers, experts, "
             "top-k, shared experts, router class and forward FLOPs per token (matmuls only; see "
             "hf_moe_routing.evaluation.flops)."
         ),
@@ -64,54 +64,10 @@ def load_for_inspection(
 
 
 def describe(model: nn.Module, seq_len: int = 2048, causal: bool = True) -> dict[str, Any]:
-    """The MoE facts of ``model`` as a JSON-serialisable dict (raises for non-MoE / unsupported models)."""
-    from ..adapters import get_adapter, model_type_of
-    from ..evaluation.flops import flops_per_token
+    """The MoE facts of ``model`` (see :func:`hf_moe_routing.evaluation.summary.moe_summary`)."""
+    from ..evaluation.summary import moe_summary
 
-    try:
-        adapter, blocks = get_adapter(model)
-    except AttributeError as error:  # a gate/experts block whose router lacks the standard attributes
-        from ..adapters import ADAPTERS
-
-        raise TypeError(
-            f"{type(model).__name__} (model_type={model_type_of(model)!r}) is not supported: its MoE router does "
-            f"not have the standard transformers interface ({error}). Supported families: "
-            f"{', '.join(sorted(ADAPTERS))}, and other softmax-top-k families through the generic adapter."
-        ) from error
-    shape = adapter.shape(model, blocks)
-    first = blocks[0]
-    shared = [attr for attr in adapter.shared_expert_attrs if getattr(first.block, attr, None) is not None]
-    config = getattr(model, "config", None)
-    total = sum(p.numel() for p in model.parameters())
-    routed = [sum(p.numel() for p in b.experts.parameters()) for b in blocks]
-    inactive = sum(
-        n * (1 - adapter.top_k(b.gate) / adapter.num_experts(b.gate))
-        for n, b in zip(routed, blocks, strict=True)
-    )
-    return {
-        "model_class": type(model).__name__,
-        "model_type": model_type_of(model),
-        "adapter": type(adapter).__name__,
-        "family": adapter.family,
-        "num_hidden_layers": shape.num_hidden_layers,
-        "moe_layers": list(shape.moe_layers),
-        "num_experts": shape.num_experts,
-        "top_k": shape.top_k,
-        "hidden_size": shape.hidden_size,
-        "expert_intermediate_size": shape.expert_intermediate_size,
-        "shared_experts": shared[0] if shared else None,
-        "shared_intermediate_size": shape.shared_intermediate_size,
-        "shared_expert_gate": getattr(first.block, "shared_expert_gate", None) is not None,
-        "router_class": type(first.gate).__name__,
-        "num_parameters": total,
-        "num_active_parameters": round(total - inactive),
-        "renormalizes_top_k": adapter.normalizes(first.gate),
-        "routed_scaling_factor": adapter.scaling(first.gate),
-        "experts_implementation": getattr(config, "_experts_implementation", None),
-        "seq_len": seq_len,
-        "causal_attention_flops": causal,
-        "flops_per_token": flops_per_token(model, seq_len, causal=causal).to_dict(),
-    }
+    return moe_summary(model, seq_len=seq_len, causal=causal)
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -137,7 +93,7 @@ def format_table(info: dict[str, Any]) -> str:
             shared += ", sigmoid-gated"
     rows = [
         ("model", f"{info['model_class']} (model_type {info['model_type']})"),
-        ("adapter", f"{info['adapter']} (family {info['family']})"),
+        ("family", f"{info['family']} ({info['family_class']})"),
         (
             "MoE layers",
             f"{len(info['moe_layers'])} of {info['num_hidden_layers']}: {_layers_text(info['moe_layers'])}",
@@ -152,7 +108,7 @@ def format_table(info: dict[str, Any]) -> str:
             f"{_count(info['num_parameters'])} total, {_count(info['num_active_parameters'])} activated per token",
         ),
         ("shared experts", shared),
-        ("router", info["router_class"]),
+        ("router", f"{info['router_class']} (`{info['router_attr']}`): {info['router_kind']}"),
         ("top-k renormalised", "yes" if info["renormalizes_top_k"] else "no"),
     ]
     if info["routed_scaling_factor"] is not None:

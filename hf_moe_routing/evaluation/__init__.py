@@ -1,6 +1,7 @@
-"""Measuring routing: statistics collected during forwards and analytic FLOPs."""
+"""Measuring routing: statistics collected during forwards, analytic FLOPs, evaluation and speed."""
 
+from ..core.ops import max_vio, tokens_per_expert
 from .flops import FlopsBreakdown, flops_per_token
-from .stats import BatchStats, RoutingStats, expert_loads, max_violation
+from .stats import BatchStats, RoutingStats
 
-__all__ = ["BatchStats", "FlopsBreakdown", "RoutingStats", "expert_loads", "flops_per_token", "max_violation"]
+__all__ = ["BatchStats", "FlopsBreakdown", "RoutingStats", "flops_per_token", "max_vio", "tokens_per_expert"]

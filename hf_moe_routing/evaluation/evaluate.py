@@ -1,7 +1,8 @@
 """Evaluate a routing: held-out perplexity, activated experts, FLOPs and MaxVio, and forward speed.
 
 Everything works on patched and unpatched models. The *Top-K reference* of a patched model is the same
-model with its routers temporarily restored (:func:`topk_routing`), so every comparison holds the model
+model with its routers temporarily running their original forward (:func:`~hf_moe_routing.original_routing`;
+nothing is unpatched, the caller's routing layers stay valid), so every comparison holds the model
 fixed and changes only the routing.
 
 Perplexity is token-weighted over all predicted tokens of the data set (padding and labels of -100
@@ -12,133 +13,18 @@ excluded)::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapters import MoEShape, get_adapter
-from ..patching import get_patch_state, patch_model, routing_layers, unpatch_model
+from ..core.batching import IGNORE_INDEX, iter_batches, model_device
+from ..families import MoEShape
+from ..patching import describe, get_patch_state, original_routing
 from .flops import flops_per_token
 from .stats import RoutingStats
-
-IGNORE_INDEX = -100
-
-
-# ---- data ----------------------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the device of the input embeddings (or of the first parameter)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if weight is None:
-        weight = next(model.parameters())
-    return weight.device if weight.device.type != "meta" else torch.device("cpu")
-
-
-def _as_rows(data: Any) -> tuple[int, Any]:
-    """``(number of rows, getter(start, stop) -> dict of columns)`` for the supported data types."""
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2:
-            raise ValueError(
-                f"Token ids must be a 2-D (batch, seq_len) tensor, got shape {tuple(data.shape)}."
-            )
-        return data.shape[0], lambda a, b: {"input_ids": data[a:b]}
-    if isinstance(data, Mapping):
-        if "input_ids" not in data:
-            raise ValueError(f"Evaluation data has no 'input_ids' (keys: {sorted(data)}); tokenise it first.")
-        ids = data["input_ids"]
-        return len(ids), lambda a, b: {k: v[a:b] for k, v in data.items() if k in _COLUMNS}
-    column_names = getattr(data, "column_names", None)
-    if column_names is not None:  # datasets.Dataset
-        if "input_ids" not in column_names:
-            raise ValueError(
-                f"The dataset has columns {column_names} but no 'input_ids': tokenise and pack it first, "
-                "e.g. with hf_moe_routing.data.pack_dataset(dataset, tokenizer, seq_len)."
-            )
-        return len(data), lambda a, b: {k: v for k, v in data[a:b].items() if k in _COLUMNS}
-    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
-        rows = list(data)
-
-        def get(a: int, b: int) -> dict[str, list]:
-            chunk = rows[a:b]
-            if all(isinstance(r, Mapping) for r in chunk):
-                missing = [i for i, r in enumerate(chunk) if "input_ids" not in r]
-                if missing:
-                    raise ValueError("Every record of the evaluation data needs 'input_ids'.")
-                return {k: [r[k] for r in chunk] for k in _COLUMNS if k in chunk[0]}
-            return {"input_ids": chunk}
-
-        return len(rows), get
-    raise TypeError(
-        f"Unsupported evaluation data {type(data).__name__}: pass a packed datasets.Dataset (input_ids, "
-        "attention_mask, labels), a (batch, seq_len) tensor of token ids, or a list of token-id lists / dicts."
-    )
-
-
-_COLUMNS = ("input_ids", "attention_mask", "labels")
-
-
-def _pad(rows: Any, value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of sequences to a (B, T) long tensor; returns it and the (B, T) real-token mask."""
-    if isinstance(rows, torch.Tensor):
-        return rows.long(), torch.ones_like(rows, dtype=torch.long)
-    seqs = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
-    width = max((s.numel() for s in seqs), default=0)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : s.numel()] = s
-        mask[i, : s.numel()] = 1
-    return out, mask
-
-
-def iter_batches(
-    data: Any,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    *,
-    max_batches: int | None = None,
-    progress: bool = False,
-    desc: str = "evaluating",
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches ``{"input_ids", "attention_mask", "labels"}`` (B, T) of evaluation data on ``device``.
-
-    ``data``: a packed ``datasets.Dataset`` / dict of columns, a (N, T) tensor of token ids, or a list of
-    token-id sequences or dicts (ragged rows are right-padded; padding gets mask 0 and label -100).
-    Missing labels are the input ids with padding set to -100 (the usual causal-LM convention).
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    num_rows, get = _as_rows(data)
-    if num_rows == 0:
-        raise ValueError("The evaluation data is empty: pass at least one sequence.")
-    starts = list(range(0, num_rows, batch_size))
-    if max_batches is not None:
-        starts = starts[: max(1, max_batches)]
-    iterator: Any = starts
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(starts, desc=desc, unit="batch", leave=False)
-    for start in iterator:
-        columns = get(start, min(start + batch_size, num_rows))
-        ids, mask = _pad(columns["input_ids"], 0)
-        if "attention_mask" in columns:
-            mask = _pad(columns["attention_mask"], 0)[0]
-        if "labels" in columns:
-            labels = _pad(columns["labels"], IGNORE_INDEX)[0]
-        else:
-            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        if ids.shape[1] < 2:
-            raise ValueError(
-                "Evaluation sequences need at least 2 tokens (one to predict from, one to predict)."
-            )
-        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -159,11 +45,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
 # ---- routing helpers -------------------------------------------------------------------------------
 def moe_shape(model: nn.Module) -> MoEShape:
     """The MoE shape of a patched or unpatched model."""
-    state = get_patch_state(model)
-    if state is not None:
-        return state.shape
-    adapter, blocks = get_adapter(model)
-    return adapter.shape(model, blocks)
+    return describe(model).shape
 
 
 def routing_name(model: nn.Module) -> str:
@@ -176,30 +58,8 @@ def routing_name(model: nn.Module) -> str:
     return f"{state.config.routing_type}({inner})"
 
 
-@contextlib.contextmanager
-def topk_routing(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with its own Top-K routers inside the block; the routing comes back afterwards.
-
-    A patched model is unpatched and re-patched with the same config; every routing layer's
-    :meth:`~hf_moe_routing.methods.RoutingLayer.routing_state` (allocators, duals, thresholds, ...) is
-    restored. An unpatched model is already Top-K and is yielded unchanged.
-    """
-    state = get_patch_state(model)
-    if state is None:
-        yield model
-        return
-    config, adapter = state.config, state.adapter
-    saved = {
-        i: {k: v.detach().clone() for k, v in layer.routing_state().items()}
-        for i, layer in routing_layers(model).items()
-    }
-    unpatch_model(model)
-    try:
-        yield model
-    finally:
-        patch_model(model, config, adapter=adapter)
-        for i, layer in routing_layers(model).items():
-            layer.load_routing_state(saved[i])
+#: The model's own Top-K inside the block, without rebuilding the patch (see ``original_routing``).
+topk_routing = original_routing
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -321,19 +181,18 @@ def token_expert_counts(
     that follows each (-100 at the end of a row or before padding), and ``counts``
     ``{layer_index: (N,) long}``: the number of non-sentinel expert slots of each token.
     """
-    shape = moe_shape(model)
-    adapter_blocks = (
-        get_patch_state(model).blocks if get_patch_state(model) is not None else get_adapter(model)[1]
-    )
+    described = describe(model)
+    adapter_blocks = described.blocks
     current: dict[int, torch.Tensor] = {}
 
-    def hook(layer_index: int):
+    def hook(block):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
-            current[layer_index] = (output[2] < shape.num_experts).sum(dim=-1).cpu()
+            index = block.spec.decode(output).index
+            current[block.layer_index] = (index < block.spec.num_experts).sum(dim=-1).cpu()
 
         return record
 
-    handles = [b.gate.register_forward_hook(hook(b.layer_index)) for b in adapter_blocks]
+    handles = [b.router.register_forward_hook(hook(b)) for b in adapter_blocks]
     ids_out, next_out, counts_out = [], [], {b.layer_index: [] for b in adapter_blocks}
     try:
         with torch.no_grad():
@@ -359,78 +218,3 @@ def token_expert_counts(
         "next_ids": torch.cat(next_out),
         "counts": {i: torch.cat(v) for i, v in counts_out.items()},
     }
-
-
-# ---- speed ---------------------------------------------------------------------------------------
-def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError("batch must be a (B, T) tensor of token ids or a dict with 'input_ids'.")
-    ids = torch.as_tensor(batch["input_ids"]).to(device)
-    if ids.dim() != 2:
-        raise ValueError(f"batch input_ids must be 2-D (batch, seq_len), got shape {tuple(ids.shape)}.")
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    model(**batch)
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def measure_speed(model: nn.Module, batch: Any, *, repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Wall-clock time of ``model``'s forward pass on ``batch`` (no grad), as routed now.
-
-    Returns ``median_s`` (the median over ``repeats`` timed runs after ``warmup`` untimed ones),
-    ``times_s``, ``tokens`` (real tokens in the batch) and ``tokens_per_s`` (at the median).
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
-    device = model_device(model)
-    inputs = _as_batch(batch, device)
-    with torch.no_grad():
-        for _ in range(warmup):
-            model(**inputs)
-        times = [_time_forward(model, inputs, device) for _ in range(repeats)]
-    median = statistics.median(times)
-    tokens = int(inputs["attention_mask"].sum())
-    return {"median_s": median, "times_s": times, "tokens": tokens, "tokens_per_s": tokens / median}
-
-
-def compare_speed(model: nn.Module, batch: Any, *, repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Forward time of ``model``'s routing next to the same model under its own Top-K.
-
-    Both are timed in alternating rounds (``repeats`` rounds, each a few forwards of each), so drifting
-    machine load hits both alike. Returns ``routing`` and ``topk`` (:func:`measure_speed` dicts),
-    ``speedup`` (Top-K median / routing median) and ``time_saved`` (1 - routing / Top-K).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    rounds = min(repeats, 5)
-    per_round = max(1, math.ceil(repeats / rounds))
-    routed: list[float] = []
-    topk: list[float] = []
-    for r in range(rounds):
-        routed += measure_speed(model, batch, repeats=per_round, warmup=warmup if r == 0 else 1)["times_s"]
-        with topk_routing(model):
-            topk += measure_speed(model, batch, repeats=per_round, warmup=warmup if r == 0 else 1)["times_s"]
-    tokens = int(_as_batch(batch, torch.device("cpu"))["attention_mask"].sum())
-
-    def summary(times: list[float]) -> dict[str, Any]:
-        median = statistics.median(times)
-        return {"median_s": median, "times_s": times, "tokens": tokens, "tokens_per_s": tokens / median}
-
-    out = {"routing_name": routing_name(model), "routing": summary(routed), "topk": summary(topk)}
-    out["speedup"] = out["topk"]["median_s"] / out["routing"]["median_s"]
-    out["time_saved"] = 1.0 - out["routing"]["median_s"] / out["topk"]["median_s"]
-    return out

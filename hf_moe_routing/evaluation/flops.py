@@ -25,7 +25,6 @@ block length (full) or the causal average within a block.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,8 +33,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..adapters import MoEBlock, get_adapter
-from ..patching import get_patch_state, unwrap_model
+from ..families import MoEBlock, text_config
+from ..families.structure import attention_of, decoder_layers
+from ..patching import describe, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,6 @@ def lightning_context(seq_len: int, block_size: int, causal: bool) -> float:
     return sum(b * b for b in blocks) / seq_len
 
 
-_LAYER_PATH = re.compile(r"^(.*?(?:layers|h|blocks|layer))\.(\d+)\.")
-
-
 def _as_model(model_or_config: nn.Module | PretrainedConfig) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
         return unwrap_model(model_or_config)  # the transformers model inside a PEFT wrapper
@@ -139,92 +136,47 @@ def _as_model(model_or_config: nn.Module | PretrainedConfig) -> nn.Module:
     )
 
 
-def _blocks(model: nn.Module):
-    state = get_patch_state(model)
-    if state is not None:
-        return state.adapter, state.blocks
-    return get_adapter(model)
-
-
-def _attention_child(layer: nn.Module) -> tuple[str, nn.Module]:
-    for name, child in layer.named_children():
-        if "attn" in name or "attention" in name:
-            return name, child
-    raise ValueError(
-        f"{type(layer).__name__} has no attention submodule (a child named *attn* / *attention*)."
-    )
-
-
-def _sliding_window(config: PretrainedConfig | None, index: int) -> int | None:
-    """The sliding window of layer ``index``, as the model's mask functions read it."""
-    if config is None:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types is not None:
-        return window if layer_types[index] == "sliding_attention" else None
-    return window or None
-
-
 def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[LayerStructure]:
     """Per decoder layer costs of ``model_or_config`` (see the module docstring)."""
     model = _as_model(model_or_config)
-    adapter, blocks = _blocks(model)
-    match = _LAYER_PATH.match(blocks[0].name + ".")
-    if match is None:
-        raise ValueError(f"Cannot find the decoder layer list that holds {blocks[0].name}.")
-    layer_list = model.get_submodule(match.group(1))
-    moe_by_layer: dict[int, MoEBlock] = {b.layer_index: b for b in blocks}
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    described = describe(model)
+    layer_list = decoder_layers(model, described.blocks[0].name)
+    moe_by_layer: dict[int, MoEBlock] = {b.layer_index: b for b in described.blocks}
+    config = text_config(model)
 
     layers = []
     for index, layer in enumerate(layer_list):
-        attn_name, attn = _attention_child(layer)
-        lightning = hasattr(attn, "block_size") and hasattr(attn, "qkv_proj")
-        heads = int(
-            getattr(attn, "num_heads", None)
-            or getattr(attn, "num_attention_heads", None)
-            or text_config.num_attention_heads
-        )
-        head_dim = (
-            getattr(attn, "head_dim", None)
-            or getattr(text_config, "head_dim", None)
-            or text_config.hidden_size // text_config.num_attention_heads
-        )
-        qk_dim = int(getattr(attn, "qk_head_dim", None) or head_dim)
-        v_dim = int(getattr(attn, "v_head_dim", None) or head_dim)
+        attn = attention_of(layer, config, index)
         block = moe_by_layer.get(index)
         others = [
             m
             for name, m in layer.named_children()
-            if name != attn_name and (block is None or m is not block.block)
+            if name != attn.name and (block is None or m is not block.block)
         ]
         mlp = sum(linear_flops(m) for m in others)
         if block is None:
             shared = router = expert = 0.0
             top_k = num_experts = 0
         else:
-            gate = block.gate
+            routers = {block.router, getattr(block.block, block.router_attr)}
             shared = sum(
                 linear_flops(child)
                 for child in block.block.children()
-                if child is not gate and child is not block.experts
+                if child not in routers and child is not block.experts and child is not block.block.experts
             )
-            router = 2.0 * gate.weight.shape[0] * gate.weight.shape[1]
+            router = 2.0 * block.spec.num_experts * block.spec.hidden_size
             expert = expert_flops(block.experts)
-            top_k = adapter.top_k(gate)
-            num_experts = adapter.num_experts(gate)
+            top_k, num_experts = block.spec.top_k, block.spec.num_experts
         layers.append(
             LayerStructure(
                 index=index,
-                attention_projections=linear_flops(attn),
-                attention_heads=heads,
-                qk_head_dim=qk_dim,
-                v_head_dim=v_dim,
-                attention_kind="lightning" if lightning else "softmax",
-                lightning_block_size=int(getattr(attn, "block_size", 0)) if lightning else 0,
-                sliding_window=_sliding_window(text_config, index),
+                attention_projections=linear_flops(attn.module),
+                attention_heads=attn.heads,
+                qk_head_dim=attn.qk_head_dim,
+                v_head_dim=attn.v_head_dim,
+                attention_kind="lightning" if attn.kind == "lightning" else "softmax",
+                lightning_block_size=attn.block_size,
+                sliding_window=attn.sliding_window,
                 dense_mlp=mlp,
                 moe=block is not None,
                 shared_experts=shared,
@@ -234,9 +186,9 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
                 top_k=top_k,
             )
         )
-        if not lightning and "linear" in type(attn).__name__.lower():
+        if attn.kind == "linear":
             warnings.warn(
-                f"Layer {index} uses {type(attn).__name__}: only its projections are modelled exactly.",
+                f"Layer {index} uses {type(attn.module).__name__}: only its projections are modelled exactly.",
                 stacklevel=2,
             )
     return layers

@@ -9,8 +9,8 @@ For MoE layer l with m routed experts, over the real (non-padding) tokens T of a
 ``max_vio_global`` applies the MaxVio formula to the loads summed over every batch seen;
 ``avg_max_vio`` / ``sup_max_vio`` are the mean / max over batches of the batch MaxVio averaged over layers.
 
-:class:`RoutingStats` hooks the outputs ``(logits, weights, index)`` of every MoE router, patched or not,
-and reads the padding mask from the ``attention_mask`` of the model's forward. The hooks only launch
+:class:`RoutingStats` hooks the output of every MoE router, patched or not (decoded by the block's
+router spec, whatever the family returns), and reads the padding mask from the ``attention_mask`` of the model's forward. The hooks only launch
 tensor ops (no host synchronisation per layer); one small sync per forward turns the token count into
 an int.
 """
@@ -24,41 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import MoEBlock, get_adapter
-from ..context import flat_token_mask
-from ..patching import get_patch_state
-
-
-def _in_backward() -> bool:
-    """Whether the autograd engine is running (gradient-checkpointing recomputation happens there)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
-def max_violation(loads: torch.Tensor) -> torch.Tensor:
-    """MaxVio of each row of ``loads`` (..., m): ``(max_j load_j - mean_j load_j) / mean_j load_j``.
-
-    Rows without any load (no tokens) get 0.
-    """
-    loads = loads.double()
-    mean = loads.mean(dim=-1)
-    vio = (loads.amax(dim=-1) - mean) / mean.clamp(min=torch.finfo(torch.float64).tiny)
-    return torch.where(mean > 0, vio, torch.zeros_like(vio))
-
-
-def expert_loads(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Tokens per expert (m,) float32 from a router's ``index`` (n, k), counting real tokens only.
-
-    Slots holding the sentinel ``num_experts`` (unused slots of variable-k routings) are not counted.
-    """
-    index = index.reshape(index.shape[0], -1)
-    if token_mask is None:
-        counts = torch.ones(index.numel(), dtype=torch.float32, device=index.device)
-    else:
-        counts = token_mask.to(index.device, torch.float32)[:, None].expand_as(index).reshape(-1)
-    loads = torch.zeros(num_experts + 1, dtype=torch.float32, device=index.device)
-    loads.scatter_add_(0, index.reshape(-1).clamp(max=num_experts), counts)
-    return loads[:num_experts]
+from ..core.context import flat_token_mask, is_recomputing
+from ..core.ops import max_vio, tokens_per_expert
+from ..families import MoEBlock
+from ..patching import describe
 
 
 @dataclass
@@ -89,13 +58,9 @@ class RoutingStats:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        state = get_patch_state(model)
-        if state is not None:
-            blocks: list[MoEBlock] = state.blocks
-            self.num_experts = state.shape.num_experts
-        else:
-            adapter, blocks = get_adapter(model)
-            self.num_experts = adapter.num_experts(blocks[0].gate)
+        described = describe(model)
+        blocks: tuple[MoEBlock, ...] = described.blocks
+        self.num_experts = described.shape.num_experts
         self._blocks = blocks
         #: Decoder-layer index of each MoE layer (the rows of every statistic).
         self.layers: list[int] = [b.layer_index for b in blocks]
@@ -113,7 +78,7 @@ class RoutingStats:
         self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._after_model))
         for row, block in enumerate(self._blocks):
-            self._handles.append(block.gate.register_forward_hook(self._gate_hook(row)))
+            self._handles.append(block.router.register_forward_hook(self._router_hook(row, block)))
         return self
 
     def detach(self) -> None:
@@ -152,15 +117,10 @@ class RoutingStats:
         self._mask = None
         self._active = False
 
-    def _gate_hook(self, row: int):
+    def _router_hook(self, row: int, block: MoEBlock):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not (isinstance(output, tuple) and len(output) == 3):
-                raise TypeError(
-                    f"RoutingStats expects routers to return (logits, weights, index); "
-                    f"{type(module).__name__} returned {type(output).__name__}."
-                )
             if not self._active:  # e.g. gradient-checkpointing recomputation during backward
-                if not _in_backward() and not self._warned_outside:
+                if not is_recomputing() and not self._warned_outside:
                     self._warned_outside = True
                     warnings.warn(
                         f"RoutingStats: a router ran outside a call of the {type(self.model).__name__} it "
@@ -168,12 +128,12 @@ class RoutingStats:
                         stacklevel=2,
                     )
                 return
-            index = output[2].detach()
+            index = block.spec.decode(output).index.detach()
             mask = self._mask
             if mask is not None and mask.numel() != index.shape[0]:
                 mask = None
             with torch.no_grad():
-                loads = expert_loads(index, self.num_experts, mask)
+                loads = tokens_per_expert(index, self.num_experts, mask)
                 # a device-side fill, not torch.tensor(n, device=...): no host-to-device copy per layer
                 tokens = mask.sum() if mask is not None else index.new_full((), index.shape[0])
             self._pending[row] = (loads, tokens)
@@ -196,7 +156,7 @@ class RoutingStats:
         activated = routed / tokens.clamp(min=1)
         batch = BatchStats(
             loads=loads,
-            max_vio=max_violation(loads),
+            max_vio=max_vio(loads),
             activated=activated,
             num_tokens=int(tokens.max()),
         )
@@ -240,7 +200,7 @@ class RoutingStats:
         return {
             "layers": list(self.layers),
             "loads": [[int(x) for x in row] for row in loads.round().long().tolist()],
-            "max_vio_global": max_violation(loads).tolist(),
+            "max_vio_global": max_vio(loads).tolist(),
             "avg_max_vio": float(per_batch.mean()) if len(per_batch) else 0.0,
             "sup_max_vio": float(per_batch.max()) if len(per_batch) else 0.0,
             "mean_activated": float(activated[seen].mean()) if seen.any() else 0.0,

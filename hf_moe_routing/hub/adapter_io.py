@@ -31,9 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters import get_adapter
 from ..methods.base import RoutingConfig
-from ..patching import get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
+from ..patching import describe, get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
 from .model_card import LIBRARY_TAG, build_model_card
 
 CONFIG_NAME = "routing_config.json"
@@ -487,11 +486,10 @@ def load_routing_adapter(
             f"This model is already patched with {previous.config.routing_type!r} routing. Pass replace=True "
             "to load the routing adapter in its place, or call hf_moe_routing.unpatch_model(model) first."
         )
-    adapter, blocks = (previous.adapter, previous.blocks) if previous else get_adapter(target)
-    shape = previous.shape if previous else adapter.shape(target, blocks)
-    check_fingerprint(data["moe_shape"], shape.fingerprint())
-    config.validate(shape)
-    indices = {block.layer_index for block in blocks}
+    described = describe(target)
+    check_fingerprint(data["moe_shape"], described.shape.fingerprint())
+    config.validate(described)
+    indices = {block.layer_index for block in described.blocks}
     if set(weights) - indices:
         raise ValueError(
             f"Routing adapter {folder} has state for layers {sorted(set(weights) - indices)}, which are not "
@@ -506,7 +504,7 @@ def load_routing_adapter(
         else {}
     )
     try:
-        patch_model(target, config, adapter=adapter, replace=replace)
+        patch_model(target, config, family=described.family, replace=replace)
         for index, layer in routing_layers(target).items():
             try:
                 layer.load_routing_state(weights.get(index, {}))
@@ -519,7 +517,7 @@ def load_routing_adapter(
         if get_patch_state(target) is not None:
             unpatch_model(target)
         if previous is not None:
-            patch_model(target, previous.config, adapter=previous.adapter)
+            patch_model(target, previous.config, family=previous.family)
             for index, layer in routing_layers(target).items():
                 layer.load_routing_state(previous_states.get(index, {}))
         raise

@@ -1,4 +1,6 @@
-"""Routing methods, one folder each (``config.py``, ``layer.py`` and the method's math)."""
+"""Routing methods, one folder each: ``config.py`` (a strict JSON dataclass, registered by name),
+``layer.py`` (the per-block :class:`RoutingLayer`) and the method's math in a pure module.
+Imports run one way: ``config -> layer -> math``; methods share only ``base.py`` and ``routing.py``."""
 
 from .adak import AdaKConfig
 from .base import ROUTING_METHODS, RoutingConfig, RoutingLayer, get_routing_class, register_routing
@@ -10,16 +12,16 @@ from .top_p import TopPConfig
 from .topk import TopKConfig
 
 __all__ = [
+    "ROUTING_METHODS",
+    "AdaKConfig",
     "BIPConfig",
+    "DynamicSkipConfig",
     "LossControlledConfig",
     "LossFreeConfig",
-    "AdaKConfig",
-    "ROUTING_METHODS",
     "RoutingConfig",
     "RoutingLayer",
     "TopKConfig",
     "TopPConfig",
-    "DynamicSkipConfig",
     "get_routing_class",
     "register_routing",
 ]

@@ -1,8 +1,14 @@
 """The interface every routing method implements, and the registry that finds methods by name.
 
-A method is a config dataclass (serialises to JSON) plus a per-block :class:`RoutingLayer`
-(an ``nn.Module`` stored as ``block.gate.routing``) that maps hidden states to
-``(router_logits, top_k_weights, top_k_index)`` through the family adapter.
+A method is a config dataclass (strict types, JSON round trip) plus a per-block
+:class:`RoutingLayer`: an ``nn.Module`` stored as ``router.routing`` that maps the router's
+hidden states to a :class:`~hf_moe_routing.families.RouterOutput` through the block's
+:class:`~hf_moe_routing.families.RouterSpec`. Methods register where they are defined::
+
+    @register_routing
+    @dataclass
+    class BIPConfig(RoutingConfig):
+        routing_type: ClassVar[str] = "bip"
 """
 
 from __future__ import annotations
@@ -14,34 +20,59 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import MoEAdapter, MoEBlock, MoEShape
-from ..context import RoutingContext
+from ..core.config import JSONConfig
+from ..core.context import RoutingContext, is_recomputing
+from ..core.registry import Registry
+from ..families import MoEBlock, MoEModel, RouterOutput
 
-#: routing_type -> config class
-ROUTING_METHODS: dict[str, type[RoutingConfig]] = {}
+#: routing_type -> config class; the built-ins load on first lookup.
+ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
+    "routing method",
+    {
+        "topk": "hf_moe_routing.methods.topk.config:TopKConfig",
+        "top_p": "hf_moe_routing.methods.top_p.config:TopPConfig",
+        "dynamic_skip": "hf_moe_routing.methods.dynamic_skip.config:DynamicSkipConfig",
+        "bip": "hf_moe_routing.methods.bip.config:BIPConfig",
+        "loss_free": "hf_moe_routing.methods.loss_free.config:LossFreeConfig",
+        "loss_controlled": "hf_moe_routing.methods.loss_controlled.config:LossControlledConfig",
+        "adak": "hf_moe_routing.methods.adak.config:AdaKConfig",
+    },
+)
 
 
 def register_routing(cls: type[RoutingConfig]) -> type[RoutingConfig]:
-    """Class decorator: make a routing config available by its ``routing_type`` name."""
-    ROUTING_METHODS[cls.routing_type] = cls
+    """Class decorator: make a routing config available by its ``routing_type`` name.
+
+    Raises ValueError if another config already has that name.
+    """
+    ROUTING_METHODS.register(cls.routing_type, cls)
     return cls
 
 
+def get_routing_class(name: str) -> type[RoutingConfig]:
+    """The config class registered as ``name`` (ValueError listing the known names otherwise)."""
+    return ROUTING_METHODS[name]
+
+
 @dataclasses.dataclass
-class RoutingConfig(abc.ABC):
-    """Base class of routing configs (PEFT-style dataclasses that round-trip through JSON)."""
+class RoutingConfig(JSONConfig, abc.ABC):
+    """Base class of routing configs (PEFT-style dataclasses that round-trip through JSON).
+
+    Field types are checked at construction (see :class:`~hf_moe_routing.core.config.JSONConfig`);
+    subclasses check ranges in ``__post_init__`` and model-dependent limits in :meth:`validate`.
+    """
 
     routing_type: ClassVar[str] = ""
     #: True if tokens may use fewer experts than the model's top-k (needs sentinel-safe experts).
     variable_k: ClassVar[bool] = False
+    #: True if the routing has state to fit on data (BIP's q, dynamic skipping's beta) or to train.
+    needs_fitting: ClassVar[bool] = False
 
-    def validate(self, shape: MoEShape) -> None:
-        """Raise ValueError if the config cannot be applied to a model of this shape."""
+    def validate(self, model: MoEModel) -> None:
+        """Raise ValueError if the config cannot be applied to this model (e.g. k out of range)."""
 
     @abc.abstractmethod
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> RoutingLayer:
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> RoutingLayer:
         """The routing module for one MoE block."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,53 +80,128 @@ class RoutingConfig(abc.ABC):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoutingConfig:
-        """Build the right config subclass from :meth:`to_dict` output."""
+        """Build the right config subclass from :meth:`to_dict` output (strict: unknown keys raise)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"A routing config must be a JSON object, got {type(data).__name__}.")
         data = dict(data)
         name = data.pop("routing_type", cls.routing_type)
-        target = get_routing_class(name)
-        known = {f.name for f in dataclasses.fields(target)}
-        unknown = set(data) - known
-        if unknown:
+        if not isinstance(name, str):
+            raise TypeError(f"routing_type must be a string, got {name!r}.")
+        return get_routing_class(name).from_fields(data)
+
+    def check_k(self, name: str, k: int | None, model: MoEModel) -> None:
+        """ValueError unless ``k`` (a setting named ``name``) is None or in ``1..num_experts``."""
+        m = model.shape.num_experts
+        if k is not None and not 1 <= k <= m:
             raise ValueError(
-                f"Unknown {name} routing settings {sorted(unknown)}; expected some of {sorted(known)}."
+                f"{type(self).__name__}({name}={k}) is outside 1..{m}: the model has {m} routed experts "
+                "per layer. Pick a value in that range (or None for the model's own top-k)."
             )
-        return target(**data)
-
-
-def get_routing_class(name: str) -> type[RoutingConfig]:
-    """The config class registered as ``name`` (ValueError listing the known names otherwise)."""
-    if name not in ROUTING_METHODS:
-        raise ValueError(f"Unknown routing {name!r}. Known routings: {', '.join(sorted(ROUTING_METHODS))}.")
-    return ROUTING_METHODS[name]
 
 
 class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     """Routes the tokens of one MoE block. Subclasses implement :meth:`forward`.
 
-    The adapter, block name and shared context are plain attributes (not submodules), so the
-    layer's state dict holds only the method's own state (allocator weights, BIP duals, ...).
+    The router spec, block name and shared context are plain attributes (not submodules), so the
+    layer's state dict holds only the method's own state (allocator weights, BIP prices, ...).
+
+    Two properties every layer keeps (the base class provides them):
+
+    * **state stays float32**: ``model.to(torch.bfloat16)`` / ``.half()`` move the layer's state
+      to the new device but keep float32 tensors float32 (:meth:`_apply`);
+    * **activation checkpointing replays**: while autograd recomputes a checkpointed forward,
+      :meth:`replay` returns the state the original forward routed with, and layers make no
+      updates and record no losses (:meth:`replaying`).
     """
 
-    def __init__(self, adapter: MoEAdapter, block: MoEBlock, context: RoutingContext) -> None:
+    def __init__(self, block: MoEBlock, context: RoutingContext) -> None:
         super().__init__()
-        self.adapter = adapter
+        self.spec = block.spec
         self.block_name = block.name
         self.layer_index = block.layer_index
         self.context = context
+        self._replay_state: Any = None
 
     @abc.abstractmethod
-    def forward(
-        self, gate: nn.Module, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(router_logits, top_k_weights, top_k_index)``; unused slots hold index m and weight 0."""
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        """Route ``hidden_states`` (n, d) (or (..., d)); returns ``(logits (n, m), weights (n, S), index (n, S))``.
 
+        ``router`` is the patched router module (its weight is read through ``self.spec``);
+        ``router_args`` are the extra arguments its block passed (the spec already knows where
+        they live). Unused slots hold the sentinel index m and weight 0.
+        """
+
+    @property
+    def num_experts(self) -> int:
+        """m, the routed experts of this block (the sentinel index)."""
+        return self.spec.num_experts
+
+    # ---- checkpoint replay -------------------------------------------------------------------------
+    def replaying(self) -> bool:
+        """True while autograd recomputes this layer's forward (activation checkpointing)."""
+        return self.training and is_recomputing()
+
+    def replay(self, current: Any) -> Any:
+        """The state to route with: ``current``, or the one the original forward used when replaying.
+
+        In training mode the state of each original forward is remembered (cloned tensors).
+        """
+        if not self.training:
+            return current
+        if is_recomputing():
+            return current if self._replay_state is None else self._replay_state
+        self._replay_state = _clone(current)
+        return current
+
+    # ---- state -------------------------------------------------------------------------------------
     def routing_state(self) -> dict[str, torch.Tensor]:
         """The state a routing adapter file stores for this layer (default: the layer's state dict)."""
         return dict(self.state_dict())
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`routing_state` (strict: every key must match)."""
+        """Inverse of :meth:`routing_state` (strict: every key must match; values must be finite)."""
+        for key, value in state.items():
+            if (
+                value.is_floating_point()
+                and not torch.isfinite(value).all()
+                and not self.allows_nonfinite(key)
+            ):
+                raise ValueError(
+                    f"The routing state {key!r} of layer {self.layer_index} holds NaN or infinite values: the "
+                    "adapter or checkpoint is corrupt (or was trained on diverged losses). Retrain or re-fit it."
+                )
         self.load_state_dict(state, strict=True)
 
+    def allows_nonfinite(self, key: str) -> bool:
+        """Whether state ``key`` may hold NaN (e.g. a threshold that is not calibrated yet)."""
+        return False
+
+    def is_fitted(self) -> bool:
+        """False if the layer's state was never fitted or trained (evaluating it would be misleading)."""
+        return True
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        dtypes = {name: t.dtype for name, t in _named_tensors(self)}
+        super()._apply(fn, recurse)
+        for name, t in _named_tensors(self):
+            if dtypes.get(name) == torch.float32 and t.dtype != torch.float32:
+                t.data = t.data.float()
+                if isinstance(t, nn.Parameter) and t.grad is not None:
+                    t.grad.data = t.grad.data.float()
+        return self
+
     def extra_repr(self) -> str:
-        return f"layer={self.layer_index}, family={self.adapter.family}"
+        return f"layer={self.layer_index}, router={self.spec.kind.describe()}"
+
+
+def _named_tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from ..core.ops import max_vio
 from ..evaluation.flops import flops_per_token
-from ..evaluation.stats import max_violation
 
 
 def _rows(name: str, rows: Sequence[Any]) -> torch.Tensor:
@@ -41,8 +41,8 @@ def max_vio_summary(loads: Sequence[Sequence[Sequence[float]]]) -> dict[str, Any
         ) from error
     if tensor.dim() != 3:
         raise ValueError(f"loads must be (batch, layers, experts); got shape {tuple(tensor.shape)}.")
-    per_batch = max_violation(tensor).mean(dim=1)
-    global_per_layer = max_violation(tensor.sum(dim=0))
+    per_batch = max_vio(tensor).mean(dim=1)
+    global_per_layer = max_vio(tensor.sum(dim=0))
     return {
         "avg_max_vio": float(per_batch.mean()),
         "sup_max_vio": float(per_batch.max()),

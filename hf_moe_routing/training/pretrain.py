@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from ..core.batching import iter_batches, model_device
 from ..data.datasets import check_context_length
-from ..evaluation.evaluate import evaluate_routing, iter_batches, model_device
+from ..evaluation.evaluate import evaluate_routing
 from ..evaluation.stats import RoutingStats
 from ..methods import RoutingConfig, TopKConfig
 from ..patching import get_patch_state, patch_model, routing_aux_loss

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ...adapters import MoEAdapter, MoEBlock, MoEShape
-from ...context import RoutingContext
+from ...core.config import check_choice, check_range
+from ...core.context import RoutingContext
+from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, RoutingLayer, register_routing
-from ..topk import TopKLayer
-from .layer import AdaKLayer, selectable_experts
+from ..routing import selectable_experts
+from ..topk.layer import TopKLayer
+from .layer import AdaKLayer
 
 DECISIONS = ("greedy", "sample")
 
@@ -19,7 +22,9 @@ class AdaKConfig(RoutingConfig):
     """Ada-K routing: an allocator per MoE layer picks how many experts each token gets.
 
     Args:
-        k_max: the largest k an allocator may choose (default: every expert the router can select).
+        k_max: the largest k an allocator may choose, in ``1..num_experts``. Default None: in training
+            every expert the router can select, at inference at most the model's top-k (so Ada-K never
+            costs more than the model); set it to allow more at inference too.
         decision: how k is chosen at inference (``"greedy"``: the most probable k, ``"sample"``).
             In training mode (``layer.train()``) k is always sampled.
         layers: decoder-layer indices that get allocators (default: every MoE layer); the other MoE
@@ -30,8 +35,9 @@ class AdaKConfig(RoutingConfig):
             The family's scaling (e.g. DeepSeek's ``routed_scaling_factor``) is kept in every case.
     """
 
-    routing_type = "adak"
-    variable_k = True
+    routing_type: ClassVar[str] = "adak"
+    variable_k: ClassVar[bool] = True
+    needs_fitting: ClassVar[bool] = True
 
     k_max: int | None = None
     decision: str = "greedy"
@@ -39,37 +45,36 @@ class AdaKConfig(RoutingConfig):
     renormalize: bool | None = True
 
     def __post_init__(self) -> None:
-        if self.decision not in DECISIONS:
-            raise ValueError(f"AdaKConfig(decision={self.decision!r}): choose one of {DECISIONS}.")
-        if self.k_max is not None and (isinstance(self.k_max, bool) or not isinstance(self.k_max, int)):
-            raise TypeError(f"AdaKConfig(k_max=...) must be an int or None, got {self.k_max!r}.")
+        super().__post_init__()
+        check_choice("AdaKConfig", "decision", self.decision, DECISIONS)
+        check_range("AdaKConfig", "k_max", self.k_max, low=1)
         if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
+            self.layers = sorted(set(self.layers))
 
-    def validate(self, shape: MoEShape) -> None:
-        if self.k_max is not None and not 1 <= self.k_max <= shape.num_experts:
-            raise ValueError(
-                f"AdaKConfig(k_max={self.k_max}) is outside 1..{shape.num_experts}: the model has "
-                f"{shape.num_experts} routed experts per layer. Pick k_max in that range (or None for all)."
-            )
+    def validate(self, model: MoEModel) -> None:
+        self.check_k("k_max", self.k_max, model)
         if self.layers is not None:
-            unknown = sorted(set(self.layers) - set(shape.moe_layers))
+            unknown = sorted(set(self.layers) - set(model.shape.moe_layers))
             if unknown or not self.layers:
                 raise ValueError(
                     f"AdaKConfig(layers={self.layers}) names layers without MoE block {unknown}: the MoE "
-                    f"layers of this model are {list(shape.moe_layers)} (or pass layers=None for all)."
+                    f"layers of this model are {list(model.shape.moe_layers)} (or pass layers=None for all)."
                 )
+        if self.renormalize is False and model.spec.kind.score in ("softmax_topk", "sparsemixer"):
+            raise ValueError(
+                f"AdaKConfig(renormalize=False) has no meaning for {model.shape.family} routers, whose weights "
+                "are a softmax over the chosen experts' logits (always renormalised): use None or True."
+            )
 
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> RoutingLayer:
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> RoutingLayer:
         if self.layers is not None and block.layer_index not in self.layers:
-            return TopKLayer(adapter, block, context, None)
-        selectable = selectable_experts(adapter, block.gate, shape.num_experts)
+            return TopKLayer(block, context, None)
+        selectable = selectable_experts(block.spec)
         k_max = selectable if self.k_max is None else self.k_max
         if k_max > selectable:
             raise ValueError(
                 f"AdaKConfig(k_max={k_max}) is larger than the {selectable} experts the router of "
                 f"{block.name} lets a token choose from (group-limited routing): use k_max <= {selectable}."
             )
-        return AdaKLayer(adapter, block, context, shape.hidden_size, k_max, self.decision, self.renormalize)
+        k_cap = block.spec.top_k if self.k_max is None else self.k_max
+        return AdaKLayer(block, context, k_max, self.decision, self.renormalize, k_cap)

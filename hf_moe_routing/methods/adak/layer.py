@@ -5,31 +5,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...core.context import RoutingContext
+from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
+from ..routing import keep_slots, rank_experts
 from .allocator import Allocator
 from .ppo import action_log_probs, choose_k
 from .warmup import ordered_probabilities
-
-
-def selectable_experts(adapter: MoEAdapter, gate: nn.Module, num_experts: int) -> int:
-    """How many experts a token can choose from (fewer than m under DeepSeek's group-limited routing).
-
-    Probes ``adapter.choice_scores`` with uniform scores (group-limited families mark experts outside
-    the selected groups with -inf) and counts the finite entries.
-    """
-    try:
-        device = gate.weight.device if gate.weight.device.type != "meta" else torch.device("cpu")
-        scores = torch.full((1, num_experts), 1.0 / num_experts, device=device)
-        choice = adapter.choice_scores(gate, scores)
-        return int(torch.isfinite(choice).sum())
-    except (RuntimeError, NotImplementedError):  # offloaded buffers (meta tensors): assume all experts
-        return num_experts
 
 
 @dataclass
@@ -40,84 +27,88 @@ class AllocatorRecord:
     """
 
     states: torch.Tensor  # (n, hidden) float32: the allocator's input
-    ordered_probs: torch.Tensor  # (n, k_max): router probabilities in the router's order (sum over m = 1)
+    ordered_probs: torch.Tensor  # (n, k_max): router probabilities in ranking order (sum over m = 1)
     activated: torch.Tensor  # (n,) long: routed experts each token actually used
     actions: torch.Tensor | None = None  # (n,) long in 1..k_max: the allocator's choice (None in top-k mode)
     log_probs: torch.Tensor | None = None  # (n,) float32: log P(action | state) when it was chosen
 
 
 class AdaKLayer(RoutingLayer):
-    """Routes every token to its top-k experts in the router's own order, with k from the allocator.
+    """Routes every token to its k best experts in the router's own ranking, with k from the allocator.
 
-    ``k`` is sampled in training mode and chosen by ``decision`` in eval mode. Slots beyond a
-    token's k (and experts its router cannot select) hold the sentinel index m and weight 0; the
-    chosen experts' weights are ``P_j / sum over chosen P`` (``renormalize=True``) times the family's
-    scaling. ``use_topk = True`` switches the layer to the model's own Top-K routing (bit-exact), as
-    the PPO baseline needs. With ``record = True`` the layer keeps an :class:`AllocatorRecord` of
-    its last forward in ``self.last``.
+    ``k`` is sampled in training mode and chosen by ``decision`` in eval mode, then capped at
+    ``k_cap`` (default: the model's top-k) at inference unless the config allows more. The first
+    ``top_k`` slots are the family's own top-k (its selection rule, ties included), the following
+    ones the next best experts; a token given k experts keeps the k best of them. Unused slots hold
+    the sentinel index m and weight 0; weights are the family's (``renormalize=None``), renormalised
+    over the kept experts (True, the paper), or not renormalised (False), times the family's scaling.
+    ``use_topk = True`` switches the layer to the model's own Top-K routing (bit-exact), as the PPO
+    baseline needs. With ``record = True`` the layer keeps an :class:`AllocatorRecord` of its last
+    forward in ``self.last``.
     """
 
     def __init__(
         self,
-        adapter: MoEAdapter,
         block: MoEBlock,
         context: RoutingContext,
-        hidden_size: int,
         k_max: int,
         decision: str = "greedy",
         renormalize: bool | None = True,
+        k_cap: int | None = None,
     ) -> None:
-        super().__init__(adapter, block, context)
+        super().__init__(block, context)
         self.k_max = int(k_max)
-        self.num_experts = adapter.num_experts(block.gate)
-        self.default_k = adapter.top_k(block.gate)
+        self.default_k = self.spec.top_k
         self.decision = decision
         self.renormalize = renormalize
-        self.allocator = Allocator(hidden_size, self.k_max)
+        self.k_cap = k_cap
+        self.allocator = Allocator(self.spec.hidden_size, self.k_max)
         self.use_topk = False
         self.record = False
         self.last: AllocatorRecord | None = None
+        self.generator: torch.Generator | None = None
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=False)
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
+    def is_fitted(self) -> bool:
+        return bool(self.num_updates > 0)
+
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        spec = self.spec
+        hidden = hidden_states.reshape(-1, spec.hidden_size)
         if self.use_topk:
-            logits, weights, index = self.adapter.route(gate, hidden_states)
+            output = spec.route(router, hidden_states)
             if self.record:
-                self._record_topk(gate, hidden_states, logits)
-            return logits, weights, index
-        m = self.num_experts
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        choice = self.adapter.choice_scores(gate, scores)
-        ranked = torch.topk(choice, self.k_max, dim=-1, sorted=True)
-        hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
+                ranking = rank_experts(spec, router, hidden_states, self.k_max)
+                self.last = AllocatorRecord(
+                    states=hidden.detach().float(),
+                    ordered_probs=_probs_in_rank_order(ranking).detach(),
+                    activated=torch.full(
+                        (hidden.shape[0],), self.default_k, dtype=torch.long, device=hidden.device
+                    ),
+                )
+            return output
+        ranking = rank_experts(spec, router, hidden_states, self.k_max)
         allocator_logits = self.allocator(hidden)
-        k = choose_k(allocator_logits, "sample" if self.training else self.decision)
-        slots = torch.arange(self.k_max, device=k.device)
-        valid = (slots < k.unsqueeze(-1)) & torch.isfinite(ranked.values)
-        weights = self.adapter.weights(
-            gate, scores, ranked.indices, valid=valid, normalize=self.renormalize, logits_dtype=logits.dtype
+        sampling = self.training
+        k = choose_k(allocator_logits, "sample" if sampling else self.decision, self.generator)
+        if not sampling and self.k_cap is not None:
+            k = k.clamp(max=self.k_cap)
+        output = keep_slots(
+            spec,
+            ranking,
+            ranking.rank < k.unsqueeze(-1),
+            renormalize=self.renormalize,
+            hidden_dtype=hidden_states.dtype,
         )
-        index = ranked.indices.masked_fill(~valid, m)
         if self.record:
             self.last = AllocatorRecord(
                 states=hidden.detach().float(),
-                ordered_probs=ordered_probabilities(scores, ranked.indices).detach(),
-                activated=valid.sum(dim=-1),
+                ordered_probs=_probs_in_rank_order(ranking).detach(),
+                activated=(output.index < spec.num_experts).sum(dim=-1),
                 actions=k.detach(),
                 log_probs=action_log_probs(allocator_logits.detach(), k),
             )
-        return logits, weights, index
-
-    def _record_topk(self, gate: nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor) -> None:
-        scores = self.adapter.scores(gate, logits)
-        choice = self.adapter.choice_scores(gate, scores)
-        order = torch.topk(choice, self.k_max, dim=-1, sorted=True).indices
-        hidden = hidden_states.reshape(-1, self.adapter.hidden_dim(gate))
-        self.last = AllocatorRecord(
-            states=hidden.detach().float(),
-            ordered_probs=ordered_probabilities(scores, order).detach(),
-            activated=torch.full((hidden.shape[0],), self.default_k, dtype=torch.long, device=hidden.device),
-        )
+        return output
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load allocator weights, with a clear error if they were trained for another model or k_max."""
@@ -138,16 +129,26 @@ class AdaKLayer(RoutingLayer):
                 f"missing {sorted(missing)}, unexpected {sorted(unexpected)} (not an Ada-K checkpoint?)."
             )
         super().load_routing_state(state)
+        self.num_updates.fill_(1)
+
+    def routing_state(self) -> dict[str, torch.Tensor]:
+        return {"allocator.weight": self.allocator.weight.detach()}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k_max={self.k_max}, decision={self.decision}"
 
 
-def adak_layers(model: nn.Module) -> dict[int, AdaKLayer]:
-    """Decoder-layer index -> Ada-K layer of a model patched with :class:`AdaKConfig`, in layer order."""
-    from ...patching import routing_layers  # patching imports methods; import lazily to avoid a cycle
+def _probs_in_rank_order(ranking) -> torch.Tensor:
+    order = torch.empty_like(ranking.index).scatter_(1, ranking.rank, ranking.index)
+    return ordered_probabilities(ranking.scores, order)
 
-    layers = {i: layer for i, layer in routing_layers(model).items() if isinstance(layer, AdaKLayer)}
+
+def adak_layers(model: nn.Module) -> dict[int, AdaKLayer]:
+    """Decoder-layer index -> Ada-K layer of a model patched with ``AdaKConfig``, in layer order.
+
+    Raises ValueError if the model has none.
+    """
+    layers = {m.layer_index: m for m in model.modules() if isinstance(m, AdaKLayer)}
     if not layers:
         raise ValueError(
             "This model has no Ada-K allocators: patch it with patch_model(model, AdaKConfig())."
@@ -165,7 +166,7 @@ def default_routing(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, value in zip(layers, previous):
+        for layer, value in zip(layers, previous, strict=True):
             layer.use_topk = value
 
 

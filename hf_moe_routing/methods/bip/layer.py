@@ -1,139 +1,124 @@
-"""BIP routing layer: the family's scores, selection by ``s - q``, q updated by the dual solver."""
+"""BIP routing layer: the family's scores, selection by ``top-k(c - q)``, q updated by the dual solver."""
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext, is_recomputing
-from ..base import RoutingLayer
-from .solver import check_k, expert_capacity, solve_duals
-
-if TYPE_CHECKING:
-    from .config import BIPConfig
-
-
-def distributed_world() -> int:
-    """Number of data-parallel processes (1 outside torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate the (n_r, m) tensors of all ranks in rank order (n_r may differ, or be 0).
-
-    Every rank must call this (it is a collective). Sizes are exchanged first, then each rank's
-    rows are padded to the largest size, all-gathered and trimmed.
-    """
-    world = distributed_world()
-    if world == 1:
-        return rows
-    size = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = rows.new_zeros((max(counts), rows.shape[1]))
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)], dim=0)
-
-
-def real_token_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The float32 scores of the real (non-padding) tokens, detached."""
-    scores = scores.detach().float()
-    return scores if mask is None else scores[mask.to(scores.device)]
-
-
-def check_finite(scores: torch.Tensor, where: str) -> None:
-    """ValueError if routing scores contain NaN or inf (they would poison the persistent state)."""
-    if scores.numel() and not torch.isfinite(scores).all():
-        raise ValueError(
-            f"{where}: the router produced NaN/inf scores, so the balancing state cannot be updated. "
-            "Check the model's weights and inputs (fp16 overflow? a diverged training step?)."
-        )
+from ...core.context import RoutingContext
+from ...core.distributed import gather_rows
+from ...families import MoEBlock, RouterOutput
+from ..base import RoutingConfig, RoutingLayer
+from .solver import check_finite, check_k, expert_capacity, solve_duals
 
 
 class BIPLayer(RoutingLayer):
-    """Routes one MoE block by ``top-k(s - q)``; q (buffer ``q``, float32, (m,)) persists across batches."""
+    """Routes one MoE block by ``top-k(c - q)``; q (buffer ``q``, float32, (m,)) persists across batches.
 
-    def __init__(
-        self,
-        adapter: MoEAdapter,
-        block: MoEBlock,
-        context: RoutingContext,
-        config: BIPConfig,
-        num_experts: int,
-        top_k: int,
-    ) -> None:
-        super().__init__(adapter, block, context)
-        check_k(top_k, num_experts)
+    ``c`` are the family's selection scores (softmax or sigmoid scores plus any selection bias, or
+    the logits for routers that select on logits); weights are the family's weights of the chosen
+    experts. q is updated from each batch in training mode (and in eval mode while fitting, or with
+    ``update_in_eval``), never while activation checkpointing recomputes a forward.
+    """
+
+    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig, top_k: int) -> None:
+        super().__init__(block, context)
+        check_k(top_k, self.spec.num_experts)
         self.config = config
-        self.num_experts = num_experts
         self.top_k = top_k
-        self.register_buffer("q", torch.zeros(num_experts, dtype=torch.float32), persistent=True)
-        #: rounds run by the last update (T plus extra ones), for diagnostics
+        self.register_buffer("q", torch.zeros(self.spec.num_experts, dtype=torch.float32), persistent=True)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
+        self.fitting = False
+        #: rounds run by the last update (T plus extra ones), and its overload (max load - C), in tokens
         self.last_rounds = 0
-        #: overload (max load - C) of the last solve's assignment, in tokens
         self.last_overload = 0
-        #: the q the last training forward routed with (reused by checkpoint recomputation)
-        self._routed_q: torch.Tensor | None = None
+
+    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "num_updates" not in state and "q" in state:  # adapters saved before fits were counted
+            state = {**state, "num_updates": torch.tensor(int(bool(state["q"].abs().sum() > 0)))}
+        super().load_routing_state(state)
+
+    def begin_fit(self) -> None:
+        """Start fitting: q updates on every batch, also in eval mode."""
+        self.fitting = True
+
+    def end_fit(self) -> dict[str, float]:
+        """Stop fitting; returns the last solve's rounds and overload (tokens) and q's range."""
+        self.fitting = False
+        return {"rounds": self.last_rounds, "overload": self.last_overload, "q_max": float(self.q.max())}
+
+    def abort_fit(self) -> None:
+        self.fitting = False
 
     def updates_now(self) -> bool:
-        return self.training or self.config.update_in_eval
+        return self.training or self.fitting or self.config.update_in_eval
+
+    def is_fitted(self) -> bool:
+        return bool(self.num_updates > 0)
 
     @torch.no_grad()
-    def update_duals(self, gate: nn.Module, scores: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def update_duals(self, choice_base: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Update q from the real tokens of this batch (all ranks' tokens under torch.distributed).
 
+        ``choice_base`` (n, m) are the selection scores before the family's bias and group limit.
         A batch with no real token (empty, or only padding) leaves q unchanged.
         """
-        real = real_token_scores(scores, mask)
+        real = choice_base.detach().float()
+        if mask is not None:
+            real = real[mask.to(real.device)]
         check_finite(real, f"BIP layer {self.layer_index}")
         if self.config.sync_global:
             real = gather_rows(real)
         n = real.shape[0]
         if n == 0:
             return
-        capacity = expert_capacity(n, self.num_experts, self.top_k, self.config.capacity_factor)
-        demand = None  # group-limited routers: alternate rounds price experts without the limit
-        if self.adapter.limits_groups(gate):
-            demand = functools.partial(self.adapter.choice_scores, gate, real, limit_groups=False)
+        spec = self.spec
+        scores_of = self._selection_scores(spec, real)
+        capacity = expert_capacity(n, spec.num_experts, self.top_k, self.config.capacity_factor)
+        demand = functools.partial(scores_of, limit_groups=False) if spec.limits_groups else None
         result = solve_duals(
             real,
             self.q,
             self.top_k,
             capacity,
             self.config.num_iters,
-            selection=lambda offset: self.adapter.choice_scores(gate, real, offset),
+            selection=scores_of,
             demand=demand,
             tolerance=max(1, int(self.config.tolerance * capacity)),
             max_extra_iters=self.config.max_extra_iters,
         )
         self.q.copy_(result.q)
+        self.num_updates += 1
         self.last_rounds, self.last_overload = result.rounds, result.overload
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        recomputing = is_recomputing()  # activation checkpointing: route as the original forward did
-        update = self.updates_now() and not recomputing
+    @staticmethod
+    def _selection_scores(spec, base: torch.Tensor):
+        """``offset -> c + offset`` with the family's bias and group limit, for the solver."""
+
+        def selection(offset: torch.Tensor, limit_groups: bool = True) -> torch.Tensor:
+            return spec.choice(base, base, offset, limit_groups=limit_groups)
+
+        return selection
+
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        spec = self.spec
+        logits = spec.logits(router, hidden_states)
+        scores = spec.scores(logits)
+        base = logits if spec.kind.selects_on_logits else scores
+        update = self.updates_now() and not self.replaying()
         mask = self.context.mask_for(scores.shape[0]) if update else None
         if update and self.config.update == "before":
-            self.update_duals(gate, scores, mask)
-        q = self._routed_q if recomputing and self._routed_q is not None else self.q
-        if self.training and not recomputing:
-            self._routed_q = q.clone()
-        offset = -q.to(device=scores.device, dtype=scores.dtype)
-        index = self.adapter.topk(gate, self.adapter.choice_scores(gate, scores, offset), self.top_k)
-        weights = self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype)
+            self.update_duals(base, mask)
+        q = self.replay(self.q)
+        choice = spec.choice(logits, scores, -q.to(device=scores.device, dtype=torch.float32))
+        index = spec.topk(choice, self.top_k)
+        weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
         if update and self.config.update == "after":
-            self.update_duals(gate, scores, mask)
-        return logits, weights, index
+            self.update_duals(base, mask)
+        return RouterOutput(logits, weights, index)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -26,49 +26,23 @@ block-coordinate descent on the dual::
 and each token then takes its top-k experts by ``s_ij - q_j`` (complementary slackness: x_ij = 1
 where ``s_ij - q_j > p_i``).
 
-Our reading differs from the issue's literal rules (``p_i = max(0, (k+1)-th)``,
-``q_j = max(0, (C+1)-th)``) in three places, plus a fourth for group-limited selection, each
-measured in ``tests/test_bip_solver.py`` and ``scripts/bench_bip_overhead.py``:
+Four choices go beyond the literal rules of the paper (their measurements are in the README's
+BIP section and ``scripts/bench_bip_overhead.py``):
 
-1. **p is not clamped at 0.** Routing gives every token exactly k experts, so the token
-   constraint is an equality and its dual price is free. With the clamp, once the prices q exceed
-   a token's scores the dual lets the token take fewer than k experts, while routing still gives it
-   k: those extra picks are invisible to the solver and overload experts. Warm-started from the
-   previous batch's q, the literal rules stall at MaxVio ~0.2 on a stream of skewed batches no
-   matter how many rounds run (512 x 16, k=2: 0.21 at T=4 and 0.22 at T=8), where ours fall with T
-   (0.16, 0.09, 0.04, 0.026 at T = 1, 2, 4, 8; ``scripts/bench_bip_overhead.py --quality``).
-2. **Prices are the midpoint of the optimal interval**, not its lower end. Both are exact block
-   minimisers, but the (C+1)-th largest puts expert j's price exactly on the score of its
-   (C+1)-th token, a tie that top-k then breaks either way (one token of overload per expert,
-   and at a fixed point with such ties block-coordinate descent stalls with 2-4 tokens of overload).
-   The midpoint leaves a margin on both sides; from q = 0 the rounds then converge to zero overload
-   (the LP optimum) where the lower-end rule stops short.
-3. **q is shifted so that its minimum is 0.** Routing by ``s - q`` is unchanged by a uniform shift
-   of q (DeepSeek's group scores shift uniformly too), and the dual objective is unchanged by
-   ``(p - c, q + c)`` when no price is clamped, so without the shift q drifts upwards from batch to
-   batch. The cheapest expert having price 0 is also what complementary slackness asks for when
-   capacity is not tight.
+1. **p is not clamped at 0.** Routing gives every token exactly k experts, so the token constraint
+   is an equality and its dual price is free; with the clamp, tokens whose scores fall below the
+   prices look to the dual as if they took fewer than k experts, and the experts they still use
+   overload.
+2. **Prices are the midpoint of the optimal interval**, not its lower end, so that no price lies
+   exactly on a score (top-k would break that tie either way, one token of overload per expert).
+3. **q is shifted so that its minimum is 0.** Routing by ``s - q`` is unchanged by a uniform shift,
+   and without it q drifts upwards from batch to batch.
 4. **Under group-limited selection (DeepSeek), every other round prices experts by the demand of
-   all tokens.** DeepSeek first keeps each token's ``topk_group`` best groups (group scores of
-   ``s + b - q``), so q moves tokens between groups, but the exact q-update above only counts the
-   tokens whose current groups contain expert j: an expert in a group nobody picked gets
-   ``q_j = 0``, the next round every token's groups switch to it, and the rounds oscillate
-   between groups. Once the router collapses early in pre-training, all tokens rank experts alike
-   and pick the *same* groups, whose experts cannot take ``k n`` assignments at capacity C, and
-   the rounds never settle: on router scores captured after 16 pre-training steps of the
-   64-expert top-6 model (8 groups, 4 kept; C = 96), 100-300 rounds left 178-410 tokens of
-   overload in two of three layers. Rounds 1, 3, 5, ... therefore compute q from the *demand*
-   scores ``s + b - q`` without the group limit (every token, same p: the price at which at most
-   C tokens would want j if their groups allowed it, which stops the rush into cheap, unpicked
-   groups); rounds 2, 4, ... are the exact update for the groups then chosen, so with even T
-   the last round fits the assignment. Demand-only rounds overprice (a token's p comes from its
-   few reachable experts) and stall on small batches; exact-only rounds oscillate; alternating
-   passes both. In the 40-step pre-training run of ``scripts/pretrain_comparison.py`` this cut
-   BIP's AvgMaxVio on that shape from 3.46 to 0.27 (SupMaxVio 7.43 to 0.40): not by solving any
-   collapsed batch: on the matrices captured from the old run, with their drifted q, 300
-   alternating rounds still leave 22-141 tokens of overload, so the gain presumably comes from
-   holding the balance step by step, before q and the router drift there (not measured apart). Families
-   without group limiting are unaffected (no demand scores are passed).
+   all tokens** (the choice scores without the group limit). The exact q-update counts only the
+   tokens whose current groups contain expert j, so an expert in a group nobody picked gets
+   ``q_j = 0``, the next round every token's groups switch to it, and the rounds oscillate. Rounds
+   1, 3, ... use the demand scores; rounds 2, 4, ... are the exact update for the groups then
+   chosen, so with even T the last round fits the assignment.
 
 :func:`solve_duals` runs the T rounds from the layer's persistent q (warm start) and, while the
 resulting assignment still overloads an expert by more than ``tolerance`` tokens, up to
@@ -83,6 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ...core.ops import tokens_per_expert
 
 #: ``selection(offset) -> (n, m) choice scores``; the default is ``scores + offset``. Families with
 #: group-limited selection (DeepSeek) return -inf for experts outside a token's chosen groups.
@@ -101,6 +77,15 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
             "Use capacity_factor >= 1 (1.0 = perfectly even loads)."
         )
     return math.ceil(capacity_factor * k * num_tokens / num_experts - 1e-9)
+
+
+def check_finite(scores: torch.Tensor, where: str) -> None:
+    """ValueError if routing scores contain NaN or inf (they would poison the persistent prices)."""
+    if scores.numel() and not torch.isfinite(scores).all():
+        raise ValueError(
+            f"{where}: the router produced NaN/inf scores, so the balancing state cannot be updated. "
+            "Check the model's weights and inputs (fp16 overflow? a diverged training step?)."
+        )
 
 
 def check_k(k: int, num_experts: int) -> None:
@@ -174,19 +159,6 @@ def assign(scores: torch.Tensor, q: torch.Tensor, k: int, selection: Selection |
     return reduced.topk(k, dim=1).indices
 
 
-def expert_loads(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens per expert (float32, (m,)) of an (n, k) index tensor; indices >= m (sentinels) are ignored."""
-    flat = index.reshape(-1)
-    flat = flat[flat < num_experts]
-    return torch.bincount(flat, minlength=num_experts).float()
-
-
-def max_violation(loads: torch.Tensor) -> float:
-    """MaxVio = (max_j load_j - mean load) / mean load (0 for an empty batch)."""
-    mean = loads.float().mean()
-    return 0.0 if mean <= 0 else float((loads.max() - mean) / mean)
-
-
 @dataclass
 class SolveResult:
     q: torch.Tensor  # (m,) float32 expert prices
@@ -228,13 +200,13 @@ def solve_duals(
     for r in range(num_iters):
         q = bip_round(scores, q, k, capacity, selection, demand if r % 2 == 0 else None)
     index = assign(scores, q, k, selection)
-    best = SolveResult(q, index, int(expert_loads(index, m).max().item()) - capacity, num_iters)
+    best = SolveResult(q, index, int(tokens_per_expert(index, m).max().item()) - capacity, num_iters)
     rounds = num_iters
     while best.overload > tolerance and rounds < num_iters + max_extra_iters:
         q = bip_round(scores, q, k, capacity, selection, demand if rounds % 2 == 0 else None)
         rounds += 1
         index = assign(scores, q, k, selection)
-        overload = int(expert_loads(index, m).max().item()) - capacity
+        overload = int(tokens_per_expert(index, m).max().item()) - capacity
         if overload < best.overload:
             best = SolveResult(q, index, overload, rounds)
         else:

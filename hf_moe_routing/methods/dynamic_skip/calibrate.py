@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DynamicSkipConfig
+from ...core.batching import iter_batches, model_device
 from .layer import DynamicSkipLayer
-from .routing import calibrate_beta
 
 
 def calibrate(
@@ -23,27 +22,26 @@ def calibrate(
 ) -> dict[int, float]:
     """Set every layer's ``beta_l`` to a quantile of ``w_j / w_(1)`` over the calibration tokens.
 
-    ``model`` must be patched with :class:`DynamicSkipConfig`. ``data`` is what
-    :func:`hf_moe_routing.evaluation.evaluate.iter_batches` accepts (a packed ``datasets.Dataset``, a
-    tensor of token ids, or a list of dicts/sequences); padding (``attention_mask == 0``) is excluded.
-    The model routes with its own top-k while calibrating. Returns ``{layer_index: beta_l}``; the values
-    live in the routing layers' ``beta`` buffers and are saved with the routing adapter.
-    """
-    from ...evaluation.evaluate import iter_batches, model_device  # lazy: evaluation imports patching
-    from ...patching import get_patch_state, routing_layers
+    ``model`` must be patched with :class:`~.config.DynamicSkipConfig`. ``data`` is anything
+    :func:`hf_moe_routing.core.batching.iter_batches` accepts (a packed ``datasets.Dataset``, a
+    tensor of token ids, or a list of dicts/sequences); padding (``attention_mask == 0``) is
+    excluded. The model routes with its own top-k while calibrating. Returns
+    ``{layer_index: beta_l}``; the values live in the layers' ``beta`` buffers and are saved with
+    the routing adapter. ``hf_moe_routing.fit_routing`` does the same for any routing.
 
-    state = get_patch_state(model)
-    if state is None or not isinstance(state.config, DynamicSkipConfig):
+    Raises:
+        ValueError: the model is not patched with dynamic skipping, or ``quantile`` is not in (0, 1).
+    """
+    layers = [m for m in model.modules() if isinstance(m, DynamicSkipLayer)]
+    if not layers:
         raise ValueError(
             "calibrate() needs a model patched with DynamicSkipConfig: "
             "patch_model(model, DynamicSkipConfig()) first."
         )
-    quantile = state.config.quantile if quantile is None else quantile
-    if not 0.0 < quantile < 1.0:
+    if quantile is not None and not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile={quantile!r} must be in (0, 1); 0.5 is the paper's median.")
-    layers = {i: layer for i, layer in routing_layers(model).items() if isinstance(layer, DynamicSkipLayer)}
-    for layer in layers.values():
-        layer.calibration = []
+    for layer in layers:
+        layer.begin_fit()
     try:
         with torch.no_grad():
             for batch in iter_batches(
@@ -55,13 +53,7 @@ def calibrate(
                 desc="calibrating dynamic skipping",
             ):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        betas = {}
-        for i, layer in layers.items():
-            betas[i] = calibrate_beta(
-                torch.cat(layer.calibration) if layer.calibration else torch.empty(0), quantile
-            )
-            layer.set_beta(betas[i])
+        return {layer.layer_index: layer.end_fit(quantile) for layer in layers}
     finally:
-        for layer in layers.values():
+        for layer in layers:
             layer.calibration = None
-    return betas

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ...adapters import MoEAdapter, MoEBlock, MoEShape
-from ...context import RoutingContext
+from ...core.config import check_range
+from ...core.context import RoutingContext
+from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
 from .layer import DynamicSkipLayer
 
@@ -17,41 +19,48 @@ class DynamicSkipConfig(RoutingConfig):
     weight is below ``beta_l`` times its top weight.
 
     Args:
-        beta: a fixed threshold in [0, 1] for every layer, or None to calibrate ``beta_l`` per layer with
-            :func:`hf_moe_routing.methods.dynamic_skip.calibrate` (stored in the routing adapter).
-        quantile: which quantile of the calibration ratios ``w_j / w_(1)`` becomes ``beta_l``
-            (0.5 = the paper's median; higher skips more).
+        beta: a fixed threshold in [0, 1] for every layer, or None to calibrate ``beta_l`` per layer
+            with :func:`hf_moe_routing.fit_routing` (stored in the routing adapter).
+        quantile: which quantile of the calibration ratios ``w_j / w_(1)`` becomes ``beta_l``, in
+            (0, 1) (0.5 = the paper's median; higher skips more).
         renormalize: False (the paper) keeps the weights the family computes over the full top-k and
-            zeroes skipped slots; True renormalises over the kept experts.
+            zeroes skipped slots; True applies the family's weighting over the kept experts.
     """
 
-    routing_type = "dynamic_skip"
-    variable_k = True
+    routing_type: ClassVar[str] = "dynamic_skip"
+    variable_k: ClassVar[bool] = True
+    needs_fitting: ClassVar[bool] = True
     beta: float | None = None
     quantile: float = 0.5
     renormalize: bool = False
 
-    def validate(self, shape: MoEShape) -> None:
-        if self.beta is not None and (
-            isinstance(self.beta, bool)
-            or not isinstance(self.beta, (int, float))
-            or not 0.0 <= self.beta <= 1.0
-        ):
-            raise ValueError(
-                f"DynamicSkipConfig(beta={self.beta!r}): beta is a ratio to the top expert's weight and "
-                "must be in [0, 1] (or None to calibrate it per layer)."
-            )
-        if not isinstance(self.quantile, (int, float)) or not 0.0 < self.quantile < 1.0:
-            raise ValueError(
-                f"DynamicSkipConfig(quantile={self.quantile!r}) must be in (0, 1); 0.5 is the paper's median."
-            )
-        if shape.top_k < 2:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(
+            "DynamicSkipConfig",
+            "beta",
+            self.beta,
+            low=0.0,
+            high=1.0,
+            hint="beta is a ratio to the top expert's weight (or None to calibrate it per layer).",
+        )
+        check_range(
+            "DynamicSkipConfig",
+            "quantile",
+            self.quantile,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+            hint="0.5 is the paper's median.",
+        )
+
+    def validate(self, model: MoEModel) -> None:
+        if model.shape.top_k < 2:
             raise ValueError(
                 f"Dynamic skipping drops experts after a token's first one, but this model routes each "
-                f"token to top_k={shape.top_k} expert: there is nothing to skip. Use it on a top-k >= 2 model."
+                f"token to top_k={model.shape.top_k} expert: there is nothing to skip. Use it on a top-k >= 2 model."
             )
 
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> DynamicSkipLayer:
-        return DynamicSkipLayer(adapter, block, context, self.beta, self.renormalize)
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> DynamicSkipLayer:
+        return DynamicSkipLayer(block, context, self.beta, self.quantile, self.renormalize)

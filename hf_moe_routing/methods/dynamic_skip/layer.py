@@ -1,73 +1,86 @@
-"""Dynamic skipping through the family adapter."""
+"""Dynamic-skipping routing layer: the family's top-k, small experts (relative to the best) skipped."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...core.context import RoutingContext
+from ...core.ops import to_sentinel
+from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
-from ..top_p.routing import to_sentinel
-from .routing import score_ratios, skip_mask
+from .routing import calibrate_beta, score_ratios, skip_mask
 
 
 class DynamicSkipLayer(RoutingLayer):
     """Top-k routing with small experts skipped. ``beta`` is a persistent buffer (routing-adapter state).
 
-    While ``calibration`` is a list, the layer routes with the model's own top-k and appends the
-    ratios ``w_j / w_(1)`` of its real (non-padding) tokens to it.
+    While fitting (:meth:`begin_fit` ... :meth:`end_fit`), the layer routes with the model's own
+    top-k and collects the ratios ``w_j / w_(1)`` of its real (non-padding) tokens; ``end_fit``
+    sets ``beta`` to their ``quantile``.
     """
 
     def __init__(
-        self,
-        adapter: MoEAdapter,
-        block: MoEBlock,
-        context: RoutingContext,
-        beta: float | None,
-        renormalize: bool,
+        self, block: MoEBlock, context: RoutingContext, beta: float | None, quantile: float, renormalize: bool
     ) -> None:
-        super().__init__(adapter, block, context)
+        super().__init__(block, context)
         self.register_buffer("beta", torch.tensor(math.nan if beta is None else float(beta)))
+        self.quantile = quantile
         self.renormalize = renormalize
         self.calibration: list[torch.Tensor] | None = None
-        self._beta_checked = False
 
-    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_routing_state(state)
-        self._beta_checked = False
+    def allows_nonfinite(self, key: str) -> bool:
+        return key == "beta"  # NaN = not calibrated yet
+
+    def is_fitted(self) -> bool:
+        return not bool(torch.isnan(self.beta))
 
     def set_beta(self, value: float) -> None:
         self.beta.fill_(float(value))
-        self._beta_checked = False
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        adapter = self.adapter
-        logits = adapter.logits(gate, hidden_states)
-        scores = adapter.scores(gate, logits)
-        index = adapter.topk(gate, adapter.choice_scores(gate, scores), adapter.top_k(gate))
-        selected = scores.gather(1, index)
+    def begin_fit(self) -> None:
+        self.calibration = []
+
+    def end_fit(self, quantile: float | None = None) -> float:
+        """Stop collecting; ``beta`` becomes the ``quantile`` of the collected ratios (returned)."""
+        ratios = torch.cat(self.calibration) if self.calibration else torch.empty(0)
+        self.calibration = None
+        beta = calibrate_beta(ratios, self.quantile if quantile is None else quantile)
+        self.set_beta(beta)
+        return beta
+
+    def abort_fit(self) -> None:
+        self.calibration = None
+
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        spec = self.spec
+        logits = spec.logits(router, hidden_states)
+        scores = spec.scores(logits)
+        index = spec.topk(spec.choice(logits, scores), spec.top_k)
+        full = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
+        selected = spec.weights(logits, scores, index).float()  # scale-free ratios, float32
         if self.calibration is not None:
             mask = self.context.mask_for(selected.shape[0])
             ratios = score_ratios(selected.detach())
             self.calibration.append((ratios if mask is None else ratios[mask]).cpu())
-            return logits, adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
-        if not self._beta_checked:
-            if torch.isnan(self.beta):
-                raise ValueError(
-                    f"Dynamic skipping of layer {self.layer_index} has no beta yet: run "
-                    "hf_moe_routing.methods.dynamic_skip.calibrate(model, data) first, load a calibrated "
-                    "routing adapter, or pass DynamicSkipConfig(beta=...)."
-                )
-            self._beta_checked = True
-        keep = skip_mask(selected, self.beta.to(selected.dtype))
+            return RouterOutput(logits, full, index)
+        if torch.compiler.is_compiling():  # no host sync inside a graph: a runtime check instead
+            torch._assert_async(~self.beta.isnan(), f"Dynamic skipping layer {self.layer_index}: no beta yet")
+        elif torch.isnan(self.beta):
+            raise ValueError(
+                f"Dynamic skipping of layer {self.layer_index} has no beta yet: fit it with "
+                "hf_moe_routing.fit_routing(model, data) (or methods.dynamic_skip.calibrate), load a "
+                "calibrated routing adapter, or pass DynamicSkipConfig(beta=...)."
+            )
+        keep = skip_mask(selected, self.beta)
         if self.renormalize:
-            weights = adapter.weights(gate, scores, index, valid=keep, logits_dtype=logits.dtype)
+            weights = spec.weights(logits, scores, index, keep, hidden_dtype=hidden_states.dtype)
         else:
-            weights = adapter.weights(gate, scores, index, logits_dtype=logits.dtype).masked_fill(~keep, 0)
-        return logits, weights, to_sentinel(index, keep, scores.shape[-1])
+            weights = full.masked_fill(~keep, 0)
+        return RouterOutput(logits, weights, to_sentinel(index, keep, spec.num_experts))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={float(self.beta):.4f}, renormalize={self.renormalize}"

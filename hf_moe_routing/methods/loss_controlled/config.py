@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...adapters import MoEAdapter, MoEBlock, MoEShape
-from ...context import RoutingContext
+from ...core.config import check_range
+from ...core.context import RoutingContext
+from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
 from .layer import LossControlledLayer
 
@@ -22,7 +23,7 @@ class LossControlledConfig(RoutingConfig):
     the LM loss: ``loss = out.loss + routing_aux_loss(model)``.
 
     Args:
-        coefficient: alpha (default 0.01).
+        coefficient: alpha, finite and >= 0 (default 0.01).
         per_sequence: balance each sequence of the batch separately (DeepSeek-V3's sequence-wise
             loss) instead of the whole batch.
     """
@@ -33,12 +34,8 @@ class LossControlledConfig(RoutingConfig):
     per_sequence: bool = False
 
     def __post_init__(self) -> None:
-        if not self.coefficient >= 0:
-            raise ValueError(
-                f"LossControlledConfig(coefficient={self.coefficient}) must be >= 0 (default 0.01)."
-            )
+        super().__post_init__()
+        check_range("LossControlledConfig", "coefficient", self.coefficient, low=0.0, hint="Default 0.01.")
 
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> LossControlledLayer:
-        return LossControlledLayer(adapter, block, context, self)
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> LossControlledLayer:
+        return LossControlledLayer(block, context, self)

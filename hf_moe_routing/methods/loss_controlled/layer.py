@@ -3,61 +3,68 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
-from ..base import RoutingLayer
-from .loss import load_balancing_loss
-
-if TYPE_CHECKING:
-    from .config import LossControlledConfig
+from ...core.context import RoutingContext
+from ...families import MoEBlock, RouterOutput
+from ..base import RoutingConfig, RoutingLayer
+from .loss import AuxLossScaler, load_balancing_loss
 
 
 class LossControlledLayer(RoutingLayer):
     """Routes exactly like the model; in training records ``coefficient * L_aux`` in the context.
 
+    ``hf_moe_routing.routing_aux_loss(model)`` returns the sum after a forward. Under activation
+    checkpointing the loss is recorded once, by the original forward: with non-reentrant
+    checkpointing it carries its gradient; with reentrant checkpointing (whose original forward runs
+    without gradients) it is a value, and the recomputed forward routes the gradient of the loss
+    into the router through :class:`AuxLossScaler`, so training is the same in every mode.
+
     The per-sequence variant needs the (batch, sequence) shape that the flattened router input has
-    lost: a forward pre-hook on the MoE block records it. The hook removes itself once this layer
-    is no longer the block's routing (after ``unpatch_model``).
+    lost: a forward pre-hook on the MoE block records it; it removes itself once this layer is no
+    longer the block's routing (after ``unpatch_model``).
     """
 
-    def __init__(
-        self, adapter: MoEAdapter, block: MoEBlock, context: RoutingContext, config: LossControlledConfig
-    ) -> None:
-        super().__init__(adapter, block, context)
+    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
+        super().__init__(block, context)
         self.config = config
         self.num_sequences = 1
         self._hook = None
         if config.per_sequence:
-            self._hook = block.block.register_forward_pre_hook(_record_batch_shape(self, block.gate))
+            self._hook = block.block.register_forward_pre_hook(_record_batch_shape(self, block))
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        index = self.adapter.topk(gate, self.adapter.choice_scores(gate, scores), self.adapter.top_k(gate))
-        weights = self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype)
-        if self.training and torch.is_grad_enabled():
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        spec = self.spec
+        logits = spec.logits(router, hidden_states)
+        scores = spec.scores(logits)
+        index = spec.topk(spec.choice(logits, scores), spec.top_k)
+        weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
+        if self.training:
             n = scores.shape[0]
             sequences = self.num_sequences if self.config.per_sequence and n % self.num_sequences == 0 else 1
-            loss = load_balancing_loss(scores, index, self.context.mask_for(n), sequences)
-            self.context.add_aux_loss(self.config.coefficient * loss)
-        return logits, weights, index
+            loss = self.config.coefficient * load_balancing_loss(
+                scores, index, self.context.mask_for(n), sequences
+            )
+            if self.replaying():
+                weights = AuxLossScaler.apply(weights, loss)
+            else:
+                self.context.add_aux_loss(loss if torch.is_grad_enabled() else loss.detach())
+        return RouterOutput(logits, weights, index)
 
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, coefficient={c.coefficient}, per_sequence={c.per_sequence}"
 
 
-def _record_batch_shape(layer: LossControlledLayer, gate: nn.Module):
+def _record_batch_shape(layer: LossControlledLayer, block: MoEBlock):
     ref = weakref.ref(layer)
 
-    def hook(block: nn.Module, args: tuple) -> None:
+    def hook(module: nn.Module, args: tuple) -> None:
         current = ref()
-        if current is None or getattr(gate, "routing", None) is not current:
+        if current is None or getattr(block.router, "routing", None) is not current:
             if current is not None and current._hook is not None:
                 current._hook.remove()
             return

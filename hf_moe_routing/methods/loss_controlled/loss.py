@@ -38,3 +38,22 @@ def load_balancing_loss(
     per_sequence = m * (fraction * mean_prob).sum(dim=-1)  # (B,)
     has_tokens = (weight.sum(dim=1) > 0).to(per_sequence.dtype)
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends gradient 1 into ``aux_loss``.
+
+    Attaching a loss to a tensor of the main graph makes its gradient flow without adding it to the
+    training loss (Megatron-LM's ``MoEAuxLossAutoScaler``): used when a forward is recomputed by
+    reentrant activation checkpointing, whose original forward had no graph to add the loss to.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(aux_loss)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # noqa: ANN001, ANN205
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(aux_loss)

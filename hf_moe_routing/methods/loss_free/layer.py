@@ -1,100 +1,112 @@
-"""Loss-Free routing layer: top-k of ``s + b``, weights from s, b updated after each batch."""
+"""Loss-Free routing layer: top-k of ``c + b``, weights from the family's scores, b updated after each batch."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext, is_recomputing
-from ..base import RoutingLayer
-from ..bip.layer import check_finite, distributed_world
-from .bias import bias_update, token_loads
-
-if TYPE_CHECKING:
-    from .config import LossFreeConfig
-
-#: DeepSeek-V3's own selection bias; Loss-Free updates it instead of keeping a separate one.
-MODEL_BIAS = "e_score_correction_bias"
+from ...core.context import RoutingContext
+from ...core.distributed import all_reduce_sum
+from ...core.ops import tokens_per_expert
+from ...families import MoEBlock, RouterOutput
+from ..base import RoutingConfig, RoutingLayer
+from .bias import bias_update
 
 
 class LossFreeLayer(RoutingLayer):
-    """Selection bias b (buffer ``bias``), or the router's own ``e_score_correction_bias`` if it has one."""
+    """Selection bias b: the family's own (e.g. DeepSeek-V3's ``e_score_correction_bias``) or a new one.
 
-    def __init__(
-        self, adapter: MoEAdapter, block: MoEBlock, context: RoutingContext, config: LossFreeConfig
-    ) -> None:
-        super().__init__(adapter, block, context)
+    ``bias`` (float32, (m,)) is the master copy that updates accumulate in. For a family with its own
+    selection bias, every update is also written (rounded) into the model's tensor, which the family
+    adds itself: a bias stored in bf16 thus still moves by updates far below bf16 resolution, and the
+    model routes as before once unpatched. Other families get ``bias`` added as an offset.
+    """
+
+    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
+        super().__init__(block, context)
         self.config = config
-        self.num_experts = adapter.num_experts(block.gate)
-        # a plain reference (not a submodule: the gate owns this layer)
-        object.__setattr__(self, "_gate", block.gate)
-        self.uses_model_bias = isinstance(getattr(block.gate, MODEL_BIAS, None), torch.Tensor)
-        if not self.uses_model_bias:
-            self.register_buffer("bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
-        #: the bias the last training forward routed with (reused by checkpoint recomputation)
-        self._routed_bias: torch.Tensor | None = None
+        self.model_bias = self.spec.selection_bias  # a TensorSlot, or None
+        self.register_buffer("bias", torch.zeros(self.spec.num_experts, dtype=torch.float32), persistent=True)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
+        if self.model_bias is not None and self.model_bias.get().device.type != "meta":
+            with torch.no_grad():
+                self.bias.copy_(self.model_bias.get().detach().float().reshape(-1))
+        self.fitting = False
 
     @property
     def selection_bias(self) -> torch.Tensor:
-        """The bias that selection adds to the scores (the model's own one for DeepSeek-V3)."""
-        return getattr(self._gate, MODEL_BIAS) if self.uses_model_bias else self.bias
+        """The bias selection adds to the scores now (the model's own tensor where it has one)."""
+        return self.model_bias.get() if self.model_bias is not None else self.bias
+
+    def begin_fit(self) -> None:
+        """Start fitting: the bias updates on every batch, also in eval mode."""
+        self.fitting = True
+
+    def end_fit(self) -> dict[str, float]:
+        """Stop fitting; returns the number of updates so far and the bias range."""
+        self.fitting = False
+        return {
+            "updates": int(self.num_updates),
+            "bias_min": float(self.bias.min()),
+            "bias_max": float(self.bias.max()),
+        }
+
+    def abort_fit(self) -> None:
+        self.fitting = False
 
     def updates_now(self) -> bool:
-        return self.training or self.config.update_in_eval
+        return self.training or self.fitting or self.config.update_in_eval
+
+    def is_fitted(self) -> bool:
+        return bool(self.num_updates > 0) or self.model_bias is not None
 
     @torch.no_grad()
     def update_bias(self, index: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``b_j += u * sign(mean load - load_j)`` with loads over real tokens (all ranks under DDP)."""
-        loads = token_loads(index, self.num_experts, mask)
-        if self.config.sync_global and distributed_world() > 1:
-            dist.all_reduce(loads)
+        loads = tokens_per_expert(index, self.spec.num_experts, mask)
+        if self.config.sync_global:
+            all_reduce_sum(loads)
         if loads.sum() == 0:  # no real token: nothing to learn from
             return
-        bias = self.selection_bias
-        bias.add_(bias_update(loads, self.config.update_rate).to(device=bias.device, dtype=bias.dtype))
+        self.bias.add_(bias_update(loads, self.config.update_rate).to(self.bias.device))
+        self.num_updates += 1
+        if self.model_bias is not None:
+            target = self.model_bias.get()
+            target.copy_(self.bias.view_as(target).to(device=target.device, dtype=target.dtype))
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        recomputing = is_recomputing()  # activation checkpointing: route as the original forward did
-        current = self.selection_bias
-        routed = self._routed_bias if recomputing and self._routed_bias is not None else current
-        if self.training and not recomputing:
-            self._routed_bias = current.detach().clone()
-        offset = routed
-        if self.uses_model_bias:  # DeepSeek-V3's choice_scores adds the model's current bias itself
-            offset = None if routed is current else routed - current
-        if offset is not None:
-            offset = offset.to(device=scores.device, dtype=scores.dtype)
-        index = self.adapter.topk(
-            gate, self.adapter.choice_scores(gate, scores, offset), self.adapter.top_k(gate)
-        )
-        weights = self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype)
-        if self.updates_now() and not recomputing:
-            check_finite(scores.detach(), f"Loss-Free layer {self.layer_index}")
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        spec = self.spec
+        logits = spec.logits(router, hidden_states)
+        scores = spec.scores(logits)
+        bias = self.replay(self.selection_bias)
+        if self.model_bias is not None:
+            choice = spec.choice(logits, scores, bias=bias)
+        else:
+            choice = spec.choice(logits, scores, bias.to(device=scores.device, dtype=torch.float32))
+        index = spec.topk(choice, spec.top_k)
+        weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
+        if self.updates_now() and not self.replaying():
+            if not torch.isfinite(scores.detach()).all():
+                raise ValueError(
+                    f"Loss-Free layer {self.layer_index}: the router produced NaN/inf scores, so the bias "
+                    "cannot be updated. Check the model's weights and inputs."
+                )
             self.update_bias(index, self.context.mask_for(index.shape[0]))
-        return logits, weights, index
-
-    def routing_state(self) -> dict[str, torch.Tensor]:
-        if self.uses_model_bias:
-            return {MODEL_BIAS: self.selection_bias.detach().clone()}
-        return dict(self.state_dict())
+        return RouterOutput(logits, weights, index)
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.uses_model_bias:
-            self.load_state_dict(state, strict=True)
-            return
-        if set(state) != {MODEL_BIAS}:
-            raise ValueError(
-                f"Loss-Free state of layer {self.layer_index} must hold exactly {MODEL_BIAS!r}, got {sorted(state)}."
-            )
-        with torch.no_grad():
-            self.selection_bias.copy_(state[MODEL_BIAS])
+        state = dict(state)
+        if "e_score_correction_bias" in state:  # adapters saved before the master copy existed
+            state["bias"] = state.pop("e_score_correction_bias").float().reshape(-1)
+        state.setdefault("num_updates", torch.tensor(1))
+        super().load_routing_state(state)
+        if self.model_bias is not None:
+            with torch.no_grad():
+                target = self.model_bias.get()
+                target.copy_(self.bias.view_as(target).to(device=target.device, dtype=target.dtype))
 
     def extra_repr(self) -> str:
-        where = MODEL_BIAS if self.uses_model_bias else "own bias"
+        where = self.model_bias.path if self.model_bias is not None else "own bias"
         return f"{super().extra_repr()}, u={self.config.update_rate}, {where}"

@@ -1,5 +1,7 @@
+"""Top-p routing (Huang et al. 2024): the fewest experts whose probability mass reaches p."""
+
 from .config import TopPConfig
 from .layer import TopPLayer
-from .routing import slot_mask, to_sentinel, top_p_counts
+from .routing import top_p_counts
 
-__all__ = ["TopPConfig", "TopPLayer", "slot_mask", "to_sentinel", "top_p_counts"]
+__all__ = ["TopPConfig", "TopPLayer", "top_p_counts"]

@@ -1,45 +1,41 @@
-"""Top-p routing through the family adapter."""
+"""Top-p routing layer: the family's ranking, the shortest prefix whose probability mass reaches p."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...core.context import RoutingContext
+from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
-from .routing import slot_mask, to_sentinel, top_p_counts
+from ..routing import keep_slots, rank_experts
+from .routing import top_p_counts
 
 
 class TopPLayer(RoutingLayer):
+    """Keeps each token's best experts until their probabilities ``P = s / sum(s)`` reach ``p``."""
+
     def __init__(
-        self,
-        adapter: MoEAdapter,
-        block: MoEBlock,
-        context: RoutingContext,
-        p: float,
-        max_k: int,
-        normalize: bool | None,
+        self, block: MoEBlock, context: RoutingContext, p: float, max_k: int, normalize: bool | None
     ) -> None:
-        super().__init__(adapter, block, context)
+        super().__init__(block, context)
         self.p = float(p)
         self.max_k = int(max_k)
         self.normalize = normalize
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        adapter = self.adapter
-        logits = adapter.logits(gate, hidden_states)
-        scores = adapter.scores(gate, logits)
-        choice = adapter.choice_scores(gate, scores)
-        ranked_choice, ranked = torch.topk(choice, self.max_k, dim=-1, sorted=True)
-        probs = scores / scores.sum(dim=-1, keepdim=True)
-        counts = top_p_counts(probs.gather(1, ranked), self.p, eligible=torch.isfinite(ranked_choice))
-        valid = slot_mask(counts, self.max_k)
-        index = to_sentinel(ranked, valid, scores.shape[-1])
-        weights = adapter.weights(
-            gate, scores, index, valid=valid, normalize=self.normalize, logits_dtype=logits.dtype
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        ranking = rank_experts(self.spec, router, hidden_states, self.max_k)
+        probs = ranking.scores / ranking.scores.sum(dim=-1, keepdim=True)
+        # probabilities and eligibility in rank order (rank 0 first)
+        by_rank = torch.empty_like(ranking.index).scatter_(1, ranking.rank, ranking.index)
+        eligible = torch.empty_like(ranking.selectable).scatter_(1, ranking.rank, ranking.selectable)
+        counts = top_p_counts(probs.gather(1, by_rank), self.p, eligible=eligible)
+        keep = ranking.rank < counts.unsqueeze(-1)
+        return keep_slots(
+            self.spec, ranking, keep, renormalize=self.normalize, hidden_dtype=hidden_states.dtype
         )
-        return logits, weights, index
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, max_k={self.max_k}"

@@ -27,13 +27,3 @@ def top_p_counts(sorted_probs: torch.Tensor, p: float, eligible: torch.Tensor | 
     if eligible is not None:
         take = take & eligible
     return take.sum(dim=-1).clamp(min=1)
-
-
-def slot_mask(counts: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """(n, S) bool mask: slot s of token i is used iff ``s < counts_i``."""
-    return torch.arange(num_slots, device=counts.device) < counts.unsqueeze(-1)
-
-
-def to_sentinel(index: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``index`` with unused slots (``valid`` False) replaced by the sentinel ``num_experts``."""
-    return index.masked_fill(~valid, num_experts)

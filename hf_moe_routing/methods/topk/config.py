@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ...adapters import MoEAdapter, MoEBlock, MoEShape
-from ...context import RoutingContext
+from ...core.context import RoutingContext
+from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
 from .layer import TopKLayer
 
@@ -17,19 +18,16 @@ class TopKConfig(RoutingConfig):
 
     ``TopKConfig()`` reproduces the model's router bit for bit; ``TopKConfig(top_k=k)`` gives
     every token k experts, selected and weighted by the family's own rules (a static-k baseline).
+
+    Args:
+        top_k: experts per token, in ``1..num_experts``; None = the model's own top-k.
     """
 
-    routing_type = "topk"
+    routing_type: ClassVar[str] = "topk"
     top_k: int | None = None
 
-    def validate(self, shape: MoEShape) -> None:
-        if self.top_k is not None and not 1 <= self.top_k <= shape.num_experts:
-            raise ValueError(
-                f"TopKConfig(top_k={self.top_k}) is outside 1..{shape.num_experts}: the model has "
-                f"{shape.num_experts} routed experts per layer. Pick a k in that range (or None for the model's own)."
-            )
+    def validate(self, model: MoEModel) -> None:
+        self.check_k("top_k", self.top_k, model)
 
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> TopKLayer:
-        return TopKLayer(adapter, block, context, self.top_k)
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> TopKLayer:
+        return TopKLayer(block, context, self.top_k)

@@ -1,29 +1,31 @@
-"""Top-k routing through the family adapter."""
+"""Top-k routing through the router spec: the family's own routing, at its k or another one."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters import MoEAdapter, MoEBlock
-from ...context import RoutingContext
+from ...core.context import RoutingContext
+from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
+from ..routing import original_router_output
 
 
 class TopKLayer(RoutingLayer):
-    def __init__(
-        self, adapter: MoEAdapter, block: MoEBlock, context: RoutingContext, top_k: int | None
-    ) -> None:
-        super().__init__(adapter, block, context)
+    """``index = topk(choice, k)``, weights by the family's rules (``k = top_k`` or the model's own)."""
+
+    def __init__(self, block: MoEBlock, context: RoutingContext, top_k: int | None) -> None:
+        super().__init__(block, context)
         self.top_k = top_k
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        if self.top_k is None:
-            return self.adapter.route(gate, hidden_states)
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        index = self.adapter.topk(gate, self.adapter.choice_scores(gate, scores), self.top_k)
-        return logits, self.adapter.weights(gate, scores, index, logits_dtype=logits.dtype), index
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        if self.top_k is None and self.training and self.spec.kind.score == "sparsemixer":
+            return original_router_output(
+                self.spec, router, hidden_states, router_args
+            )  # samples in training
+        return self.spec.route(router, hidden_states, self.top_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k or 'model default'}"

@@ -1,6 +1,6 @@
-"""Per-forward information that routers need but ``block.gate(hidden)`` does not receive.
+"""Per-forward information that routers need but ``router(hidden_states)`` does not receive.
 
-The gate sees only the flattened hidden states ``(n, h)``. Which of those n tokens are padding
+The router sees only the flattened hidden states ``(n, h)``. Which of those n tokens are padding
 lives in the model's ``attention_mask``; a forward pre-hook on the patched model stores it here,
 flattened to the tokens of the current forward (the last ``seq_len`` columns during cached
 generation), and every routing layer and statistics collector reads it.
@@ -21,6 +21,9 @@ class RoutingContext:
 
     #: (n,) bool, True for real tokens of the current forward; None = all tokens are real.
     token_mask: torch.Tensor | None = None
+    #: While True, every patched router runs its original (unpatched) forward: the model's own
+    #: Top-K, used for reference measurements without rebuilding the patch.
+    original_routers: bool = False
     #: Free slots for methods (e.g. auxiliary losses collected during a forward).
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -40,11 +43,15 @@ class RoutingContext:
 
 
 def is_recomputing() -> bool:
-    """True while autograd runs a backward pass.
+    """True while autograd runs a backward pass (so a forward now is checkpoint recomputation).
 
-    A model forward that runs then is activation-checkpoint recomputation: routers with state
-    (BIP's q, Loss-Free's bias) must route as in the original forward and must not update twice.
+    Routers with state (BIP's q, Loss-Free's bias) must then route as in the original forward and
+    must not update twice. Under ``torch.compile`` this returns False (dynamo cannot trace the
+    autograd engine's state; compiled models are not recomputed by activation checkpointing of
+    the routing layer itself), so callers in eval mode never reach it.
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -4,37 +4,43 @@
 with its own parameters, buffers and hooks (so ``model.state_dict()`` of the base model, accelerate's
 device/offload hooks and transformers' ``OutputRecorder`` keep working), and becomes an instance of a
 subclass ``Routed<RouterClass>`` whose ``forward`` delegates to a routing layer stored as the
-submodule ``gate.routing``. ``unpatch_model`` removes the submodule and restores the class.
+submodule ``router.routing`` and returns the decision in the router's own output format.
+``unpatch_model`` removes the submodule and restores the class.
 
 Patching an already patched model raises a ValueError unless ``replace=True`` (which unpatches first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import MoEAdapter, MoEBlock, MoEShape, get_adapter
-from .context import RoutingContext, install_mask_hooks
-from .experts import SENTINEL_EXPERTS
-from .methods.base import RoutingConfig, RoutingLayer
+from ..core.context import RoutingContext, install_mask_hooks
+from ..core.experts import SENTINEL_EXPERTS
+from ..families import MoEBlock, MoEFamily, MoEModel, MoEShape, describe_model
+from ..methods.base import RoutingConfig, RoutingLayer
 
 #: Name of the routing submodule inside every patched router.
 ROUTING_ATTR = "routing"
 _STATE_ATTR = "_hf_moe_routing"
 
 
-class RoutedGate:
-    """Mixin of patched routers: ``forward`` delegates to ``self.routing``."""
+class RoutedRouter:
+    """Mixin of patched routers: ``forward`` routes through ``self.routing`` and encodes the result."""
 
     _original_class: type[nn.Module]
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return getattr(self, ROUTING_ATTR)(self, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        routing = getattr(self, ROUTING_ATTR)
+        if routing.context.original_routers:
+            return self._original_class.forward(self, hidden_states, *args, **kwargs)
+        return routing.spec.encode(routing(self, hidden_states, *args))
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
@@ -44,7 +50,7 @@ def _routed_class(cls: type[nn.Module]) -> type[nn.Module]:
     """``Routed<cls>``: a subclass of the router class (so isinstance checks still match)."""
     if cls not in _ROUTED_CLASSES:
         _ROUTED_CLASSES[cls] = type(
-            f"Routed{cls.__name__}", (RoutedGate, cls), {"_original_class": cls, "__module__": __name__}
+            f"Routed{cls.__name__}", (RoutedRouter, cls), {"_original_class": cls, "__module__": __name__}
         )
     return _ROUTED_CLASSES[cls]
 
@@ -54,14 +60,28 @@ class PatchState:
     """What ``patch_model`` changed, kept on the model so ``unpatch_model`` can undo it."""
 
     config: RoutingConfig
-    adapter: MoEAdapter
-    shape: MoEShape
-    blocks: list[MoEBlock]
+    model: MoEModel
     context: RoutingContext
     hooks: list = field(default_factory=list)
     previous_experts_implementation: str | None = None
     ignored_keys: set[str] = field(default_factory=set)
     saved_old_forwards: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> MoEFamily:
+        return self.model.family
+
+    @property
+    def adapter(self) -> MoEFamily:  # the name of earlier versions
+        return self.model.family
+
+    @property
+    def blocks(self) -> tuple[MoEBlock, ...]:
+        return self.model.blocks
+
+    @property
+    def shape(self) -> MoEShape:
+        return self.model.shape
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -80,13 +100,20 @@ def get_patch_state(model: nn.Module) -> PatchState | None:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a PEFT wrapper holds) is patched."""
     return get_patch_state(model) is not None
 
 
+def describe(model: nn.Module) -> MoEModel:
+    """The :class:`~hf_moe_routing.families.MoEModel` of a patched model (kept) or an unpatched one (new)."""
+    state = get_patch_state(model)
+    return state.model if state is not None else describe_model(unwrap_model(model))
+
+
 def routing_layers(model: nn.Module) -> dict[int, RoutingLayer]:
-    """Decoder-layer index -> routing layer of a patched model."""
+    """Decoder-layer index -> routing layer of a patched model (ValueError if it is not patched)."""
     state = _require_state(model)
-    return {b.layer_index: getattr(b.gate, ROUTING_ATTR) for b in state.blocks}
+    return {b.layer_index: getattr(b.router, ROUTING_ATTR) for b in state.blocks}
 
 
 def routing_aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -97,6 +124,32 @@ def routing_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return _require_state(model).context.pop_aux_loss()
 
 
+@contextlib.contextmanager
+def original_routing(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every router of ``model`` runs its original forward (the model's own Top-K).
+
+    Nothing is unpatched or rebuilt: routing layers (and any reference to them) stay as they are,
+    with their state; a variable-k routing's experts implementation is switched back meanwhile. An
+    unpatched model is yielded unchanged.
+    """
+    state = get_patch_state(model)
+    if state is None:
+        yield model
+        return
+    base = unwrap_model(model)
+    previous = state.context.original_routers
+    swap = state.config.variable_k and state.previous_experts_implementation is not None
+    state.context.original_routers = True
+    if swap:
+        _set_experts_implementation(base, state.previous_experts_implementation)
+    try:
+        yield model
+    finally:
+        state.context.original_routers = previous
+        if swap:
+            _set_experts_implementation(base, SENTINEL_EXPERTS)
+
+
 def _require_state(model: nn.Module) -> PatchState:
     state = get_patch_state(model)
     if state is None:
@@ -104,10 +157,10 @@ def _require_state(model: nn.Module) -> PatchState:
     return state
 
 
-def _execution_device(gate: nn.Module) -> torch.device:
+def _execution_device(router: nn.Module, weight: torch.Tensor) -> torch.device:
     """Where the router computes: its weight's device, or accelerate's execution device if offloaded."""
-    device = gate.weight.device
-    hook = getattr(gate, "_hf_hook", None)
+    device = weight.device
+    hook = getattr(router, "_hf_hook", None)
     if device.type == "meta" and hook is not None:
         execution = getattr(hook, "execution_device", None)
         if execution is None and hasattr(hook, "hooks"):  # SequentialHook
@@ -121,19 +174,25 @@ def patch_model(
     model: nn.Module,
     config: RoutingConfig,
     *,
-    adapter: str | MoEAdapter | None = None,
+    family: str | MoEFamily | None = None,
+    adapter: str | MoEFamily | None = None,
     replace: bool = False,
 ) -> nn.Module:
-    """Replace the router of every MoE block of ``model`` by the routing ``config`` chooses.
+    """Replace the routing of every MoE block of ``model`` by the one ``config`` chooses.
 
     Args:
-        model: a transformers MoE model (``*ForCausalLM`` or the bare ``*Model``).
+        model: a transformers MoE model (``*ForCausalLM``, the bare ``*Model``, or a PEFT wrapper).
         config: a routing config, e.g. ``TopKConfig()``, ``BIPConfig()``, ``AdaKConfig()``.
-        adapter: force a family adapter by name (``"generic"`` for the probing adapter) or instance.
+        family: force a model family by name (``"generic"`` detects the router kind) or instance.
+        adapter: the name of ``family`` in earlier versions.
         replace: if the model is already patched, unpatch it first instead of raising.
 
     Returns the same model, patched in place. Everything is checked before anything changes: on
-    error the model is left as it was. A PEFT model is patched through the model it wraps.
+    error the model is left as it was.
+
+    Raises:
+        TypeError: ``config`` is not a routing config, or a router cannot be reproduced exactly.
+        ValueError: the model has no MoE block, is already patched, or ``config`` does not fit it.
     """
     wrapper, model = model, unwrap_model(model)
     if not isinstance(config, RoutingConfig):
@@ -142,34 +201,37 @@ def patch_model(
             f"got {type(config).__name__}."
         )
     state = get_patch_state(model)
-    if state is not None:
-        if not replace:
-            raise ValueError(
-                f"This model is already patched with {state.config.routing_type!r} routing. Call "
-                "hf_moe_routing.unpatch_model(model) first, or pass replace=True to swap the routing."
-            )
-        unpatch_model(model)
-    stray = [name for name, m in model.named_modules() if isinstance(m, RoutedGate)]
-    if stray:
+    if state is not None and not replace:
+        raise ValueError(
+            f"This model is already patched with {state.config.routing_type!r} routing. Call "
+            "hf_moe_routing.unpatch_model(model) first, or pass replace=True to swap the routing."
+        )
+    stray = [name for name, m in model.named_modules() if isinstance(m, RoutedRouter)]
+    if state is None and stray:
         raise ValueError(f"{stray[0]} is already a patched router (patched through another model object).")
 
-    family_adapter, blocks = get_adapter(model, adapter)
-    shape = family_adapter.shape(model, blocks)
-    config.validate(shape)
+    described = (
+        state.model
+        if state is not None and family is None and adapter is None
+        else describe_model(model, family if family is not None else adapter)
+    )
+    config.validate(described)
     context = RoutingContext()
-    layers = [config.create_layer(family_adapter, block, shape, context) for block in blocks]
+    layers = [config.create_layer(block, described, context) for block in described.blocks]
+    if state is not None:
+        unpatch_model(model)
 
     # Nothing has changed so far; from here on, mutate.
-    state = PatchState(config, family_adapter, shape, blocks, context)
-    for block, layer in zip(blocks, layers, strict=True):
-        gate = block.gate
-        layer.to(_execution_device(gate))
-        layer.train(gate.training)  # new modules start in training mode; follow the model's (eval) mode
-        gate.__class__ = _routed_class(type(gate))
-        gate.add_module(ROUTING_ATTR, layer)
-        if hasattr(gate, "_old_forward"):  # accelerate hook: it calls module._old_forward
-            state.saved_old_forwards[block.name] = gate._old_forward
-            gate._old_forward = types.MethodType(RoutedGate.forward, gate)
+    state = PatchState(config, described, context)
+    for block, layer in zip(described.blocks, layers, strict=True):
+        router = block.router
+        layer.to(_execution_device(router, block.spec.weight(router)))
+        layer.train(router.training)  # new modules start in training mode; follow the model's (eval) mode
+        router.__class__ = _routed_class(type(router))
+        router.add_module(ROUTING_ATTR, layer)
+        if hasattr(router, "_old_forward"):  # accelerate hook: it calls module._old_forward
+            state.saved_old_forwards[block.name] = router._old_forward
+            router._old_forward = types.MethodType(RoutedRouter.forward, router)
     state.hooks = install_mask_hooks(model, context)
     if config.variable_k:
         model_config = getattr(model, "config", None)
@@ -188,11 +250,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap_model(model)
     state = _require_state(model)
     for block in state.blocks:
-        gate = block.gate
-        delattr(gate, ROUTING_ATTR)
-        gate.__class__ = gate._original_class
+        router = block.router
+        delattr(router, ROUTING_ATTR)
+        router.__class__ = router._original_class
         if block.name in state.saved_old_forwards:
-            gate._old_forward = state.saved_old_forwards[block.name]
+            router._old_forward = state.saved_old_forwards[block.name]
     for handle in state.hooks:
         handle.remove()
     if state.config.variable_k and state.previous_experts_implementation is not None:

@@ -1,0 +1,83 @@
+"""Routing steps shared by the method layers (the family's rules come from the router spec).
+
+Fixed-k methods (BIP, Loss-Free) change only the selection offset; variable-k methods (top-p,
+dynamic skipping, Ada-K) rank each token's experts with the family's own top-k first, keep a
+per-token prefix of that ranking and mark the other slots with the sentinel index m::
+
+    ranking = rank_experts(spec, router, hidden, k_max)      # logits, scores, index, rank
+    keep    = ranking.rank < k_token[:, None]                 # (n, S) the k best of each token
+    output  = keep_slots(spec, ranking, keep, ...)            # weights 0 and index m elsewhere
+
+At ``k_token = top_k`` the kept experts are exactly the family's (its own top-k, ties included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..core.ops import to_sentinel
+from ..families import RouterOutput, RouterSpec
+
+
+class Ranking(NamedTuple):
+    """A token-by-expert ranking: ``index`` (n, S) experts, ``rank`` (n, S) their places (0 = best),
+    ``selectable`` (n, S) False where the family cannot select the slot's expert for that token."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    choice: torch.Tensor
+    index: torch.Tensor
+    rank: torch.Tensor
+    selectable: torch.Tensor
+
+
+def original_router_output(
+    spec: RouterSpec, router: nn.Module, hidden_states: torch.Tensor, router_args: tuple[Any, ...]
+) -> RouterOutput:
+    """The router's own (unpatched) forward, decoded (for families whose training routing samples)."""
+    forward = getattr(type(router), "_original_class", type(router)).forward
+    return spec.decode(forward(router, hidden_states, *router_args))
+
+
+def rank_experts(spec: RouterSpec, router: nn.Module, hidden_states: torch.Tensor, k_max: int) -> Ranking:
+    """Each token's ``k_max`` best experts: the family's own top-k in its order, then the next best."""
+    logits = spec.logits(router, hidden_states)
+    scores = spec.scores(logits)
+    choice = spec.choice(logits, scores)
+    index, rank, selectable = spec.ranked(choice, k_max)
+    return Ranking(logits, scores, choice, index, rank, selectable)
+
+
+def keep_slots(
+    spec: RouterSpec,
+    ranking: Ranking,
+    keep: torch.Tensor,
+    *,
+    renormalize: bool | None = None,
+    hidden_dtype: torch.dtype | None = None,
+) -> RouterOutput:
+    """The routing that uses only the slots where ``keep`` (n, S) is True (at least one per token).
+
+    Slots whose expert the family cannot select (-inf choice, outside a token's groups) are never
+    kept. Weights follow the family's rules over the kept slots (``renormalize`` overrides them).
+    """
+    valid = keep & ranking.selectable
+    weights = spec.weights(
+        ranking.logits,
+        ranking.scores,
+        ranking.index,
+        valid,
+        renormalize=renormalize,
+        hidden_dtype=hidden_dtype,
+    )
+    return RouterOutput(ranking.logits, weights, to_sentinel(ranking.index, valid, spec.num_experts))
+
+
+def selectable_experts(spec: RouterSpec, device: torch.device | str = "cpu") -> int:
+    """How many experts a token can choose from (fewer than m under group-limited routing)."""
+    if not spec.limits_groups:
+        return spec.num_experts
+    return spec.topk_groups * (spec.num_experts // spec.num_groups)

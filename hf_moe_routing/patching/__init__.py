@@ -1,0 +1,33 @@
+"""Patching: put a routing method into a model's routers (in place, reversibly), and fit its state."""
+
+from .fitting import fit_routing
+from .patch import (
+    ROUTING_ATTR,
+    PatchState,
+    RoutedRouter,
+    describe,
+    get_patch_state,
+    is_patched,
+    original_routing,
+    patch_model,
+    routing_aux_loss,
+    routing_layers,
+    unpatch_model,
+    unwrap_model,
+)
+
+__all__ = [
+    "ROUTING_ATTR",
+    "PatchState",
+    "RoutedRouter",
+    "describe",
+    "fit_routing",
+    "get_patch_state",
+    "is_patched",
+    "original_routing",
+    "patch_model",
+    "routing_aux_loss",
+    "routing_layers",
+    "unpatch_model",
+    "unwrap_model",
+]

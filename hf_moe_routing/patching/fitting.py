@@ -1,0 +1,88 @@
+"""Fit a routing's state on data, without gradients: BIP's prices, Loss-Free's bias, skip thresholds.
+
+A frozen checkpoint patched with ``BIPConfig()`` routes exactly like Top-K until its prices q have
+seen data. ``fit_routing`` is that step, next to ``patch_model``::
+
+    patch_model(model, BIPConfig())
+    fit_routing(model, calibration_data)        # q fitted on the data, model unchanged
+    save_routing_adapter(model, "bip-adapter")
+
+Each routing layer takes part through ``begin_fit()`` / ``end_fit()``: BIP and Loss-Free update
+their state on every batch (as in training, but the model stays in eval mode: no dropout, no
+gradients), dynamic skipping collects score ratios and sets its thresholds at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.batching import iter_batches, model_device
+from .patch import _require_state, routing_layers
+
+
+def fit_routing(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit the routing state of a patched model on ``data`` (no gradients, the model stays as it is).
+
+    Args:
+        model: a model patched with a routing that has state to fit (``BIPConfig``,
+            ``LossFreeConfig``, ``DynamicSkipConfig``).
+        data: token ids: a packed ``datasets.Dataset``, a (N, T) tensor, or a list of sequences/dicts
+            (see :func:`hf_moe_routing.core.batching.iter_batches`); padding is excluded.
+        batch_size: sequences per forward; BIP balances each batch, so use the batch size you will
+            serve or train with.
+        max_batches: fit on the first batches only (None = all).
+        progress: show a progress bar.
+
+    Returns ``{"routing": name, "batches": int, "tokens": int, "layers": {layer_index: summary}}``.
+
+    Raises:
+        ValueError: the model is not patched, its routing has nothing to fit (Top-K, top-p,
+            Loss-Controlled), or it is trained rather than fitted (Ada-K: use ``AdaKTrainer``), or
+            the data is empty.
+    """
+    state = _require_state(model)
+    config = state.config
+    if config.routing_type == "adak":
+        raise ValueError(
+            "Ada-K allocators are trained with PPO, not fitted: use hf_moe_routing.AdaKTrainer "
+            "(or `hf-moe-routing train`)."
+        )
+    if not config.needs_fitting:
+        raise ValueError(
+            f"{type(config).__name__} has no state to fit: it routes by fixed rules. Fitting applies to "
+            "BIPConfig, LossFreeConfig and DynamicSkipConfig."
+        )
+    layers = routing_layers(model)
+    fittable = {i: layer for i, layer in layers.items() if hasattr(layer, "begin_fit")}
+    batches = tokens = 0
+    for layer in fittable.values():
+        layer.begin_fit()
+    try:
+        with torch.no_grad():
+            for batch in iter_batches(
+                data,
+                batch_size,
+                model_device(model),
+                max_batches=max_batches,
+                progress=progress,
+                desc=f"fitting {config.routing_type}",
+            ):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                batches += 1
+                tokens += int(batch["attention_mask"].sum())
+        summaries = {i: layer.end_fit() for i, layer in fittable.items()}
+    except BaseException:
+        for layer in fittable.values():
+            layer.abort_fit()
+        raise
+    return {"routing": config.routing_type, "batches": batches, "tokens": tokens, "layers": summaries}
