@@ -163,7 +163,7 @@ def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> N
 
 
 # ---- JSON files ----------------------------------------------------------------------------------
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
+def read_json(path: str | Path, what: str = "JSON file", *, allow_nan: bool = False) -> Any:
     """Parse a JSON file with clear errors: missing, unreadable, truncated, too deep, or NaN literals.
 
     Raises:
@@ -173,19 +173,35 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({error}): not a JSON file.") from None
+    return parse_json(
+        text, f"{what} {path}", allow_nan=allow_nan, hint="; it may be truncated by an interrupted write"
+    )
+
+
+def parse_json(text: str, what: str = "JSON text", *, allow_nan: bool = False, hint: str = "") -> Any:
+    """Parse JSON text with the checks of :func:`read_json` (depth limit, no NaN/Infinity literals).
+
+    ``allow_nan=True`` reads the ``NaN`` / ``Infinity`` literals Python's ``json`` writes (files of
+    earlier versions may hold them in their results); config fields still refuse them by type.
+
+    Raises:
+        ValueError: not valid, standard JSON, or nested deeper than :data:`MAX_JSON_DEPTH`; the
+        message starts with ``what``.
+    """
     if _depth(text) > MAX_JSON_DEPTH:
-        raise ValueError(f"{what} {path} is nested deeper than {MAX_JSON_DEPTH} levels: not a file we wrote.")
+        raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels: not a file we wrote.")
 
     def refuse_constant(name: str) -> float:
         raise ValueError(f"non-standard JSON number {name}")
 
     try:
-        return json.loads(text, parse_constant=refuse_constant)
-    except ValueError as error:
-        raise ValueError(
-            f"{what} {path} is not valid JSON ({error}); it may be truncated by an interrupted write."
-        ) from None
+        return json.loads(text, parse_constant=None if allow_nan else refuse_constant)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{what} is not valid JSON ({error}){hint}.") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -9,6 +9,7 @@ from ...core.config import check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
+from ..routing import weights_depend_on_chosen_set
 from .layer import DynamicSkipLayer
 
 
@@ -56,6 +57,12 @@ class DynamicSkipConfig(RoutingConfig):
         )
 
     def validate(self, model: MoEModel) -> None:
+        if self.renormalize and not weights_depend_on_chosen_set(model.spec):
+            raise ValueError(
+                f"DynamicSkipConfig(renormalize=True) has no effect on {model.shape.family} routers: their "
+                "weights are per expert, not renormalised over the chosen ones (e.g. norm_topk_prob=False), so "
+                "a kept expert's weight is the same either way. Use renormalize=False."
+            )
         if model.shape.top_k < 2:
             raise ValueError(
                 f"Dynamic skipping drops experts after a token's first one, but this model routes each "

@@ -23,6 +23,8 @@ class DynamicSkipLayer(RoutingLayer):
     sets ``beta`` to their ``quantile``.
     """
 
+    display_name = "dynamic-skipping"
+
     def __init__(
         self, block: MoEBlock, context: RoutingContext, beta: float | None, quantile: float, renormalize: bool
     ) -> None:
@@ -65,7 +67,11 @@ class DynamicSkipLayer(RoutingLayer):
         if self.calibration is not None:
             mask = self.context.mask_for(selected.shape[0])
             ratios = score_ratios(selected.detach())
-            self.calibration.append((ratios if mask is None else ratios[mask]).cpu())
+            ratios = ratios if mask is None else ratios[mask.to(ratios.device)]
+            self.check_finite(
+                ratios, "router weights (dynamic skipping calibrates its threshold beta from them)"
+            )
+            self.calibration.append(ratios.cpu())
             return RouterOutput(logits, full, index)
         if torch.compiler.is_compiling():  # no host sync inside a graph: a runtime check instead
             torch._assert_async(~self.beta.isnan(), f"Dynamic skipping layer {self.layer_index}: no beta yet")
@@ -78,6 +84,7 @@ class DynamicSkipLayer(RoutingLayer):
         keep = skip_mask(selected, self.beta)
         if self.renormalize:
             weights = spec.weights(logits, scores, index, keep, hidden_dtype=hidden_states.dtype)
+            weights = weights.masked_fill(~keep, 0)  # a NaN token's renormalisation must not reach them
         else:
             weights = full.masked_fill(~keep, 0)
         return RouterOutput(logits, weights, to_sentinel(index, keep, spec.num_experts))

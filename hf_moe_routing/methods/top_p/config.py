@@ -45,7 +45,15 @@ class TopPConfig(RoutingConfig):
         check_range("TopPConfig", "max_k", self.max_k, low=1)
 
     def validate(self, model: MoEModel) -> None:
-        self.check_k("max_k", self.max_k, model)
+        self.check_k(
+            "max_k", self.max_k, model, selectable=False
+        )  # extra slots beyond the groups stay unused
+        if self.normalize is False and model.spec.kind.score == "softmax_topk":
+            raise ValueError(
+                f"TopPConfig(normalize=False) has no effect on {model.shape.family} routers: their weights are a "
+                "softmax over the chosen experts' logits, renormalised over the kept experts by construction. "
+                "Use normalize=None (or True)."
+            )
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> TopPLayer:
         return TopPLayer(block, context, self.p, self.max_k or block.spec.num_experts, self.normalize)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core.config import check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
@@ -25,6 +26,10 @@ class TopKConfig(RoutingConfig):
 
     routing_type: ClassVar[str] = "topk"
     top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("TopKConfig", "top_k", self.top_k, low=1, hint="None = the model's own top-k.")
 
     def validate(self, model: MoEModel) -> None:
         self.check_k("top_k", self.top_k, model)
