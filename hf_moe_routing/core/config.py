@@ -85,15 +85,18 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check(value, option, where)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise TypeError(f"{where}: {value!r} is not a {_name(hint)}.")
+            except ValueError:  # the right type with a bad value (NaN): that error, not a type error
+                raise
+            except TypeError:
+                if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple, Sequence):
+                    raise  # a list with a bad item: say which item
+                continue
+        raise TypeError(f"{where}: expected {_name(hint)}, got {value!r}.")
     if hint is bool:
         if not isinstance(value, bool):
             raise TypeError(f"{where}: expected true or false (a bool), got {value!r}.")
@@ -117,7 +120,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             raise TypeError(f"{where}: expected a list, got {value!r}.")
         args = typing.get_args(hint)
         item = args[0] if args else Any
-        return [_check(v, item, where) for v in value]
+        return [_check(v, item, f"{where} item {i}") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {value!r}.")
@@ -125,9 +128,12 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+_NAMES = {bool: "true or false (a bool)", int: "an integer", float: "a number", str: "a string"}
+
+
 def _name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = [_NAMES.get(a, "a list" if typing.get_origin(a) in (list, tuple) else str(a)) for a in args]
     return " or ".join(names) + (" or None" if type(None) in typing.get_args(hint) else "")
 
 

@@ -228,10 +228,9 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`routing_state` (strict: every key must match; values must be finite)."""
         for key, value in state.items():
-            if (
-                value.is_floating_point()
-                and not torch.isfinite(value).all()
-                and not self.allows_nonfinite(key)
+            if value.is_floating_point() and (
+                bool(torch.isinf(value).any())
+                or (bool(torch.isnan(value).any()) and not self.allows_nonfinite(key))
             ):
                 raise ValueError(
                     f"The routing state {key!r} of {self.where} holds NaN or infinite values: the adapter "
@@ -240,7 +239,7 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         self.load_state_dict(state, strict=True)
 
     def allows_nonfinite(self, key: str) -> bool:
-        """Whether state ``key`` may hold NaN (e.g. a threshold that is not calibrated yet)."""
+        """Whether state ``key`` may hold NaN (e.g. a threshold that is not calibrated yet); never inf."""
         return False
 
     def is_fitted(self) -> bool:

@@ -37,6 +37,16 @@ class DynamicSkipLayer(RoutingLayer):
     def allows_nonfinite(self, key: str) -> bool:
         return key == "beta"  # NaN = not calibrated yet
 
+    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_routing_state(state)  # refuses inf
+        beta = float(self.beta)
+        if not math.isnan(beta) and not 0.0 <= beta <= 1.0:
+            self.beta.fill_(math.nan)
+            raise ValueError(
+                f"The routing state 'beta' of {self.where} is {beta}, outside [0, 1] (a ratio to the top "
+                "expert's weight): the adapter is corrupt. Re-calibrate it with fit_routing."
+            )
+
     def is_fitted(self) -> bool:
         return not bool(torch.isnan(self.beta))
 
