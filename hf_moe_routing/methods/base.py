@@ -247,22 +247,21 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         return True
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        dtypes = {name: t.dtype for name, t in _named_tensors(self)}
-        super()._apply(fn, recurse)
-        for name, t in _named_tensors(self):
-            if dtypes.get(name) == torch.float32 and t.dtype != torch.float32:
-                t.data = t.data.float()
-                if isinstance(t, nn.Parameter) and t.grad is not None:
-                    t.grad.data = t.grad.data.float()
-        return self
+        """``module._apply`` with float32 tensors kept float32: a dtype cast is refused, a move kept.
+
+        The float32 original is moved itself (never cast down and back), so its values stay exact.
+        """
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            new = fn(t)
+            if t.dtype == torch.float32 and new.dtype != torch.float32:
+                return t.to(device=new.device)
+            return new
+
+        return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, router={self.spec.kind.describe()}"
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
 
 
 def _clone(value: Any) -> Any:

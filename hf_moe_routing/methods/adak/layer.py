@@ -103,7 +103,8 @@ class AdaKLayer(RoutingLayer):
         if replaying and self._replay_state is not None:  # checkpoint recomputation: the same k again
             k = self._replay_state.to(allocator_logits.device)
         else:
-            k = choose_k(allocator_logits, "sample" if self.training else self.decision, self.generator)
+            decision = "sample" if self.training else self.decision  # a draw needs no graph:
+            k = choose_k(allocator_logits.detach(), decision, self.generator)  # recomputation skips it
             if not self.training and self.k_cap is not None:
                 k = k.clamp(max=self.k_cap)
             k = self.replay(k)
