@@ -25,7 +25,9 @@ class DynamicSkipConfig(RoutingConfig):
         quantile: which quantile of the calibration ratios ``w_j / w_(1)`` becomes ``beta_l``, in
             (0, 1) (0.5 = the paper's median; higher skips more).
         renormalize: False (the paper) keeps the weights the family computes over the full top-k and
-            zeroes skipped slots; True applies the family's weighting over the kept experts.
+            zeroes skipped slots; True applies the family's weighting over the kept experts. True is
+            refused (ValueError at patch time) for routers whose weights are per expert (Qwen1.5-MoE
+            with ``norm_topk_prob=False``, DeepSeek-V2, OLMoE, Llama 4, PhiMoE): it would change nothing.
     """
 
     routing_type: ClassVar[str] = "dynamic_skip"

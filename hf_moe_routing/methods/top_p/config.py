@@ -19,10 +19,13 @@ class TopPConfig(RoutingConfig):
     routing probabilities sum to at least ``p``.
 
     Args:
-        p: probability-mass threshold in (0, 1]. Higher p activates more experts.
+        p: probability-mass threshold in (0, 1]. Higher p activates more experts; ``p = 1`` takes
+            every expert up to ``max_k`` (with ``max_k = top_k``: exactly the model's routing).
         max_k: cap on experts per token in ``1..num_experts`` (None = all routed experts). It also
             sets the slot count.
         normalize: renormalise the kept weights over the chosen experts (None = the family's own rule).
+            ``False`` is refused for routers whose weights are a softmax over the chosen logits
+            (gpt-oss, GraniteMoE): they are renormalised by construction.
     """
 
     routing_type: ClassVar[str] = "top_p"

@@ -16,7 +16,11 @@ from .routing import top_p_counts
 
 
 class TopPLayer(RoutingLayer):
-    """Keeps each token's best experts until their probabilities ``P = s / sum(s)`` reach ``p``."""
+    """Keeps each token's best experts until their probabilities ``P = s / sum(s)`` reach ``p``.
+
+    A token whose scores are all 0 (sigmoid scores that all underflow) has no mass to reach ``p``: it
+    keeps every eligible expert up to ``max_k``, each of weight 0 (never 0/0).
+    """
 
     display_name = "top-p"
 

@@ -21,7 +21,8 @@ class TopKConfig(RoutingConfig):
     every token k experts, selected and weighted by the family's own rules (a static-k baseline).
 
     Args:
-        top_k: experts per token, in ``1..num_experts``; None = the model's own top-k.
+        top_k: experts per token, in ``1..num_experts`` and at most the experts a token can choose
+            from on group-limited routers (DeepSeek, GLM-4.5); None = the model's own top-k.
     """
 
     routing_type: ClassVar[str] = "topk"
