@@ -146,6 +146,10 @@ def test_dynamic_skip_matches_direct_reference(family, overrides, renormalize):
     _, blocks = get_adapter(model)
     spec = blocks[0].spec
     torch.manual_seed(2)
+    if renormalize and not (spec.renorm or spec.kind.score == "softmax_topk"):
+        with pytest.raises(ValueError, match="has no effect"):  # per-expert weights: nothing to renormalise
+            patch_model(model, DynamicSkipConfig(beta=0.5, renormalize=renormalize))
+        return
     patch_model(model, DynamicSkipConfig(beta=0.5, renormalize=renormalize))
     m = spec.num_experts
     for block in blocks:

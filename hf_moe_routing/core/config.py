@@ -85,15 +85,18 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check(value, option, where)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise TypeError(f"{where}: {value!r} is not a {_name(hint)}.")
+            except ValueError:  # the right type with a bad value (NaN): that error, not a type error
+                raise
+            except TypeError:
+                if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple, Sequence):
+                    raise  # a list with a bad item: say which item
+                continue
+        raise TypeError(f"{where}: expected {_name(hint)}, got {value!r}.")
     if hint is bool:
         if not isinstance(value, bool):
             raise TypeError(f"{where}: expected true or false (a bool), got {value!r}.")
@@ -117,7 +120,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             raise TypeError(f"{where}: expected a list, got {value!r}.")
         args = typing.get_args(hint)
         item = args[0] if args else Any
-        return [_check(v, item, where) for v in value]
+        return [_check(v, item, f"{where} item {i}") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {value!r}.")
@@ -125,9 +128,12 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+_NAMES = {bool: "true or false (a bool)", int: "an integer", float: "a number", str: "a string"}
+
+
 def _name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = [_NAMES.get(a, "a list" if typing.get_origin(a) in (list, tuple) else str(a)) for a in args]
     return " or ".join(names) + (" or None" if type(None) in typing.get_args(hint) else "")
 
 
@@ -163,7 +169,7 @@ def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> N
 
 
 # ---- JSON files ----------------------------------------------------------------------------------
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
+def read_json(path: str | Path, what: str = "JSON file", *, allow_nan: bool = False) -> Any:
     """Parse a JSON file with clear errors: missing, unreadable, truncated, too deep, or NaN literals.
 
     Raises:
@@ -173,19 +179,35 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({error}): not a JSON file.") from None
+    return parse_json(
+        text, f"{what} {path}", allow_nan=allow_nan, hint="; it may be truncated by an interrupted write"
+    )
+
+
+def parse_json(text: str, what: str = "JSON text", *, allow_nan: bool = False, hint: str = "") -> Any:
+    """Parse JSON text with the checks of :func:`read_json` (depth limit, no NaN/Infinity literals).
+
+    ``allow_nan=True`` reads the ``NaN`` / ``Infinity`` literals Python's ``json`` writes (files of
+    earlier versions may hold them in their results); config fields still refuse them by type.
+
+    Raises:
+        ValueError: not valid, standard JSON, or nested deeper than :data:`MAX_JSON_DEPTH`; the
+        message starts with ``what``.
+    """
     if _depth(text) > MAX_JSON_DEPTH:
-        raise ValueError(f"{what} {path} is nested deeper than {MAX_JSON_DEPTH} levels: not a file we wrote.")
+        raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels: not a file we wrote.")
 
     def refuse_constant(name: str) -> float:
         raise ValueError(f"non-standard JSON number {name}")
 
     try:
-        return json.loads(text, parse_constant=refuse_constant)
-    except ValueError as error:
-        raise ValueError(
-            f"{what} {path} is not valid JSON ({error}); it may be truncated by an interrupted write."
-        ) from None
+        return json.loads(text, parse_constant=None if allow_nan else refuse_constant)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{what} is not valid JSON ({error}){hint}.") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:

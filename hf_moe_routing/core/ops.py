@@ -55,14 +55,25 @@ def to_sentinel(index: torch.Tensor, valid: torch.Tensor, num_experts: int) -> t
     return index.masked_fill(~valid, num_experts)
 
 
-def renormalize(weights: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """``w_is / (sum_s' w_is' + eps)``, with rows summing to 0 left at 0 (never 0/0 = NaN).
+def renormalize(weights: torch.Tensor, eps: float = 0.0, minimum: float | None = None) -> torch.Tensor:
+    """``w_is / d_i`` with ``d_i = sum_s' w_is' + eps`` (or ``max(sum, minimum)``); never 0/0 = NaN.
 
-    A token whose chosen experts all have probability 0 (a softmax that underflowed, a router logit
-    gap of ~100 or more) keeps weight 0 on every slot instead of NaN: its routed output is 0, as the
-    experts would contribute nothing at those probabilities anyway.
+    ``weights`` (n, S) of any float dtype; returns the same shape and dtype. A token whose chosen
+    experts all have probability 0 (a softmax that underflowed: a router logit gap of ~100 or more,
+    or a routing that moved the token onto such experts) keeps weight 0 on every slot instead of
+    NaN: its routed output is 0, as those experts would contribute nothing at those probabilities
+    anyway. Where ``d_i != 0`` the result is bit-identical to the plain division (the families'
+    own rule). NaN inputs stay NaN (nothing is hidden).
+
+    Args:
+        eps: added to the sum (DeepSeek-V3's ``+ 1e-20``); minimum: the sum is clamped to at least
+            this (ERNIE 4.5's ``norm_min``); at most one of the two applies (``minimum`` first).
     """
     total = weights.sum(dim=-1, keepdim=True)
-    denominator = total + eps if eps else total
+    denominator = total
+    if minimum is not None:
+        denominator = total.clamp(min=minimum)
+    elif eps:
+        denominator = total + eps
     safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     return weights / safe

@@ -194,7 +194,7 @@ def chosen_weights(
     if not renorm:
         return w
     if kind.norm == "clamp":
-        return w / torch.clamp(w.sum(dim=-1, keepdim=True), min=norm_value)
+        return renormalize(w, minimum=norm_value)
     return renormalize(w, norm_value if kind.norm == "eps" else 0.0)
 
 

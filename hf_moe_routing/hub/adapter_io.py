@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.config import read_json
 from ..methods.base import RoutingConfig
 from ..patching import describe, get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
 from .model_card import LIBRARY_TAG, build_model_card
@@ -401,10 +402,10 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
             f"{Path(folder)} is not a routing adapter: it has no {CONFIG_NAME}. Save one with "
             "hf_moe_routing.save_routing_adapter(model, folder)."
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is corrupt (not valid JSON: {error}). Save the adapter again.") from error
+    try:  # depth-limited, standard JSON only (a hostile file cannot exhaust the stack)
+        data = read_json(path, "Routing adapter config", allow_nan=True)
+    except ValueError as error:
+        raise ValueError(f"{error} The file is corrupt: save the adapter again.") from None
     missing = [key for key in ("routing", "moe_shape") if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(

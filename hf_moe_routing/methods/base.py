@@ -9,6 +9,27 @@ hidden states to a :class:`~hf_moe_routing.families.RouterOutput` through the bl
     @dataclass
     class BIPConfig(RoutingConfig):
         routing_type: ClassVar[str] = "bip"
+
+Non-finite values (the policy every method follows; ``notes/reliability.md`` lists the tests):
+
+* **Settings** are refused where they are written: config fields are type-checked (a float field
+  refuses NaN and infinity, an int field refuses 2.5 and True, a bool field refuses "false") and
+  range-checked at construction, at JSON load (:meth:`RoutingConfig.from_dict`) and again by
+  ``patch_model`` (a field changed after construction); model-dependent limits (k <= m, options
+  that would do nothing on the family) are refused by :meth:`RoutingConfig.validate` before the
+  model changes.
+* **Saved state** (a routing adapter, a checkpoint) holding NaN or infinity is refused at load
+  (:meth:`RoutingLayer.load_routing_state`), naming the layer and the tensor.
+* **At run time** a layer raises ValueError naming itself (:attr:`RoutingLayer.where`) as soon as a
+  non-finite router input would reach persistent state or a random draw: BIP's prices and
+  Loss-Free's bias (updates in training / fitting), dynamic skipping's calibration, Ada-K's
+  sampled expert counts and recorded PPO states. A forward that learns nothing and draws nothing
+  (Top-K, Loss-Controlled, top-p, dynamic skipping with a fixed beta, Ada-K's greedy inference,
+  BIP / Loss-Free in eval) routes a non-finite token as the model would and adds no host
+  synchronisation: the NaN stays visible in the model's output (never hidden, never invented).
+* **Never invented**: weights renormalised over a chosen set whose probabilities sum to 0 are 0,
+  not 0/0 (:func:`~hf_moe_routing.core.ops.renormalize`); unused (sentinel) slots always carry
+  index m and weight exactly 0, whatever the inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +45,7 @@ from ..core.config import JSONConfig
 from ..core.context import RoutingContext, is_recomputing
 from ..core.registry import Registry
 from ..families import MoEBlock, MoEModel, RouterOutput
+from .routing import selectable_experts
 
 #: routing_type -> config class; the built-ins load on first lookup.
 ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
@@ -71,6 +93,13 @@ class RoutingConfig(JSONConfig, abc.ABC):
     def validate(self, model: MoEModel) -> None:
         """Raise ValueError if the config cannot be applied to this model (e.g. k out of range)."""
 
+    def validate_settings(self) -> None:
+        """Re-run the construction checks (types and ranges): a field may have been set since.
+
+        Raises TypeError / ValueError as the constructor does. ``patch_model`` calls it first.
+        """
+        self.__post_init__()
+
     @abc.abstractmethod
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> RoutingLayer:
         """The routing module for one MoE block."""
@@ -89,13 +118,25 @@ class RoutingConfig(JSONConfig, abc.ABC):
             raise TypeError(f"routing_type must be a string, got {name!r}.")
         return get_routing_class(name).from_fields(data)
 
-    def check_k(self, name: str, k: int | None, model: MoEModel) -> None:
-        """ValueError unless ``k`` (a setting named ``name``) is None or in ``1..num_experts``."""
+    def check_k(self, name: str, k: int | None, model: MoEModel, *, selectable: bool = True) -> None:
+        """ValueError unless ``k`` (a setting named ``name``) is None or in ``1..num_experts``.
+
+        With ``selectable`` (fixed-k routings), k must also fit the experts a token can choose
+        from: group-limited routers (DeepSeek, GLM-4.5) offer ``topk_group * m / n_group``; more
+        would route tokens to experts outside their groups.
+        """
         m = model.shape.num_experts
         if k is not None and not 1 <= k <= m:
             raise ValueError(
                 f"{type(self).__name__}({name}={k}) is outside 1..{m}: the model has {m} routed experts "
                 "per layer. Pick a value in that range (or None for the model's own top-k)."
+            )
+        limit = min(selectable_experts(block.spec) for block in model.blocks) if model.blocks else m
+        if selectable and k is not None and k > limit:
+            raise ValueError(
+                f"{type(self).__name__}({name}={k}) is more than the {limit} experts a token can choose from: "
+                f"the {model.shape.family} router limits each token to its best expert groups "
+                f"(topk_group of n_group). Use {name} <= {limit}."
             )
 
 
@@ -113,6 +154,9 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
       :meth:`replay` returns the state the original forward routed with, and layers make no
       updates and record no losses (:meth:`replaying`).
     """
+
+    #: The method's name in messages (default: the class name without "Layer").
+    display_name: ClassVar[str] = ""
 
     def __init__(self, block: MoEBlock, context: RoutingContext) -> None:
         super().__init__()
@@ -135,6 +179,29 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     def num_experts(self) -> int:
         """m, the routed experts of this block (the sentinel index)."""
         return self.spec.num_experts
+
+    @property
+    def where(self) -> str:
+        """This layer in messages, e.g. ``"BIP routing of layer 3 (model.layers.3.mlp)"``."""
+        method = self.display_name or type(self).__name__.removesuffix("Layer")
+        return f"{method} routing of layer {self.layer_index} ({self.block_name})"
+
+    def check_finite(self, values: torch.Tensor, what: str) -> None:
+        """ValueError naming this layer if ``values`` holds NaN or infinity (the run-time policy above).
+
+        ``what`` says what the values are and why they matter, e.g. "router scores (BIP updates its
+        prices from them)". Under ``torch.compile`` the check is an asynchronous device assertion.
+        """
+        finite = torch.isfinite(values.detach()).all()
+        message = (
+            f"{self.where}: the {what} hold NaN or infinite values. The hidden states reaching this layer "
+            "are not finite (a diverged training step, fp16 overflow, or bad inputs): check the loss "
+            "scale / dtype and the inputs, or restore the last good checkpoint."
+        )
+        if torch.compiler.is_compiling():
+            torch._assert_async(finite, message)
+        elif not bool(finite):
+            raise ValueError(message)
 
     # ---- checkpoint replay -------------------------------------------------------------------------
     def replaying(self) -> bool:
@@ -161,19 +228,18 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`routing_state` (strict: every key must match; values must be finite)."""
         for key, value in state.items():
-            if (
-                value.is_floating_point()
-                and not torch.isfinite(value).all()
-                and not self.allows_nonfinite(key)
+            if value.is_floating_point() and (
+                bool(torch.isinf(value).any())
+                or (bool(torch.isnan(value).any()) and not self.allows_nonfinite(key))
             ):
                 raise ValueError(
-                    f"The routing state {key!r} of layer {self.layer_index} holds NaN or infinite values: the "
-                    "adapter or checkpoint is corrupt (or was trained on diverged losses). Retrain or re-fit it."
+                    f"The routing state {key!r} of {self.where} holds NaN or infinite values: the adapter "
+                    "or checkpoint is corrupt (or was trained on diverged losses). Retrain or re-fit it."
                 )
         self.load_state_dict(state, strict=True)
 
     def allows_nonfinite(self, key: str) -> bool:
-        """Whether state ``key`` may hold NaN (e.g. a threshold that is not calibrated yet)."""
+        """Whether state ``key`` may hold NaN (e.g. a threshold that is not calibrated yet); never inf."""
         return False
 
     def is_fitted(self) -> bool:
@@ -181,22 +247,21 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         return True
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        dtypes = {name: t.dtype for name, t in _named_tensors(self)}
-        super()._apply(fn, recurse)
-        for name, t in _named_tensors(self):
-            if dtypes.get(name) == torch.float32 and t.dtype != torch.float32:
-                t.data = t.data.float()
-                if isinstance(t, nn.Parameter) and t.grad is not None:
-                    t.grad.data = t.grad.data.float()
-        return self
+        """``module._apply`` with float32 tensors kept float32: a dtype cast is refused, a move kept.
+
+        The float32 original is moved itself (never cast down and back), so its values stay exact.
+        """
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            new = fn(t)
+            if t.dtype == torch.float32 and new.dtype != torch.float32:
+                return t.to(device=new.device)
+            return new
+
+        return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, router={self.spec.kind.describe()}"
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
 
 
 def _clone(value: Any) -> Any:

@@ -62,7 +62,9 @@ def keep_slots(
     """The routing that uses only the slots where ``keep`` (n, S) is True (at least one per token).
 
     Slots whose expert the family cannot select (-inf choice, outside a token's groups) are never
-    kept. Weights follow the family's rules over the kept slots (``renormalize`` overrides them).
+    kept. Weights follow the family's rules over the kept slots (``renormalize`` overrides them);
+    unused slots get index m and weight exactly 0, even for a token whose scores are NaN (whose
+    renormalisation would otherwise spread the NaN onto them).
     """
     valid = keep & ranking.selectable
     weights = spec.weights(
@@ -72,7 +74,7 @@ def keep_slots(
         valid,
         renormalize=renormalize,
         hidden_dtype=hidden_dtype,
-    )
+    ).masked_fill(~valid, 0.0)
     return RouterOutput(ranking.logits, weights, to_sentinel(ranking.index, valid, spec.num_experts))
 
 
@@ -81,3 +83,14 @@ def selectable_experts(spec: RouterSpec, device: torch.device | str = "cpu") -> 
     if not spec.limits_groups:
         return spec.num_experts
     return spec.topk_groups * (spec.num_experts // spec.num_groups)
+
+
+def weights_depend_on_chosen_set(spec: RouterSpec) -> bool:
+    """Whether a slot's weight depends on which other experts the token uses (n/a -> a setting that
+    renormalises over the kept experts would change nothing).
+
+    True for families that renormalise the chosen weights (Mixtral, Qwen3-MoE, DeepSeek-V3, ...) and
+    for softmax-over-the-chosen-logits routers (gpt-oss, GraniteMoE); False for Qwen1.5-MoE with
+    ``norm_topk_prob=False``, DeepSeek-V2, OLMoE, Llama 4 and PhiMoE, whose weights are per expert.
+    """
+    return spec.kind.score == "softmax_topk" or (spec.renorm and spec.kind.score != "sparsemixer")

@@ -215,6 +215,7 @@ def patch_model(
         if state is not None and family is None and adapter is None
         else describe_model(model, family if family is not None else adapter)
     )
+    config.validate_settings()  # a field may have been changed since construction
     config.validate(described)
     context = RoutingContext()
     layers = [config.create_layer(block, described, context) for block in described.blocks]

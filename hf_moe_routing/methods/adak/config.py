@@ -49,10 +49,15 @@ class AdaKConfig(RoutingConfig):
         check_choice("AdaKConfig", "decision", self.decision, DECISIONS)
         check_range("AdaKConfig", "k_max", self.k_max, low=1)
         if self.layers is not None:
+            if not self.layers or min(self.layers) < 0:
+                raise ValueError(
+                    f"AdaKConfig(layers={self.layers}) must list decoder-layer indices >= 0 (or be None for "
+                    "every MoE layer)."
+                )
             self.layers = sorted(set(self.layers))
 
     def validate(self, model: MoEModel) -> None:
-        self.check_k("k_max", self.k_max, model)
+        self.check_k("k_max", self.k_max, model, selectable=False)  # checked per block in create_layer
         if self.layers is not None:
             unknown = sorted(set(self.layers) - set(model.shape.moe_layers))
             if unknown or not self.layers:

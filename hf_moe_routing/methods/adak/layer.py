@@ -45,7 +45,13 @@ class AdaKLayer(RoutingLayer):
     ``use_topk = True`` switches the layer to the model's own Top-K routing (bit-exact), as the PPO
     baseline needs. With ``record = True`` the layer keeps an :class:`AllocatorRecord` of its last
     forward in ``self.last``.
+
+    A non-finite hidden state raises ValueError naming the layer whenever k is sampled or recorded
+    (the policy of ``methods/base.py``). Under activation checkpointing the recomputed forward
+    reuses the k of the original forward (no second draw).
     """
+
+    display_name = "Ada-K"
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class AdaKLayer(RoutingLayer):
         if self.use_topk:
             output = spec.route(router, hidden_states)
             if self.record:
+                self.check_finite(hidden, "hidden states (recorded to train the Ada-K allocator)")
                 ranking = rank_experts(spec, router, hidden_states, self.k_max)
                 self.last = AllocatorRecord(
                     states=hidden.detach().float(),
@@ -89,10 +96,18 @@ class AdaKLayer(RoutingLayer):
             return output
         ranking = rank_experts(spec, router, hidden_states, self.k_max)
         allocator_logits = self.allocator(hidden)
-        sampling = self.training
-        k = choose_k(allocator_logits, "sample" if sampling else self.decision, self.generator)
-        if not sampling and self.k_cap is not None:
-            k = k.clamp(max=self.k_cap)
+        sampling = self.training or self.decision == "sample"
+        replaying = self.replaying()
+        if (sampling or self.record) and not replaying:  # a NaN must not reach a draw or PPO's records
+            self.check_finite(allocator_logits, "Ada-K allocator logits (k is sampled or recorded from them)")
+        if replaying and self._replay_state is not None:  # checkpoint recomputation: the same k again
+            k = self._replay_state.to(allocator_logits.device)
+        else:
+            decision = "sample" if self.training else self.decision  # a draw needs no graph:
+            k = choose_k(allocator_logits.detach(), decision, self.generator)  # recomputation skips it
+            if not self.training and self.k_cap is not None:
+                k = k.clamp(max=self.k_cap)
+            k = self.replay(k)
         output = keep_slots(
             spec,
             ranking,

@@ -38,7 +38,8 @@ class BIPConfig(RoutingConfig):
             depend on the other tokens of the batch, later positions included.
         update_in_eval: also update q in eval mode (default False: q is frozen in eval, so
             generation and evaluation are deterministic and causal in either mode).
-        top_k: experts per token; None = the model's own top-k.
+        top_k: experts per token; None = the model's own top-k. At most the experts a token can
+            choose from (``topk_group * m / n_group`` on group-limited routers): ValueError otherwise.
         tolerance: overload, as a fraction of C in [0, 1], accepted after T rounds; above it up to
             ``max_extra_iters`` more rounds run (only the first batches need them).
         max_extra_iters: limit on those extra rounds (0 = exactly T rounds always), 0..1000.

@@ -12,7 +12,7 @@ from ...core.context import RoutingContext
 from ...core.distributed import gather_rows
 from ...families import MoEBlock, RouterOutput
 from ..base import RoutingConfig, RoutingLayer
-from .solver import check_finite, check_k, expert_capacity, solve_duals
+from .solver import check_k, expert_capacity, solve_duals
 
 
 class BIPLayer(RoutingLayer):
@@ -23,6 +23,8 @@ class BIPLayer(RoutingLayer):
     experts. q is updated from each batch in training mode (and in eval mode while fitting, or with
     ``update_in_eval``), never while activation checkpointing recomputes a forward.
     """
+
+    display_name = "BIP"
 
     def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig, top_k: int) -> None:
         super().__init__(block, context)
@@ -69,7 +71,7 @@ class BIPLayer(RoutingLayer):
         real = choice_base.detach().float()
         if mask is not None:
             real = real[mask.to(real.device)]
-        check_finite(real, f"BIP layer {self.layer_index}")
+        self.check_finite(real, "router scores (BIP updates its expert prices q from them)")
         if self.config.sync_global:
             real = gather_rows(real)
         n = real.shape[0]

@@ -9,6 +9,7 @@ from ...core.config import check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
+from ..routing import weights_depend_on_chosen_set
 from .layer import DynamicSkipLayer
 
 
@@ -24,7 +25,9 @@ class DynamicSkipConfig(RoutingConfig):
         quantile: which quantile of the calibration ratios ``w_j / w_(1)`` becomes ``beta_l``, in
             (0, 1) (0.5 = the paper's median; higher skips more).
         renormalize: False (the paper) keeps the weights the family computes over the full top-k and
-            zeroes skipped slots; True applies the family's weighting over the kept experts.
+            zeroes skipped slots; True applies the family's weighting over the kept experts. True is
+            refused (ValueError at patch time) for routers whose weights are per expert (Qwen1.5-MoE
+            with ``norm_topk_prob=False``, DeepSeek-V2, OLMoE, Llama 4, PhiMoE): it would change nothing.
     """
 
     routing_type: ClassVar[str] = "dynamic_skip"
@@ -56,6 +59,12 @@ class DynamicSkipConfig(RoutingConfig):
         )
 
     def validate(self, model: MoEModel) -> None:
+        if self.renormalize and not weights_depend_on_chosen_set(model.spec):
+            raise ValueError(
+                f"DynamicSkipConfig(renormalize=True) has no effect on {model.shape.family} routers: their "
+                "weights are per expert, not renormalised over the chosen ones (e.g. norm_topk_prob=False), so "
+                "a kept expert's weight is the same either way. Use renormalize=False."
+            )
         if model.shape.top_k < 2:
             raise ValueError(
                 f"Dynamic skipping drops experts after a token's first one, but this model routes each "

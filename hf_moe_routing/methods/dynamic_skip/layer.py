@@ -23,6 +23,8 @@ class DynamicSkipLayer(RoutingLayer):
     sets ``beta`` to their ``quantile``.
     """
 
+    display_name = "dynamic-skipping"
+
     def __init__(
         self, block: MoEBlock, context: RoutingContext, beta: float | None, quantile: float, renormalize: bool
     ) -> None:
@@ -34,6 +36,16 @@ class DynamicSkipLayer(RoutingLayer):
 
     def allows_nonfinite(self, key: str) -> bool:
         return key == "beta"  # NaN = not calibrated yet
+
+    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_routing_state(state)  # refuses inf
+        beta = float(self.beta)
+        if not math.isnan(beta) and not 0.0 <= beta <= 1.0:
+            self.beta.fill_(math.nan)
+            raise ValueError(
+                f"The routing state 'beta' of {self.where} is {beta}, outside [0, 1] (a ratio to the top "
+                "expert's weight): the adapter is corrupt. Re-calibrate it with fit_routing."
+            )
 
     def is_fitted(self) -> bool:
         return not bool(torch.isnan(self.beta))
@@ -65,7 +77,11 @@ class DynamicSkipLayer(RoutingLayer):
         if self.calibration is not None:
             mask = self.context.mask_for(selected.shape[0])
             ratios = score_ratios(selected.detach())
-            self.calibration.append((ratios if mask is None else ratios[mask]).cpu())
+            ratios = ratios if mask is None else ratios[mask.to(ratios.device)]
+            self.check_finite(
+                ratios, "router weights (dynamic skipping calibrates its threshold beta from them)"
+            )
+            self.calibration.append(ratios.cpu())
             return RouterOutput(logits, full, index)
         if torch.compiler.is_compiling():  # no host sync inside a graph: a runtime check instead
             torch._assert_async(~self.beta.isnan(), f"Dynamic skipping layer {self.layer_index}: no beta yet")
@@ -78,6 +94,7 @@ class DynamicSkipLayer(RoutingLayer):
         keep = skip_mask(selected, self.beta)
         if self.renormalize:
             weights = spec.weights(logits, scores, index, keep, hidden_dtype=hidden_states.dtype)
+            weights = weights.masked_fill(~keep, 0)  # a NaN token's renormalisation must not reach them
         else:
             weights = full.masked_fill(~keep, 0)
         return RouterOutput(logits, weights, to_sentinel(index, keep, spec.num_experts))

@@ -21,12 +21,16 @@ class LossControlledLayer(RoutingLayer):
     checkpointing the loss is recorded once, by the original forward: with non-reentrant
     checkpointing it carries its gradient; with reentrant checkpointing (whose original forward runs
     without gradients) it is a value, and the recomputed forward routes the gradient of the loss
-    into the router through :class:`AuxLossScaler`, so training is the same in every mode.
+    into the router through :class:`AuxLossScaler`, so training is the same in every mode (in
+    that mode the gradient reaches the router even if the loss is not added to the training loss;
+    add it anyway, so that the logged losses agree).
 
     The per-sequence variant needs the (batch, sequence) shape that the flattened router input has
     lost: a forward pre-hook on the MoE block records it; it removes itself once this layer is no
     longer the block's routing (after ``unpatch_model``).
     """
+
+    display_name = "Loss-Controlled"
 
     def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
         super().__init__(block, context)
@@ -48,10 +52,14 @@ class LossControlledLayer(RoutingLayer):
             loss = self.config.coefficient * load_balancing_loss(
                 scores, index, self.context.mask_for(n), sequences
             )
-            if self.replaying():
+            # Did the original forward record the loss with its graph? (replayed when recomputing)
+            recorded_with_graph = self.replay(torch.is_grad_enabled())
+            if not self.replaying():
+                self.context.add_aux_loss(loss if recorded_with_graph else loss.detach())
+            elif not recorded_with_graph:  # reentrant checkpointing: route the gradient in now
                 weights = AuxLossScaler.apply(weights, loss)
-            else:
-                self.context.add_aux_loss(loss if torch.is_grad_enabled() else loss.detach())
+            # non-reentrant: the recorded loss already carries the gradient; the recomputation only
+            # rebuilds the same tensors (it must not attach the loss a second time)
         return RouterOutput(logits, weights, index)
 
     def extra_repr(self) -> str:

@@ -24,6 +24,8 @@ class LossFreeLayer(RoutingLayer):
     model routes as before once unpatched. Other families get ``bias`` added as an offset.
     """
 
+    display_name = "Loss-Free"
+
     def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
         super().__init__(block, context)
         self.config = config
@@ -88,12 +90,10 @@ class LossFreeLayer(RoutingLayer):
         index = spec.topk(choice, spec.top_k)
         weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
         if self.updates_now() and not self.replaying():
-            if not torch.isfinite(scores.detach()).all():
-                raise ValueError(
-                    f"Loss-Free layer {self.layer_index}: the router produced NaN/inf scores, so the bias "
-                    "cannot be updated. Check the model's weights and inputs."
-                )
-            self.update_bias(index, self.context.mask_for(index.shape[0]))
+            mask = self.context.mask_for(index.shape[0])
+            real = scores if mask is None else scores[mask.to(scores.device)]
+            self.check_finite(real, "router scores (Loss-Free updates its selection bias from them)")
+            self.update_bias(index, mask)
         return RouterOutput(logits, weights, index)
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:

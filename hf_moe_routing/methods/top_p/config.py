@@ -19,10 +19,13 @@ class TopPConfig(RoutingConfig):
     routing probabilities sum to at least ``p``.
 
     Args:
-        p: probability-mass threshold in (0, 1]. Higher p activates more experts.
+        p: probability-mass threshold in (0, 1]. Higher p activates more experts; ``p = 1`` takes
+            every expert up to ``max_k`` (with ``max_k = top_k``: exactly the model's routing).
         max_k: cap on experts per token in ``1..num_experts`` (None = all routed experts). It also
             sets the slot count.
         normalize: renormalise the kept weights over the chosen experts (None = the family's own rule).
+            ``False`` is refused for routers whose weights are a softmax over the chosen logits
+            (gpt-oss, GraniteMoE): they are renormalised by construction.
     """
 
     routing_type: ClassVar[str] = "top_p"
@@ -45,7 +48,15 @@ class TopPConfig(RoutingConfig):
         check_range("TopPConfig", "max_k", self.max_k, low=1)
 
     def validate(self, model: MoEModel) -> None:
-        self.check_k("max_k", self.max_k, model)
+        self.check_k(
+            "max_k", self.max_k, model, selectable=False
+        )  # extra slots beyond the groups stay unused
+        if self.normalize is False and model.spec.kind.score == "softmax_topk":
+            raise ValueError(
+                f"TopPConfig(normalize=False) has no effect on {model.shape.family} routers: their weights are a "
+                "softmax over the chosen experts' logits, renormalised over the kept experts by construction. "
+                "Use normalize=None (or True)."
+            )
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> TopPLayer:
         return TopPLayer(block, context, self.p, self.max_k or block.spec.num_experts, self.normalize)

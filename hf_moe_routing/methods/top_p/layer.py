@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...core.context import RoutingContext
+from ...core.ops import renormalize
 from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
 from ..routing import keep_slots, rank_experts
@@ -15,7 +16,13 @@ from .routing import top_p_counts
 
 
 class TopPLayer(RoutingLayer):
-    """Keeps each token's best experts until their probabilities ``P = s / sum(s)`` reach ``p``."""
+    """Keeps each token's best experts until their probabilities ``P = s / sum(s)`` reach ``p``.
+
+    A token whose scores are all 0 (sigmoid scores that all underflow) has no mass to reach ``p``: it
+    keeps every eligible expert up to ``max_k``, each of weight 0 (never 0/0).
+    """
+
+    display_name = "top-p"
 
     def __init__(
         self, block: MoEBlock, context: RoutingContext, p: float, max_k: int, normalize: bool | None
@@ -27,7 +34,7 @@ class TopPLayer(RoutingLayer):
 
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         ranking = rank_experts(self.spec, router, hidden_states, self.max_k)
-        probs = ranking.scores / ranking.scores.sum(dim=-1, keepdim=True)
+        probs = renormalize(ranking.scores)  # a token whose sigmoid scores all underflow: 0, not NaN
         # probabilities and eligibility in rank order (rank 0 first)
         by_rank = torch.empty_like(ranking.index).scatter_(1, ranking.rank, ranking.index)
         eligible = torch.empty_like(ranking.selectable).scatter_(1, ranking.rank, ranking.selectable)

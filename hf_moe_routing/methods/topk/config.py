@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core.config import check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, register_routing
@@ -20,11 +21,16 @@ class TopKConfig(RoutingConfig):
     every token k experts, selected and weighted by the family's own rules (a static-k baseline).
 
     Args:
-        top_k: experts per token, in ``1..num_experts``; None = the model's own top-k.
+        top_k: experts per token, in ``1..num_experts`` and at most the experts a token can choose
+            from on group-limited routers (DeepSeek, GLM-4.5); None = the model's own top-k.
     """
 
     routing_type: ClassVar[str] = "topk"
     top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("TopKConfig", "top_k", self.top_k, low=1, hint="None = the model's own top-k.")
 
     def validate(self, model: MoEModel) -> None:
         self.check_k("top_k", self.top_k, model)

@@ -16,6 +16,8 @@ from ..routing import original_router_output
 class TopKLayer(RoutingLayer):
     """``index = topk(choice, k)``, weights by the family's rules (``k = top_k`` or the model's own)."""
 
+    display_name = "Top-K"
+
     def __init__(self, block: MoEBlock, context: RoutingContext, top_k: int | None) -> None:
         super().__init__(block, context)
         self.top_k = top_k
