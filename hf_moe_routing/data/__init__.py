@@ -16,7 +16,8 @@ _EXPORTS: dict[str, str] = {
     "data_dir": "corpora",
     "read_corpus": "corpora",
     "IGNORE_INDEX": "datasets",
-    "check_context_length": "datasets",
+    "context_length": "context",
+    "check_context_length": "context",
     "load_text_dataset": "datasets",
     "pack_dataset": "datasets",
     "SYNTHETIC_CLASSES": "synthetic",
@@ -36,6 +37,7 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "check_context_length",
     "classify_words",
+    "context_length",
     "data_dir",
     "load_text_dataset",
     "pack_dataset",
@@ -60,7 +62,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .context import check_context_length, context_length
     from .corpora import CORPORA, DATA_ENV, HUB_EQUIVALENTS, data_dir, read_corpus
-    from .datasets import IGNORE_INDEX, check_context_length, load_text_dataset, pack_dataset
+    from .datasets import IGNORE_INDEX, load_text_dataset, pack_dataset
     from .synthetic import SYNTHETIC_CLASSES, classify_words, synthetic_corpus, synthetic_tokenizer
     from .tokenizer import SPECIAL_TOKENS, train_tokenizer
