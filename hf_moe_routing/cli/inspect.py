@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_command, add_model_arguments, load_model
+from .common import add_command, add_model_arguments, add_quiet_argument, load_model, setup_logging
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,11 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="count all seq_len keys per query (what eager/SDPA compute) instead of the causal average",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.summary import format_moe_summary, moe_summary
 
+    setup_logging(args.quiet)
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be a positive number of tokens, got {args.seq_len}.")
     model = load_model(args, config_only=args.config_only)

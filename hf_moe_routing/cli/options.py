@@ -123,7 +123,8 @@ def add_dataclass_arguments(
             continue
         default = overrides.get(f.name, _default_of(f))
         kind, optional = _unwrap(hints.get(f.name, str))
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help") or " "}
+        help_text = f.metadata.get("help") or f"{cls.__name__}.{f.name}"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         option = "--" + f.name.replace("_", "-")
         if kind is bool and optional:
             kwargs.update(type=_optional_bool, metavar="true|false|none")

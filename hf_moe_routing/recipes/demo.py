@@ -240,21 +240,21 @@ def train_adak(
     if get_patch_state(model) is not None:
         unpatch_model(model)
     fields = {f.name for f in dataclasses.fields(AdaKTrainingConfig)}
-    quiet: dict[str, Any] = {} if progress else {"progress_bar": False}
-    if not progress:
-        quiet.update({"log_level": "warning"} if "log_level" in fields else {"logging_steps": 0})
-    config = AdaKTrainingConfig(
-        output_dir=str(output_dir),
-        warmup="p-warm",
-        warmup_steps=size.warmup_steps,
-        max_steps=size.ppo_steps,
-        batch_size=size.batch_size,
-        k_penalty=k_penalty,
-        seed=seed,
-        eval_batches=None,
-        logging_steps=max(1, (size.warmup_steps + size.ppo_steps) // 4),  # a few log lines
-        **quiet,
-    )
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "warmup": "p-warm",
+        "warmup_steps": size.warmup_steps,
+        "max_steps": size.ppo_steps,
+        "batch_size": size.batch_size,
+        "k_penalty": k_penalty,
+        "seed": seed,
+        "eval_batches": None,
+        "logging_steps": max(1, (size.warmup_steps + size.ppo_steps) // 4),  # a few log lines
+    }
+    if not progress:  # quiet: no bar, no log lines
+        settings["progress_bar"] = False
+        settings.update({"log_level": "warning"} if "log_level" in fields else {"logging_steps": 0})
+    config = AdaKTrainingConfig(**settings)
     trainer = AdaKTrainer(model, config, data.train, None, tokenizer=data.tokenizer, adak_config=AdaKConfig())
     trainer.train()
     return trainer
@@ -274,9 +274,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def _balance_summary(
-    ev: dict[str, Any], fit: dict[str, Any], topk_per_layer: dict[str, float]
-) -> dict[str, Any]:
+def _balance_summary(ev: dict[str, Any], fit: dict[str, Any]) -> dict[str, Any]:
     return {
         "perplexity": ev["perplexity"],
         "topk_perplexity": ev["topk"]["perplexity"],
