@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--model", default=None, help="Hub id or local folder of a MoE causal LM (with --dataset)"
     )
+    data.add_argument(
+        "--device-map", default=None, help="from_pretrained's device_map for --model (default: auto on GPUs)"
+    )
     data.add_argument("--dataset", default=None, help="Hub dataset id, local file/folder or corpus name")
     data.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
     data.add_argument("--split", default="train", help="dataset split")
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         plot=args.plot,
         progress=not args.quiet,
+        device_map=args.device_map,
     )
     report = run_demo(config, log=(lambda message: None) if args.quiet else print)
     if args.quiet:

@@ -83,6 +83,7 @@ class DemoConfig:
     seed: int = 0
     plot: bool = True
     progress: bool = True
+    device_map: str | None = None  # from_pretrained's device_map for model= (default: "auto" on GPUs)
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -171,15 +172,18 @@ def build_demo_model(size: DemoSize, vocab_size: int, seq_len: int, seed: int = 
     )
 
 
-def load_hub_model(model_id: str) -> tuple[nn.Module, Any]:
+def load_hub_model(model_id: str, device_map: str | None = None) -> tuple[nn.Module, Any]:
     """A MoE causal LM and its tokenizer from the Hub or a local folder.
 
-    On GPUs: native dtype, spread over the visible GPUs with ``device_map="auto"``; on CPU: float32.
+    On GPUs: native dtype, spread over the visible GPUs with ``device_map`` (default ``"auto"``); on
+    CPU: float32 (``device_map`` is used if given).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {"dtype": "auto", "device_map": "auto"} if cuda else {"dtype": torch.float32}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
@@ -315,7 +319,9 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         base_model_id = str(out / "base-model")
     else:
         seq_len = config.seq_len or 256
-        model, tokenizer = _timed(timings, "load_model", lambda: load_hub_model(config.model))
+        model, tokenizer = _timed(
+            timings, "load_model", lambda: load_hub_model(config.model, config.device_map)
+        )
         data = _timed(timings, "data", lambda: hub_data(config, tokenizer, size, seq_len))
         log(f"[1/4] loaded {config.model} and {len(data.train)} x {seq_len} tokens of {config.dataset}")
         base_model_id = config.model
