@@ -15,6 +15,7 @@ with plain Top-K routing, so their routers are imbalanced), each over several se
               seed picks the fitting rows.
 
     python scripts/bip_existing_checkpoints.py finetune --seeds 0 1 2
+    python scripts/bip_existing_checkpoints.py finetune --steps 160 --out results/bip_existing_checkpoints/160_steps
     python scripts/bip_existing_checkpoints.py frozen --seeds 0 1 2 --models mixtral-8x2 qwen-moe
 
 Writes ``<out>/<experiment>.json`` (every run) and ``<out>/<experiment>.md`` (mean and standard
@@ -190,6 +191,13 @@ def main() -> None:
     parser.add_argument("--fit-batches", type=int, default=20, help="fitting batches (frozen)")
     parser.add_argument("--eval-batches", type=int, default=16, help="held-out batches (frozen)")
     parser.add_argument("--capacity-factors", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5, 2.0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(FINETUNE_METHODS),
+        choices=list(FINETUNE_METHODS),
+        help="(finetune)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/bip_existing_checkpoints")
     args = parser.parse_args()
@@ -200,7 +208,7 @@ def main() -> None:
     for model_name in args.models:
         for seed in args.seeds:
             if args.experiment == "finetune":
-                for method in FINETUNE_METHODS:
+                for method in args.methods:
                     records.append(finetune_run(model_name, method, seed, args))
                     print(
                         json.dumps({k: v for k, v in records[-1].items() if k != "max_vio_per_step"}),
