@@ -6,6 +6,7 @@ No download is needed: each model is built from a small config (hidden size 32-6
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,3 +204,32 @@ def randomize_offsets(model, seed=1):
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+def tiny_checkpoint(
+    folder: str | Path, family: str = "mixtral", *, lines: int = 30, seed: int = 0, **overrides: Any
+) -> Path:
+    """Save a tiny ``family`` model with a word-level tokenizer over its ids and a ``text.txt`` of random words.
+
+    What a user's local checkpoint folder looks like (``config.json``, safetensors weights, tokenizer
+    files), for command-line and README tests: ``lines`` lines of 20 words ``w0`` .. ``w119``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    words = [f"w{i}" for i in range(120)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    tiny_model(family, seed=seed, **overrides).save_pretrained(folder)
+    rng = torch.Generator().manual_seed(seed)
+    text = [
+        " ".join(words[int(i)] for i in torch.randint(0, 120, (20,), generator=rng)) for _ in range(lines)
+    ]
+    (folder / "text.txt").write_text("\n".join(text) + "\n")
+    return folder

@@ -348,40 +348,4 @@ def test_ppo_lowers_k_on_predictable_tokens_and_keeps_likelihood(synthetic_model
     assert trained["all"]["nll"] <= 1.01 * trained["all"]["nll_topk"]
 
 
-# ---- command line --------------------------------------------------------------------------------
-def test_cli_warmup_train_overwrite_and_resume(tmp_path, capsys):
-    from hf_moe_routing.cli.main import main
-    from hf_moe_routing.hub import load_routing_adapter
-
-    tokenizer = synthetic_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_model("mixtral", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = tmp_path / "train.txt"
-    text.write_text("\n".join(synthetic_corpus(40, 3, seed=0)))
-    common = [str(model_dir), "--dataset", str(text), "--seq-len", "16", "--batch-size", "4", "--quiet"]
-    common += ["--calibration-batches", "1", "--logging-steps", "1"]
-
-    warm = tmp_path / "warm"
-    assert main(["warmup", *common, "--output-dir", str(warm), "--warmup-steps", "2"]) == 0
-    assert (warm / "routing_config.json").is_file() and (warm / "checkpoint-2").is_dir()
-
-    out = tmp_path / "adak"
-    args = ["train", *common, "--output-dir", str(out), "--warmup", "random", "--init-adapter", str(warm)]
-    assert main([*args, "--steps", "2", "--k-max", "4"]) == 2  # k_max comes from the adapter
-    assert "--init-adapter" in capsys.readouterr().err and not out.exists()
-    assert main([*args, "--steps", "2", "--overwrite"]) == 0
-    assert main([*args, "--steps", "2"]) == 2  # refuses to overwrite silently
-    assert "--overwrite" in capsys.readouterr().err
-    assert main([*args, "--steps", "3", "--resume"]) == 0
-    assert (out / "checkpoint-3").is_dir()
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log if e.get("phase") == "ppo"] == [1, 2, 3]
-    config = json.loads((out / "routing_config.json").read_text())
-    assert (
-        config["routing"]["routing_type"] == "adak"
-        and config["training"]["command"] == "hf-moe-routing train"
-    )
-    from transformers import AutoModelForCausalLM
-
-    load_routing_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out)
+# The train / warmup commands are tested in tests/test_cli_train.py.

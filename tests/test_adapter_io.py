@@ -17,6 +17,7 @@ from hf_moe_routing.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_io,
+    files,
     load_routing_adapter,
     read_adapter_config,
     save_routing_adapter,
@@ -32,6 +33,13 @@ from hf_moe_routing.testing import (
 )
 
 pytestmark = pytest.mark.usefixtures("offset_routing")
+
+
+def _rehash(folder):
+    """Record the hash of hand-edited weights (what a save would have written)."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["weights_sha256"] = files.sha256_bytes((folder / WEIGHTS_NAME).read_bytes())
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES + GENERIC_FAMILIES)
@@ -62,11 +70,11 @@ def test_base_model_id_and_revision_come_from_the_model_config(tmp_path):
     model.config._name_or_path = "org/tiny-mixtral"
     model.config._commit_hash = "a" * 40
     config = read_adapter_config(save_routing_adapter(model, tmp_path / "a"))
-    assert config["base_model"] == {"id": "org/tiny-mixtral", "revision": "a" * 40}
+    assert config["base_model"] == {"id": "org/tiny-mixtral", "path": None, "revision": "a" * 40}
     config = read_adapter_config(
         save_routing_adapter(model, tmp_path / "b", base_model_id="x/y", revision="v1")
     )
-    assert config["base_model"] == {"id": "x/y", "revision": "v1"}
+    assert config["base_model"] == {"id": "x/y", "path": None, "revision": "v1"}
 
 
 def test_saving_an_unpatched_model_is_refused(tmp_path):
@@ -121,6 +129,7 @@ def test_state_that_does_not_fit_is_refused_and_previous_routing_restored(ids, t
     from safetensors.torch import save_file
 
     save_file(tensors, str(folder / WEIGHTS_NAME))
+    _rehash(folder)
 
     model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
     before = logits(model, ids)
@@ -155,27 +164,27 @@ def test_replace_swaps_the_routing_of_a_patched_model(ids, tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_crash_mid_save_keeps_the_previous_adapter(exchange, ids, tmp_path, monkeypatch):
     if not exchange:  # the portable swap (two renames) used where renameat2 is missing
-        monkeypatch.setattr(adapter_io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     folder = tmp_path / "adapter"
     first = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()), seed=1)
     save_routing_adapter(first, folder)
     (folder / "adapter_model.safetensors").write_bytes(b"a LoRA adapter saved next to it")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    real_save = adapter_io.save_file
+    real_write = adapter_io.write_weights
 
-    def crash(tensors, filename, metadata=None):
-        real_save(dict(list(tensors.items())[:1]), filename, metadata=metadata)  # half written ...
+    def crash(path, blob):
+        real_write(path, blob[: len(blob) // 2])  # half written ...
         raise OSError("disk full")  # ... then the process dies
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    monkeypatch.setattr(adapter_io, "write_weights", crash)
     second = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()), seed=2)
     with pytest.raises(OSError, match="disk full"):
         save_routing_adapter(second, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
 
-    monkeypatch.setattr(adapter_io, "save_file", real_save)
+    monkeypatch.setattr(adapter_io, "write_weights", real_write)
     save_routing_adapter(second, folder)
     # the unrelated file is carried over, the adapter is replaced
     assert (folder / "adapter_model.safetensors").read_bytes() == b"a LoRA adapter saved next to it"
@@ -263,3 +272,137 @@ def test_results_and_training_info_are_stored_as_plain_json(tmp_path):
     with pytest.raises(TypeError, match="JSON-serialisable"):
         save_routing_adapter(model, tmp_path / "b", results={"bad": object()})
     assert not (tmp_path / "b").exists()
+
+
+# ---- content hash, racing readers, stale temporaries ------------------------------------------
+def test_weights_are_checked_against_the_content_hash(tmp_path):
+    folder = save_routing_adapter(
+        randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig())), tmp_path / "a"
+    )
+    config = read_adapter_config(folder)
+    assert config["weights_sha256"] == files.sha256_bytes((folder / WEIGHTS_NAME).read_bytes())
+    other = save_routing_adapter(
+        randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()), seed=3), tmp_path / "b"
+    )
+    (folder / WEIGHTS_NAME).write_bytes((other / WEIGHTS_NAME).read_bytes())  # another save's weights
+    with pytest.raises(ValueError, match="content hash.*different saves"):
+        load_routing_adapter(tiny_model("mixtral"), folder)
+
+
+def test_a_reader_racing_a_writer_never_pairs_two_saves(tmp_path):
+    import threading
+
+    folder = tmp_path / "adapter"
+    models = []
+    for value in (1.0, 2.0):
+        model = patch_model(tiny_model("mixtral"), OffsetConfig())
+        for layer in routing_layers(model).values():
+            layer.offset.data.fill_(value)
+        models.append((value, model))
+    save_routing_adapter(models[0][1], folder, training_info={"value": 1.0}, model_card=False)
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            value, model = models[i % 2]
+            save_routing_adapter(model, folder, training_info={"value": value}, model_card=False)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = set()
+        for _ in range(40):
+            config, weights = adapter_io.read_adapter(folder)
+            stored = {float(t.flatten()[0]) for layer in weights.values() for t in layer.values()}
+            assert stored == {config["training"]["value"]}
+            seen.add(config["training"]["value"])
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_temporary_folders_of_killed_writers_are_cleaned_up(tmp_path):
+    import os
+
+    dead = tmp_path / ".adapter.tmp-999999999-abc"  # no such process
+    alive = tmp_path / f".adapter.tmp-{os.getppid()}-def"  # a running writer (our parent)
+    unrelated = tmp_path / ".other.tmp-999999999-abc"
+    for folder in (dead, alive, unrelated):
+        folder.mkdir()
+        (folder / WEIGHTS_NAME).write_bytes(b"half")
+    save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "adapter")
+    assert not dead.exists() and alive.exists() and unrelated.exists()
+
+
+# ---- paths stay inside their folder ---------------------------------------------------------------
+@pytest.mark.parametrize("subfolder", ["../outside", "/etc", "a/../../outside", "~/x", "a\\..\\b"])
+def test_subfolders_must_stay_inside_the_folder(tmp_path, subfolder):
+    save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "outside")
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(ValueError, match="subfolder"):
+        load_routing_adapter(tiny_model("mixtral"), tmp_path / "repo", subfolder=subfolder)
+
+
+def test_a_symlinked_subfolder_pointing_outside_is_refused(tmp_path):
+    save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "outside")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match="resolves outside"):
+        load_routing_adapter(tiny_model("mixtral"), tmp_path / "repo", subfolder="link")
+
+
+# ---- strict JSON ------------------------------------------------------------------------------------
+def test_adapter_configs_are_read_as_strict_json(tmp_path):
+    folder = save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "a")
+    text = (folder / CONFIG_NAME).read_text()
+    (folder / CONFIG_NAME).write_text(text.replace('"results": {}', '"results": {"ppl": NaN}'))
+    with pytest.raises(ValueError, match="NaN"):
+        load_routing_adapter(tiny_model("mixtral"), folder)
+    (folder / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested deeper"):
+        load_routing_adapter(tiny_model("mixtral"), folder)
+    (folder / CONFIG_NAME).write_text(
+        text.replace('"moe_shape": {', '"moe_shape": [{').replace('},\n  "training', '}],\n  "training')
+    )
+    with pytest.raises(ValueError, match="moe_shape"):
+        load_routing_adapter(tiny_model("mixtral"), folder)
+
+
+def test_nan_results_are_stored_as_null_with_a_warning(tmp_path):
+    model = patch_model(tiny_model("mixtral"), TopKConfig())
+    with pytest.warns(UserWarning, match=r"results\['perplexity'\] is NaN or infinite: stored as null"):
+        folder = save_routing_adapter(model, tmp_path / "a", results={"perplexity": float("nan"), "acc": 0.5})
+    text = (folder / CONFIG_NAME).read_text()
+    assert "NaN" not in text and json.loads(text)["results"] == {"perplexity": None, "acc": 0.5}
+
+
+# ---- base model, fitted state ----------------------------------------------------------------------
+def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    model = patch_model(tiny_model("mixtral"), TopKConfig())
+    model.config._name_or_path = "../ckpt"
+    config = read_adapter_config(save_routing_adapter(model, tmp_path / "a"))
+    assert config["base_model"] == {"id": None, "path": str(tmp_path / "ckpt"), "revision": None}
+    cache = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("b" * 40)
+    cache.mkdir(parents=True)
+    config = read_adapter_config(save_routing_adapter(model, tmp_path / "b", base_model_id=str(cache)))
+    assert config["base_model"] == {"id": "org/tiny", "path": str(cache), "revision": "b" * 40}
+
+
+def test_saving_a_routing_that_was_never_fitted_warns(tmp_path):
+    from hf_moe_routing import BIPConfig, fit_routing
+
+    model = patch_model(tiny_model("mixtral"), BIPConfig())
+    with pytest.warns(UserWarning, match=r"bip routing of MoE layers \[0, 1\] was never fitted.*fit_routing"):
+        folder = save_routing_adapter(model, tmp_path / "a")
+    assert read_adapter_config(folder)["fitted"] is False
+    fit_routing(model, torch.randint(3, 100, (4, 16)), batch_size=2, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = save_routing_adapter(model, tmp_path / "a")
+    assert read_adapter_config(folder)["fitted"] is True

@@ -108,7 +108,7 @@ def test_help_version_and_no_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "examples:" in out and "inspect" in out
+    assert "the path, in order:" in out and "inspect" in out and "fit" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and "hf-moe-routing" in capsys.readouterr().out
@@ -121,3 +121,56 @@ def test_traceback_flag_reraises(tmp_path, before_command):
     argv = ["inspect", str(tmp_path / "missing")]
     with pytest.raises(FileNotFoundError):
         main(["--traceback", *argv] if before_command else [*argv, "--traceback"])
+
+
+def test_pickle_only_and_truncated_weights_are_one_line_errors(tmp_path, capsys):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert "truncated or corrupt" in _error_of(["inspect", str(tmp_path / "truncated")], capsys)
+
+    model.config.save_pretrained(tmp_path / "pickle")
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not even a real pickle")
+    err = _error_of(["inspect", str(tmp_path / "pickle")], capsys)
+    assert "pickle" in err and "safetensors" in err
+
+
+def test_config_only_reports_only_routers_that_patching_accepts(tmp_path, capsys, monkeypatch):
+    tiny_model("mixtral").config.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--config-only", "--json"]) == 0
+    assert "random" in json.loads(capsys.readouterr().out)["router_check"]
+    from hf_moe_routing.patching import patch as patching
+
+    def refuse(*args, **kwargs):
+        raise TypeError("MixtralTopKRouter cannot be reproduced exactly")
+
+    monkeypatch.setattr("hf_moe_routing.evaluation.summary.patch_model", refuse)
+    assert "cannot be reproduced" in _error_of(["inspect", str(tmp_path), "--config-only"], capsys)
+    assert patching is not None
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
+def test_inspect_into_a_closed_pipe_prints_no_error(tmp_path, as_json):
+    """``inspect ... | head``: the reader went away before we wrote; no error, no traceback."""
+    import subprocess
+    import sys
+
+    tiny_model("qwen2_moe").save_pretrained(tmp_path)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hf_moe_routing.cli.main",
+            "inspect",
+            str(tmp_path),
+            *(["--json"] if as_json else []),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # the reader is gone before anything is written
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 0
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err.lower()

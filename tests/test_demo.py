@@ -13,13 +13,15 @@ from hf_moe_routing.testing import tiny_model
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    code = main(["demo", "--size", "quick", "--output", str(out), "--no-progress", "--seed", "1"])
+    code = main(["demo", "--size", "quick", "--output-dir", str(out), "--quiet", "--seed", "1"])
     return code, out
 
 
 def test_demo_cli_writes_everything(quick_demo, capsys):
     code, out = quick_demo
     assert code == 0
+    bip = json.loads((out / "bip-adapter" / "routing_config.json").read_text())
+    assert bip["fitted"] is True and bip["base_model"]["path"] == str((out / "base-model").resolve())
     report = json.loads((out / "report.json").read_text())
     assert report["adak"]["top_k"] == 2 and report["adak"]["mean_activated"] > 0
     for key in ("perplexity", "topk_perplexity", "avg_max_vio", "topk_avg_max_vio"):
@@ -45,14 +47,14 @@ def test_demo_refuses_existing_output(quick_demo, capsys):
     _, out = quick_demo
     before = sorted(p.name for p in out.iterdir())
     (out / "mine.txt").write_text("keep me")
-    assert main(["demo", "--size", "quick", "--output", str(out)]) == 2
+    assert main(["demo", "--size", "quick", "--output-dir", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "mine.txt").read_text() == "keep me"
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "mine.txt"])
     assert main(["demo", "--model", "x"]) == 2
     assert "--dataset" in capsys.readouterr().err
     missing = ["--model", "no-such-user/no-such-moe", "--dataset", "tinyshakespeare"]
-    assert main(["demo", *missing, "--output", str(out.parent / "other")]) == 2
+    assert main(["demo", *missing, "--output-dir", str(out.parent / "other")]) == 2
     assert "network" in capsys.readouterr().err
 
 
@@ -89,7 +91,9 @@ def test_demo_on_a_local_model_and_dataset(tmp_path):
     assert report["pretrain"] is None and report["experts_by_word_class"] is None
     assert report["base_model"] == str(model_dir) and report["plots"] == []
     saved = json.loads((tmp_path / "out" / "adak-adapter" / "routing_config.json").read_text())
-    assert saved["base_model"]["id"] == str(model_dir) and saved["routing"]["routing_type"] == "adak"
+    assert (
+        saved["base_model"]["path"] == str(model_dir.resolve()) and saved["routing"]["routing_type"] == "adak"
+    )
     with pytest.raises(ValueError, match="no text field 'text'"):
         run_demo(
             DemoConfig(output_dir=tmp_path / "o2", model=str(model_dir), dataset=str(data), size="quick"),

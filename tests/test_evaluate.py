@@ -2,14 +2,12 @@
 
 import json
 import math
-import re
 
 import pytest
 import torch
 
 from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, get_patch_state, patch_model
-from hf_moe_routing.cli.evaluate import parse_routing
-from hf_moe_routing.cli.main import main
+from hf_moe_routing.cli.common import parse_routing
 from hf_moe_routing.core.batching import iter_batches
 from hf_moe_routing.evaluation.evaluate import evaluate_routing, topk_routing
 from hf_moe_routing.evaluation.speed import compare_speed, measure_speed
@@ -173,70 +171,6 @@ def test_parse_routing_specs(tmp_path):
         parse_routing("top_p:q=0.5")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Mixtral saved with a word-level tokenizer over its 128 ids, and a small text file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("model")
-    words = [f"w{i}" for i in range(120)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(folder)
-    tiny_model("mixtral").save_pretrained(folder)
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, 120, (20,), generator=rng)) for _ in range(30)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def test_evaluate_command_writes_table_json_and_plot(model_dir, tmp_path, capsys):
-    out, png = tmp_path / "r.json", tmp_path / "k.png"
-    argv = ["evaluate", str(model_dir), "--routing", "top_p:p=0.5", "--dataset", str(model_dir / "text.txt")]
-    argv += ["--seq-len", "32", "--batch-size", "4", "--json", str(out), "--plot", str(png), "--quiet"]
-    assert main(argv) == 0
-    text = capsys.readouterr().out
-    assert "perplexity" in text and "activated experts" in text and "Top-K" in text
-    result = json.loads(out.read_text())
-    assert result["routing_config"]["p"] == 0.5 and 1.0 <= result["mean_activated"] < 2.0
-    assert png.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_evaluate_command_calibrates_dynamic_skipping(model_dir, capsys):
-    argv = ["evaluate", str(model_dir), "--routing", "dynamic_skip", "--dataset", str(model_dir / "text.txt")]
-    argv += ["--calibration-dataset", str(model_dir / "text.txt"), "--seq-len", "32", "--quiet"]
-    assert main(argv) == 0
-    assert "calibrated beta per layer" in capsys.readouterr().out
-
-
-def test_bench_command(model_dir, tmp_path, capsys):
-    out = tmp_path / "b.json"
-    argv = ["bench", str(model_dir), "--routing", "topk:top_k=1", "--seq-len", "16", "--batch-size", "2"]
-    assert main([*argv, "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
-    assert "speed-up vs Top-K" in capsys.readouterr().out
-    assert json.loads(out.read_text())["speedup"] > 0
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--routing", "top_p:p=2"], r"\(0\.0, 1\.0\]"),
-        (["--routing", "top_p", "--adapter", "x"], "not both"),
-        (["--seq-len", "4096"], "context"),
-    ],
-)
-def test_evaluate_command_bad_input_exits_2(model_dir, extra, message, capsys):
-    assert main(["evaluate", str(model_dir), "--dataset", str(model_dir / "text.txt"), *extra]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert re.search(r"^error: .*" + message, err, re.MULTILINE)
-
-
 def test_token_expert_counts_follow_the_routers_and_skip_padding(data):
     from hf_moe_routing.evaluation.evaluate import token_expert_counts
 
@@ -253,22 +187,3 @@ def test_token_expert_counts_follow_the_routers_and_skip_padding(data):
     assert torch.equal(out["counts"][1], (seen[0] < 8).sum(-1)[real])
     assert set(out["counts"]) == {0, 1}
     assert out["next_ids"][7] == -100 and out["next_ids"][0] == data[0, 1]
-
-
-def test_evaluate_command_runs_lm_eval_tasks_and_saves_with_evaluate(model_dir, tmp_path, capsys):
-    pytest.importorskip("lm_eval")
-    from hf_moe_routing.data import data_dir
-
-    try:
-        data = data_dir()
-    except FileNotFoundError as error:
-        pytest.skip(f"shared data folder missing: {error}")
-    out = tmp_path / "r.json"
-    argv = ["evaluate", str(model_dir), "--routing", "topk:top_k=1", "--dataset", str(model_dir / "text.txt")]
-    argv += ["--seq-len", "32", "--quiet", "--tasks", "blimp_local_anaphor_gender_agreement", "--limit", "4"]
-    assert main([*argv, "--data-dir", str(data), "--json", str(out)]) == 0
-    assert "blimp_local_anaphor_gender_agreement" in capsys.readouterr().out
-    result = json.loads(out.read_text())
-    assert 0.0 <= result["lm_eval"]["blimp_local_anaphor_gender_agreement"]["acc"] <= 1.0
-    assert result["mean_activated"] == 1.0
-    assert "_timestamp" in result and "_evaluate_version" in result  # evaluate.save's conventions

@@ -166,6 +166,10 @@ def test_model_card_has_metadata_results_and_passes_validation(adapter):
     assert "| wikitext-2/test | Perplexity | 31.5 |" in card.text
     assert "| blimp | Accuracy | 0.61 |" in card.text
     assert "| steps | 5 |" in card.text and "| num_experts | `8` |" in card.text
+    # local corpora are named by the Hub dataset they come from
+    wikitext = next(r for r in card.data.eval_results if r.dataset_name == "wikitext-2/test")
+    assert (wikitext.dataset_type, wikitext.dataset_split) == ("Salesforce/wikitext", "test")
+    assert data["datasets"] == ["Salesforce/wikitext"]
 
 
 def test_card_names_the_base_model_and_hub_id():
@@ -195,12 +199,13 @@ def test_evaluate_routing_output_goes_on_the_card_as_results(tmp_path):
     got = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert {r.dataset_name for r in card.data.eval_results} == {"synthetic"}
     assert got["perplexity"] == pytest.approx(evaluation["perplexity"])
-    assert got["mean_activated"] == pytest.approx(1.0)
+    assert got["mean_activated_experts"] == pytest.approx(1.0)
     assert got["flops_per_token"] == pytest.approx(evaluation["flops_per_token"]["total"])
     assert (
         got["flops_reduction"] == pytest.approx(evaluation["flops_reduction"]) and got["flops_reduction"] > 0
     )
     assert not {"top_k", "seq_len", "num_tokens", "routing_config", "activated_per_layer"} & set(got)
+    assert not {"mean_activated", "num_experts"} & set(got)
     assert "| synthetic | Mean activated experts per token | 1 |" in card.text
 
 
@@ -279,12 +284,13 @@ def test_pushed_files_load_back(tmp_path, ids):
     )
 
 
-def test_upload_folder_checks_the_folder_and_writes_a_missing_card(adapter, tmp_path):
+def test_upload_folder_checks_the_folder_and_renders_a_card_for_the_repo(adapter, tmp_path):
     _, folder = adapter
     (folder / CARD_NAME).unlink()
     api = FakeHfApi()
     upload_adapter_folder(folder, "me/x", api=api)
-    assert (folder / CARD_NAME).exists() and CARD_NAME in api.uploaded
+    assert not (folder / CARD_NAME).exists()  # the folder is not changed
+    assert 'adapter="me/x"' in api.uploaded[CARD_NAME].decode()
     (tmp_path / "not-adapter").mkdir()
     with pytest.raises(FileNotFoundError, match="not a routing adapter"):
         upload_adapter_folder(tmp_path / "not-adapter", "me/x", api=FakeHfApi())
@@ -375,5 +381,187 @@ def test_adapters_in_subfolders_of_a_folder_or_repo(tmp_path, ids, monkeypatch):
     model = AutoRoutedModelForCausalLM.from_pretrained(
         tmp_path / "base", adapter="me/adapters", adapter_subfolder="offset", attn_implementation="eager"
     )
-    assert set(seen["allow_patterns"]) == {f"offset/{n}" for n in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)}
+    names = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "adapter_config.json", "adapter_model.safetensors")
+    assert set(seen["allow_patterns"]) == {f"offset/{n}" for n in names}  # the routing and a LoRA adapter
     assert torch.equal(logits(model, ids), logits(source, ids))
+
+
+# ---- push uploads an adapter, not a workspace ---------------------------------------------------
+def test_push_uploads_only_adapter_files_from_a_training_folder(adapter, tmp_path):
+    _, folder = adapter
+    (folder / "checkpoint-3").mkdir()
+    (folder / "checkpoint-3" / "optimizer.safetensors").write_bytes(b"optimizer state")
+    (folder / "log.jsonl").write_text("{}\n")
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    (folder / ".adapter.tmp-1-x").mkdir()
+    before = sorted(p.name for p in folder.iterdir())
+    api = FakeHfApi()
+    upload_adapter_folder(folder, "me/qwen-offset", api=api)
+    upload = api.calls[-1][2]
+    assert sorted(upload["allow_patterns"]) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    assert sorted(api.uploaded) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    card = api.uploaded[CARD_NAME].decode()
+    assert 'adapter="me/qwen-offset"' in card and "path/to/this/folder" not in card
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written into the folder
+
+
+def test_push_records_a_hub_base_model_for_a_local_base(tmp_path, monkeypatch):
+    import json
+
+    base = tmp_path / "tiny-mixtral"
+    tiny_model("mixtral").save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
+    model = AutoRoutedModelForCausalLM  # noqa: F841 - the loader is tested below
+    source = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    source.config._name_or_path = "tiny-mixtral"  # loaded from a relative folder
+    folder = save_routing_adapter(source, tmp_path / "adapter")
+    stored = json.loads((folder / CONFIG_NAME).read_text())["base_model"]
+    assert stored == {"id": None, "path": str(base), "revision": None}
+    api = FakeHfApi()
+    upload_adapter_folder(folder, "me/top1", base_model="mistralai/Mixtral-8x7B-v0.1", api=api)
+    pushed = json.loads(api.uploaded[CONFIG_NAME])
+    assert pushed["base_model"]["id"] == "mistralai/Mixtral-8x7B-v0.1" and pushed["base_model"][
+        "path"
+    ] == str(base)
+    assert check_model_card(api.uploaded[CARD_NAME].decode()).data.base_model == "mistralai/Mixtral-8x7B-v0.1"
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        upload_adapter_folder(folder, "me/top1", base_model="./local/folder", api=FakeHfApi())
+    # the absolute path loads from any working directory
+    monkeypatch.chdir(tmp_path / "adapter")
+    model = AutoRoutedModelForCausalLM.from_pretrained(adapter=folder)
+    assert get_patch_state(model).config == TopKConfig(top_k=1)
+
+
+@pytest.mark.parametrize("path_in_repo", ["../up", "/abs", "a/../../b"])
+def test_path_in_repo_stays_inside_the_repo(adapter, path_in_repo):
+    model, folder = adapter
+    with pytest.raises(ValueError, match="path_in_repo"):
+        upload_adapter_folder(folder, "me/x", path_in_repo=path_in_repo, api=FakeHfApi())
+    with pytest.raises(ValueError, match="path_in_repo"):
+        push_to_hub(model, "me/x", path_in_repo=path_in_repo, api=FakeHfApi())
+
+
+def test_pushing_a_routing_that_was_never_fitted_warns(tmp_path):
+    from hf_moe_routing import BIPConfig
+
+    model = patch_model(tiny_model("mixtral"), BIPConfig())
+    with pytest.warns(UserWarning, match="never fitted"):
+        push_to_hub(model, "me/bip", api=FakeHfApi())
+    with pytest.warns(UserWarning, match="never fitted"):
+        folder = save_routing_adapter(model, tmp_path / "bip")
+    with pytest.warns(UserWarning, match="never fitted"):
+        upload_adapter_folder(folder, "me/bip", api=FakeHfApi())
+
+
+# ---- loading: the adapter repo first, old records, combined folders --------------------------------
+def test_the_adapter_repo_can_come_first(tmp_path, ids, monkeypatch):
+    base = tmp_path / "base"
+    tiny_model("mixtral").save_pretrained(base)
+    source = randomize_offsets(patch_model(tiny_model("mixtral"), OffsetConfig()))
+    folder = save_routing_adapter(source, tmp_path / "adapter", base_model_id=str(base))
+    repos = {"me/mixtral-offset": folder, "mistralai/base": tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kw: str(repos[repo_id]))
+    model = AutoRoutedModelForCausalLM.from_pretrained("me/mixtral-offset", attn_implementation="eager")
+    assert torch.equal(logits(model, ids), logits(source, ids))
+    with pytest.raises(ValueError, match="holds no routing adapter"):
+        AutoRoutedModelForCausalLM.from_pretrained("mistralai/base")
+
+
+def test_an_unusable_recorded_base_says_where_it_came_from(tmp_path):
+    import json
+
+    folder = save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "a")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["base_model"] = {"id": "../ckpt/tiny-qwen2-moe", "revision": None}  # written by an old version
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"records its base model as '../ckpt/tiny-qwen2-moe' \(in its routing_config"
+    ):
+        AutoRoutedModelForCausalLM.from_pretrained(adapter=folder)
+
+
+def test_a_folder_with_lora_and_routing_loads_both_and_its_card_says_so(tmp_path, ids):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tmp_path / "base"
+    tiny_model("qwen2_moe").save_pretrained(base)
+    model = randomize_offsets(patch_model(tiny_model("qwen2_moe"), OffsetConfig()))
+    model.config._name_or_path = str(base)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "both")
+    save_routing_adapter(peft_model, tmp_path / "both")
+    card = (tmp_path / "both" / CARD_NAME).read_text()
+    assert "two adapters" in card and "| r | `4` |" in card and "AutoPeftModelForCausalLM" in card
+    assert {"peft", "lora"} <= set(check_model_card(card).data.tags)
+
+    loaded = AutoRoutedModelForCausalLM.from_pretrained(tmp_path / "both", attn_implementation="eager")
+    assert isinstance(loaded, PeftModel) and get_patch_state(loaded) is not None
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="also holds a PEFT adapter"):
+        only = AutoRoutedModelForCausalLM.from_pretrained(tmp_path / "both", load_peft=False)
+    assert not isinstance(only, PeftModel)
+
+    api = FakeHfApi()
+    upload_adapter_folder(tmp_path / "both", "me/both", api=api)
+    assert {"adapter_config.json", "adapter_model.safetensors", CONFIG_NAME, WEIGHTS_NAME} <= set(
+        api.uploaded
+    )
+
+
+def test_save_pretrained_of_a_routed_model_warns_that_the_routing_is_not_in_it(tmp_path):
+    import warnings
+
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    with pytest.warns(UserWarning, match="topk routing is not saved.*save_routing_adapter"):
+        model.save_pretrained(tmp_path / "a")
+    from hf_moe_routing import unpatch_model
+
+    unpatch_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.save_pretrained(tmp_path / "b")
+
+
+# ---- Hub-ready cards --------------------------------------------------------------------------------
+def test_cards_list_only_measured_metrics_and_settings_that_ran():
+    model = patch_model(tiny_model("mixtral"), TopKConfig(top_k=1))
+    from hf_moe_routing.hub import adapter_config_dict
+
+    training = {"warmup": "random", "warmup_steps": 100, "warmup_learning_rate": 0.01, "max_steps": 5}
+    training |= {
+        "logging_steps": 10,
+        "save_total_limit": 2,
+        "init_adapter": "adak-warm",
+        "learning_rate": 1e-3,
+    }
+    results = {
+        "wikitext-2/test": {"eval_ppl": 12.5, "eval_ppl_topk": 12.0, "eval_activated_mean": 1.5},
+        "fit_batches": 20,
+        "held_out_batches": 4,
+    }
+    results["wikitext-2/test"] |= {
+        "eval_tokens": 4000,
+        "eval_default_k": 2,
+        "eval_activated_per_layer": [1, 2],
+    }
+    config = adapter_config_dict(model, training_info=training, results=results)
+    card = build_model_card(config, repo_id="me/x")
+    got = {(r.dataset_type, r.metric_type, r.metric_name) for r in card.data.eval_results}
+    assert got == {
+        ("Salesforce/wikitext", "perplexity", "Perplexity"),
+        ("Salesforce/wikitext", "perplexity_topk", "Perplexity (model's own top-k)"),
+        ("Salesforce/wikitext", "mean_activated_experts", "Mean activated experts per token"),
+    }
+    assert "| init_adapter | adak-warm |" in card.text and "| max_steps | 5 |" in card.text
+    for absent in (
+        "warmup_steps",
+        "warmup_learning_rate",
+        "logging_steps",
+        "save_total_limit",
+        "fit_batches",
+    ):
+        assert absent not in card.text

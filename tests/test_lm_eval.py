@@ -386,3 +386,21 @@ def test_routing_report_for_every_family(family):
     assert report["flops_per_token"]["routed_experts"] == pytest.approx(
         report["flops_per_token_topk"]["routed_experts"] / report["top_k"]
     )
+
+
+def test_without_a_device_the_model_runs_where_torch_can(mixtral_dir, monkeypatch):
+    """lm-eval's HF model defaults to device="cuda"; on a CPU-only torch ours picks the CPU by itself."""
+    from hf_moe_routing.integrations.lm_eval import HFMoERoutingLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = HFMoERoutingLM(pretrained=str(mixtral_dir), routing="topk", routing_top_k=1)
+    assert str(lm.device) == "cpu" and next(lm.model.parameters()).device.type == "cpu"
+
+
+def test_unknown_tasks_are_refused_before_the_model_loads(tmp_path):
+    from hf_moe_routing.integrations.lm_eval import check_tasks, task_manager
+
+    manager = task_manager(include_defaults=False)
+    assert check_tasks([BLIMP, "blimp_local"], manager) is manager
+    with pytest.raises(ValueError, match=r"Unknown lm-eval task\(s\) 'blimp_local_no_such'.*lm-eval ls tasks"):
+        check_tasks([BLIMP, "blimp_local_no_such"], manager)

@@ -42,6 +42,9 @@ example:
 """
 
 
+INTERRUPT_HINT = "lm-eval runs do not resume; run the command again"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # prefix_chars="+" and REMAINDER: every argument, --help included, is handed to lm-eval untouched.
     parser = subparsers.add_parser(
@@ -126,8 +129,11 @@ def run(args: argparse.Namespace) -> int:
             namespace.metadata = {**metadata, "data_dir": data_dir}
     elif data_dir is not None:
         raise ValueError("--data_dir only applies to `run` (evaluations).")
+    from ..metrics.quiet_git import quiet_git
+
     before = last_routing_report()
-    cli.execute(namespace)
+    with quiet_git():
+        cli.execute(namespace)
     report = last_routing_report()
     if namespace.command == "run" and report is not None and report is not before:
         print(f"\n{format_routing_report(report)}")

@@ -1,32 +1,41 @@
-"""``hf-moe-routing push ADAPTER_DIR REPO_ID``: upload a saved routing adapter to the Hugging Face Hub."""
+"""``hf-moe-routing push ADAPTER_DIR REPO_ID``: upload a routing adapter (only its files) to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from .common import add_command, add_quiet_argument, setup_logging
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "push",
-        help="upload a routing adapter folder (with its model card) to the Hugging Face Hub",
+        help="upload a routing adapter (only its files, with a model card) to the Hugging Face Hub",
         description=(
-            "Upload a routing adapter folder (routing_config.json, routing_adapter.safetensors and its\n"
-            "README.md model card) to a model repo on the Hugging Face Hub. The folder is checked first and\n"
-            "the repo is created if it does not exist. A folder without README.md gets a model card written\n"
-            "into it from routing_config.json (routing settings, training info, measured results)."
+            "Upload the routing adapter in a folder to a model repo on the Hugging Face Hub: only\n"
+            "routing_config.json, routing_adapter.safetensors and a model card rendered for REPO_ID (plus a\n"
+            "PEFT adapter's adapter_config.json / adapter_model.safetensors if the folder holds one).\n"
+            "Checkpoints, logs and other files in the folder never go up, and the folder is not changed.\n"
+            "The adapter is checked first; the repo is created if it does not exist."
         ),
         epilog=(
             "examples:\n"
             "  hf-moe-routing push ./hf-moe-routing-demo/adak-adapter my-user/tiny-moe-adak\n"
-            "  hf-moe-routing push ./adak your-org/qwen-moe-adak --private --revision experiments\n\n"
+            "  hf-moe-routing push ./adak your-org/qwen-moe-adak --base-model Qwen/Qwen1.5-MoE-A2.7B --private\n\n"
             "The token comes from --token, HF_TOKEN, or `hf auth login`."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="routing adapter folder to upload")
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder holding the routing adapter")
     parser.add_argument(
         "repo_id", metavar="REPO_ID", help="target model repo on the Hub, e.g. my-user/my-adapter"
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id of the base model, recorded in the uploaded config and card (for an adapter trained "
+        "on a local copy of a Hub model)",
     )
     parser.add_argument(
         "--private", action="store_true", help="create the repo as private (if it does not exist)"
@@ -44,11 +53,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)"
     )
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..hub import upload_adapter_folder
 
+    setup_logging(args.quiet)
     folder = Path(args.adapter_dir).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"Routing adapter folder {args.adapter_dir} does not exist.")
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
         create_pr=args.create_pr,
         path_in_repo=args.path_in_repo,
+        base_model=args.base_model,
     )
     url = (
         getattr(commit, "pr_url", None)

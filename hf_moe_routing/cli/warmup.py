@@ -1,32 +1,33 @@
-"""``hf-moe-routing warmup MODEL``: warm-start Ada-K allocators (P-Warm or K-Warm) and save them."""
+"""``hf-moe-routing warmup MODEL``: warm-start Ada-K allocators only, and save them as a routing adapter."""
 
 from __future__ import annotations
 
 import argparse
 
-from .train import add_common_arguments, run_training
+from .common import add_command
+from .training import INTERRUPT_HINT, add_training_arguments, run_training
+
+__all__ = ["INTERRUPT_HINT", "add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "warmup",
-        help="warm-start Ada-K allocators (P-Warm / K-Warm) on a frozen model and save the routing adapter",
+        help="warm-start Ada-K allocators on a frozen model and save the routing adapter",
         description=(
-            "Warm-start Ada-K allocators with cross-entropy on pseudo-labels: P-Warm labels each token with "
-            "the fewest experts whose router probabilities reach p (p calibrated so the mean label is the "
-            "model's top-k), K-Warm with the model's top-k. Continue with `hf-moe-routing train "
-            "--init-adapter DIR --warmup random`."
+            "Warm-start Ada-K allocators only (train with --max-steps 0): the allocators learn pseudo-labels\n"
+            "(P-Warm: the fewest experts whose router probabilities reach p; K-Warm: the model's top-k).\n"
+            "Continue with `hf-moe-routing train --init-adapter DIR --warmup random`."
         ),
         epilog=(
             "examples:\n"
             "  hf-moe-routing warmup ./my-qwen-moe --dataset wikitext-2/valid --output-dir adak-warm\n"
             "  hf-moe-routing warmup ./my-mixtral --dataset data.txt --warmup k-warm --output-dir adak-warm"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common_arguments(parser)
-    parser.add_argument("--warmup", choices=("p-warm", "k-warm"), default="p-warm", help="warm-start labels")
+    add_training_arguments(parser, warmup_only=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_training(args, warmup_only=True)
+    return run_training(args)

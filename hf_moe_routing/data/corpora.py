@@ -20,6 +20,14 @@ CORPORA: dict[str, str] = {
 }
 
 
+#: corpus name -> (Hub dataset id, configuration, split) of the same text, for model cards
+HUB_EQUIVALENTS: dict[str, tuple[str, str | None, str]] = {
+    "wikitext-2/valid": ("Salesforce/wikitext", "wikitext-2-v1", "validation"),
+    "wikitext-2/test": ("Salesforce/wikitext", "wikitext-2-v1", "test"),
+    "tinyshakespeare": ("karpathy/tiny_shakespeare", None, "train"),
+}
+
+
 def _default_data_dir() -> Path:
     """``<repo root>/../shared/data`` (the repository root is two levels above this package)."""
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from .context import check_context_length  # noqa: F401  (re-exported: the old import path)
 from .corpora import CORPORA, read_corpus
 
 #: label value ignored by the loss (transformers / PyTorch convention)
@@ -194,17 +195,6 @@ def _tokenise_texts(
         if ids:
             ids = ids + ([eos] if eos is not None else [])
             yield ids, list(ids)
-
-
-def check_context_length(model_or_config: Any, seq_len: int) -> None:
-    """ValueError if ``seq_len`` exceeds the model's context (``max_position_embeddings``)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise ValueError(
-            f"Sequence length {seq_len} is longer than the model's context ({limit} positions, "
-            "config.max_position_embeddings): use seq_len <= that."
-        )
 
 
 def pack_dataset(

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..core.batching import IGNORE_INDEX, iter_batches, model_device
+from ..data.context import check_context_length
 from ..families import MoEShape
-from ..patching import describe, get_patch_state, original_routing
+from ..patching import describe, get_patch_state, original_routing, warn_if_unfitted
 from .flops import flops_per_token
 from .stats import RoutingStats
 
@@ -72,6 +73,7 @@ def _evaluate_once(
         for batch in iter_batches(
             eval_data, batch_size, device, max_batches=max_batches, progress=progress, desc=desc
         ):
+            check_context_length(model, batch["input_ids"].shape[1])
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             nll, count = token_nll(out.logits, batch["labels"])
             total_nll += nll
@@ -79,8 +81,15 @@ def _evaluate_once(
             seq_lens.append(batch["input_ids"].shape[1])
         summary = stats.summary()
     if total_tokens == 0:
-        raise ValueError("No token of the evaluation data is predicted (all labels are -100 or padding).")
+        raise ValueError(
+            "No token of the evaluation data is predicted (no batch, or all labels are -100 or padding): "
+            "there is no perplexity to report."
+        )
     loss = total_nll / total_tokens
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"The evaluation loss is {loss}: the model produced NaN or infinite logits under this routing."
+        )
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
@@ -117,8 +126,19 @@ def evaluate_routing(
     ``flops_reduction`` (whole model) and ``routed_flops_reduction`` (routed experts only);
     ``avg_max_vio``, ``sup_max_vio``, ``max_vio_per_layer``; and with ``topk_reference`` a ``topk`` dict of
     the reference's numbers plus ``perplexity_change`` (relative, e.g. 0.01 = 1% higher than Top-K).
+
+    A routing whose state was never fitted or trained (e.g. ``BIPConfig()`` right after patching)
+    is evaluated with a warning: its numbers are those of its initial state.
+
+    Raises:
+        ValueError: the model has no MoE block; ``max_batches`` < 1; the data has no predicted token
+            or sequences longer than the model's context (``max_position_embeddings``).
+        FloatingPointError: the loss is NaN or infinite.
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
     shape = moe_shape(model)
+    warn_if_unfitted(model, "the results are those of its initial state", stacklevel=2)
     result = _evaluate_once(model, eval_data, batch_size, max_batches, progress, "evaluating")
     stats = result.pop("stats")
     layers = [int(i) for i in stats["layers"]]
@@ -153,6 +173,7 @@ def evaluate_routing(
                 "mean_activated": out["mean_activated"],
             }
             reference["avg_max_vio"] = out["avg_max_vio"]
+            reference["max_vio_per_layer"] = out["max_vio_per_layer"]
         else:
             with topk_routing(model):
                 ref = _evaluate_once(model, eval_data, batch_size, max_batches, progress, "evaluating Top-K")
@@ -161,6 +182,9 @@ def evaluate_routing(
                 "loss": ref["loss"],
                 "mean_activated": float(ref["stats"]["mean_activated"]),
                 "avg_max_vio": float(ref["stats"]["avg_max_vio"]),
+                "max_vio_per_layer": dict(
+                    zip([str(i) for i in layers], [float(v) for v in ref["stats"]["max_vio_global"]])
+                ),
             }
         out["topk"] = reference
         out["perplexity_change"] = out["perplexity"] / reference["perplexity"] - 1.0

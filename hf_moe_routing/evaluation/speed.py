@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..core.batching import model_device
-from ..patching import original_routing
+from ..data.context import check_context_length
+from ..patching import describe, original_routing
 from .evaluate import routing_name
 
 
@@ -67,9 +68,15 @@ def compare_speed(model: nn.Module, batch: Any, *, repeats: int = 10, warmup: in
     Both are timed in alternating rounds (``repeats`` rounds, each a few forwards of each), so drifting
     machine load hits both alike. Returns ``routing`` and ``topk`` (:func:`measure_speed` dicts),
     ``speedup`` (Top-K median / routing median) and ``time_saved`` (1 - routing / Top-K).
+
+    Raises:
+        ValueError: the model has no MoE block (there is no routing to compare), ``repeats`` < 1, or
+            the batch is longer than the model's context.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    describe(model)  # ValueError for a model without MoE blocks
+    check_context_length(model, _as_batch(batch, torch.device("cpu"))["input_ids"].shape[1])
     rounds = min(repeats, 5)
     per_round = max(1, math.ceil(repeats / rounds))
     routed: list[float] = []

@@ -2,7 +2,8 @@
 
 A routing adapter folder holds::
 
-    routing_config.json            routing config, base model id/revision, MoE fingerprint, training, results
+    routing_config.json            routing config, base model, MoE fingerprint, training, results,
+                                   and the SHA-256 of the weights file (checked on load)
     routing_adapter.safetensors    every routing layer's ``routing_state()``, keyed ``layers.{i}.{name}``
     README.md                      model card (optional, rendered from ``model_cards/``)
 
@@ -11,37 +12,34 @@ Only JSON and safetensors are read: never pickle, never remote code.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import dataclasses
-import json
 import os
 import re
-import shutil
-import stat
-import sys
-import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ..core.config import read_json
+from ..core.config import read_json, write_json
 from ..methods.base import RoutingConfig
 from ..patching import describe, get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
-from .model_card import LIBRARY_TAG, build_model_card
+from ..patching.fitting import unfitted_layers, warn_if_unfitted
+from .base_model import base_model_record
+from .download import CARD_NAME, CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, resolve_adapter_folder
+from .files import atomic_write_folder, sha256_bytes
+from .json_values import to_json
+from .model_card import build_model_card, may_replace_card
 
-CONFIG_NAME = "routing_config.json"
-WEIGHTS_NAME = "routing_adapter.safetensors"
-CARD_NAME = "README.md"
-#: Version of the folder format (bumped on incompatible changes).
-FORMAT_VERSION = 1
+#: Version of the folder format (bumped on incompatible changes; 1 and 2 are read).
+FORMAT_VERSION = 2
 _KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+#: How often a load re-reads a folder whose config and weights come from different saves.
+_READ_ATTEMPTS = 5
 
 
 def _require_patched(model: nn.Module):
@@ -74,22 +72,30 @@ def adapter_config_dict(
     """What ``routing_config.json`` stores for the patched ``model`` (plain JSON types).
 
     ``training_info`` and ``results`` may hold tensors, numpy values, dataclasses and objects with
-    ``to_dict()`` (e.g. ``FlopsBreakdown``); they are converted to JSON types.
+    ``to_dict()`` (e.g. ``FlopsBreakdown``); they are converted to JSON types. NaN or infinite
+    results are stored as ``null`` (with a warning): standard JSON has no NaN.
+
+    ``fitted`` is False when some routing layer was never fitted or trained (see
+    :func:`~hf_moe_routing.patching.unfitted_layers`). ``base_model`` records ``id`` (a Hub repo id, when known), ``path`` (an absolute local folder,
+    when the base was loaded from one) and ``revision``.
+
+    Raises:
+        ValueError: the model is not patched. TypeError: a value cannot be written as JSON.
     """
     state = _require_patched(model)
     model_config = getattr(model, "config", None)
-    base_model_id = base_model_id or getattr(model_config, "_name_or_path", None) or None
+    name = base_model_id or getattr(model_config, "_name_or_path", None) or None
     revision = revision or getattr(model_config, "_commit_hash", None) or None
-    config = {
+    return {
         "format_version": FORMAT_VERSION,
         "library": {"name": "hf-moe-routing", "version": _library_version()},
         "routing": state.config.to_dict(),
-        "base_model": {"id": base_model_id, "revision": revision},
+        "fitted": not unfitted_layers(model),
+        "base_model": base_model_record(name, revision),
         "moe_shape": state.shape.fingerprint(),
-        "training": dict(training_info or {}),
-        "results": dict(results or {}),
+        "training": to_json(dict(training_info or {}), "training_info"),
+        "results": to_json(dict(results or {}), "results"),
     }
-    return json.loads(json.dumps(config, default=_json_default))  # plain JSON types, as read back later
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,319 +122,142 @@ def save_routing_adapter(
     Args:
         model: a model patched with :func:`~hf_moe_routing.patch_model` (a PEFT model wrapping one works too).
         save_directory: the adapter folder. Other files in it (a LoRA adapter, a checkpoint) are kept.
-        base_model_id, revision: the base model's Hub id and revision (default: read from ``model.config``).
+        base_model_id, revision: the base model's Hub id (or folder) and revision (default: read from
+            ``model.config``); a local folder is stored as an absolute path.
         training_info: how the routing was obtained (free-form JSON, shown on the model card).
         results: measured results, ``{dataset: {metric: value}}`` or ``{metric: value}`` (shown on the card).
         model_card: also write ``README.md`` (unless the folder holds a README that is not ours).
 
     The write is atomic: everything is written to a temporary folder next to the target, flushed to
-    disk, and swapped in with a rename, so a crash leaves the previous adapter intact.
+    disk, and swapped in with a rename, so a crash leaves the previous adapter intact. A routing
+    that was never fitted or trained is saved with a warning (its state is the initial one).
+
+    Raises:
+        ValueError: the model is not patched. TypeError: ``training_info``/``results`` are not JSON.
+        FileExistsError: ``save_directory`` is a file. OSError: the disk is full or not writable.
     """
     model = unwrap_model(model)
+    warn_if_unfitted(model, "the saved routing adapter holds its initial state", stacklevel=2)
     config = adapter_config_dict(
         model, base_model_id=base_model_id, revision=revision, training_info=training_info, results=results
     )
-    tensors = adapter_state_dict(model)
+    blob = save_safetensors(
+        adapter_state_dict(model),
+        metadata={"format": "pt", "routing_type": config["routing"]["routing_type"]},
+    )
+    config["weights_sha256"] = sha256_bytes(blob)
     target = Path(save_directory)
-    write_card = model_card and _may_write_card(target / CARD_NAME)
+    write_card = model_card and may_replace_card(target / CARD_NAME)
 
     def write(folder: Path) -> None:
-        _write_json(folder / CONFIG_NAME, config)
-        save_file(
-            tensors,
-            str(folder / WEIGHTS_NAME),
-            metadata={"format": "pt", "routing_type": config["routing"]["routing_type"]},
-        )
+        write_weights(folder / WEIGHTS_NAME, blob)
+        write_json(folder / CONFIG_NAME, config)
         if write_card:
-            build_model_card(config).save(folder / CARD_NAME)
+            build_model_card(config, peft_config=read_peft_config(folder)).save(folder / CARD_NAME)
 
     replace = {CONFIG_NAME, WEIGHTS_NAME} | ({CARD_NAME} if write_card else set())
     atomic_write_folder(target, write, replace=replace)
     return target
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(
-        json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8"
-    )
+def write_weights(path: Path, blob: bytes) -> None:
+    """Write the serialised weights (a seam for fault-injection tests)."""
+    path.write_bytes(blob)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    if hasattr(value, "to_dict"):  # e.g. FlopsBreakdown, configs
-        return value.to_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    raise TypeError(f"training_info/results must be JSON-serialisable; got {type(value).__name__}: {value!r}")
-
-
-def _may_write_card(path: Path) -> bool:
-    """Write README.md if absent, or if the existing one is an hf-moe-routing card."""
-    if not path.exists():
-        return True
+def read_peft_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """PEFT's ``adapter_config.json`` in ``folder`` (a LoRA adapter beside the routing), or None."""
+    path = Path(folder) / PEFT_CONFIG_NAME
+    if not path.is_file():
+        return None
     try:
-        text = path.read_text(encoding="utf-8")
-        tags = ModelCard(text).data.to_dict().get("tags") or [] if text.startswith("---") else []
-    except Exception:  # an unparsable README is the user's: keep it
-        return False
-    return LIBRARY_TAG in tags
-
-
-def atomic_write_folder(target: Path, write: Callable[[Path], None], *, replace: set[str]) -> None:
-    """Run ``write(tmp)`` into a fresh folder next to ``target``, then swap it in atomically.
-
-    Files of an existing ``target`` that are not in ``replace`` are carried over (hard links, or
-    copies across file systems), so unrelated files in the folder survive. If anything fails before
-    the swap, ``target`` is untouched and the temporary folder is removed.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder: choose another save directory.")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        os.chmod(tmp, _folder_mode(target))  # mkdtemp makes 0700 folders
-        if target.is_dir():
-            for entry in target.iterdir():
-                if entry.name not in replace:
-                    _carry_over(entry, tmp / entry.name)
-        write(tmp)
-        for entry in tmp.iterdir():
-            if entry.is_file():
-                _fsync(entry)
-        _fsync(tmp)
-        if target.is_dir():
-            _swap_folders(tmp, target)
-        else:
-            os.rename(tmp, target)
-            tmp = None
-        _fsync(parent)
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _folder_mode(target: Path) -> int:
-    """The permissions the folder should get: the existing folder's, else the umask default."""
-    if target.is_dir():
-        return stat.S_IMODE(target.stat().st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-def _carry_over(src: Path, dst: Path) -> None:
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
-    elif src.is_symlink():
-        os.symlink(os.readlink(src), dst)
-    else:
-        link_or_copy(str(src), str(dst))
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. directories cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    status = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return status == 0
-
-
-def _swap_folders(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; the old ``target`` ends up at ``new`` (removed by the caller).
-
-    On Linux the exchange is a single atomic ``renameat2``; elsewhere the old folder is first
-    renamed aside (a crash in between leaves it complete as ``.<name>.tmp-*``).
-    """
-    if _exchange(new, target):
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(aside)
-    os.rename(target, aside)
-    os.rename(new, target)
-    os.rename(aside, new)
+        data = read_json(path, "PEFT adapter config")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # ---- reading ---------------------------------------------------------------------------------
 
 
-def resolve_adapter_folder(
-    path_or_repo_id: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    subfolder: str | None = None,
-) -> Path:
-    """A local folder holding the adapter files: ``path_or_repo_id`` itself, or a Hub download.
-
-    Hub repos are fetched with ``huggingface_hub.snapshot_download`` (only the adapter files, of
-    ``subfolder`` if given). Errors say whether the folder is missing, the repo id is invalid or
-    unknown, or the Hub could not be reached (network or token).
-    """
-    local = Path(path_or_repo_id).expanduser()
-    if local.is_dir():
-        return local / subfolder if subfolder else local
-    text = str(path_or_repo_id)
-    if local.exists():
-        raise FileNotFoundError(
-            f"{text} is a file; pass the routing adapter folder that contains {CONFIG_NAME}."
-        )
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
-        raise FileNotFoundError(f"Routing adapter folder {text} does not exist.")
-    return _download(text, revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder)
-
-
-def _download(
-    repo_id: str,
-    *,
-    revision: str | None,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike | None,
-    subfolder: str | None,
-) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    where = (
-        f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "") + " (no such local folder either)"
-    )
-    try:
-        validate_repo_id(repo_id)
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            allow_patterns=[
-                f"{subfolder.strip('/')}/{name}" if subfolder else name
-                for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-            ],
-        )
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is neither an existing local folder nor a valid Hugging Face Hub repo id: {error}"
-        ) from error
-    except GatedRepoError as error:
-        raise OSError(
-            f"Routing adapter {where} is gated: request access on the Hub and log in (`hf auth login`) "
-            "or pass token=..."
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise OSError(
-            f"Routing adapter {where} was not found on the Hugging Face Hub: check the id, or, for a private "
-            "repo, log in (`hf auth login`) or pass a token that can read it."
-        ) from error
-    except RevisionNotFoundError as error:
-        raise OSError(f"Routing adapter {repo_id!r} has no revision {revision!r} on the Hub.") from error
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        raise OSError(
-            f"Could not download routing adapter {where}: the Hugging Face Hub cannot be reached (no network, "
-            "or HF_HUB_OFFLINE=1) and the adapter is not in the local cache. Check the network connection "
-            "and your token, or pass a local folder."
-        ) from error
-    except HfHubHTTPError as error:
-        raise OSError(
-            f"Could not download routing adapter {where} from the Hugging Face Hub ({error}). "
-            "Check the network connection and your token (`hf auth login` or token=...)."
-        ) from error
-    except Exception as error:
-        if is_network_error(error):
-            raise OSError(
-                f"Could not download routing adapter {where}: the Hugging Face Hub cannot be reached "
-                f"({type(error).__name__}: {error}). Check the network connection and your token."
-            ) from error
-        raise
-    return Path(folder) / subfolder if subfolder else Path(folder)
-
-
-def is_network_error(error: BaseException) -> bool:
-    """True for errors that mean the Hub could not be reached (connection, timeout, HTTP transport)."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    return type(error).__module__.split(".")[0] in {"httpx", "httpx2", "requests", "urllib3", "httpcore"}
-
-
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``routing_config.json`` of a local adapter folder (clear errors if missing or corrupt)."""
+    """The parsed ``routing_config.json`` of a local adapter folder.
+
+    Raises:
+        FileNotFoundError: the folder has no ``routing_config.json``.
+        ValueError: the file is not standard JSON (truncated, NaN literals, nested too deep), lacks
+            the routing or MoE shape, or uses a newer format version.
+    """
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{Path(folder)} is not a routing adapter: it has no {CONFIG_NAME}. Save one with "
             "hf_moe_routing.save_routing_adapter(model, folder)."
         )
-    try:  # depth-limited, standard JSON only (a hostile file cannot exhaust the stack)
-        data = read_json(path, "Routing adapter config", allow_nan=True)
+    try:  # depth-limited, standard JSON only (results are saved with NaN as null)
+        data = read_json(path, "Routing adapter config")
     except ValueError as error:
-        raise ValueError(f"{error} The file is corrupt: save the adapter again.") from None
+        raise ValueError(f"{error} The adapter is corrupt: save it again.") from None
     missing = [key for key in ("routing", "moe_shape") if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(
             f"{path} is not a routing adapter config: it lacks {missing}. Save the adapter again."
         )
-    version = data.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = data.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{path} uses adapter format version {version!r}; this hf-moe-routing reads up to "
             f"{FORMAT_VERSION}. Upgrade hf-moe-routing."
         )
+    for key in ("routing", "moe_shape", "training", "results", "base_model"):
+        if key in data and data[key] is not None and not isinstance(data[key], dict):
+            raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(data[key]).__name__}.")
     return data
 
 
 def read_adapter_weights(folder: str | os.PathLike) -> dict[int, dict[str, torch.Tensor]]:
-    """The routing state of a local adapter folder, grouped by layer index."""
-    path = Path(folder) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Routing adapter {Path(folder)} has no {WEIGHTS_NAME}: save the adapter again."
-        )
+    """The routing state of a local adapter folder, grouped by layer index (not hash-checked)."""
+    return _parse_weights(Path(folder) / WEIGHTS_NAME, _read_weight_bytes(Path(folder)))
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
+    """Config and weights of one save, checked against the content hash in the config.
+
+    A reader racing a writer could see one save's config with the next save's weights; the hash
+    catches that, and the folder is read again (a few times) until both belong together.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_adapter_config`; also when the weights are
+            missing or corrupt, or never match the recorded hash (modified by hand, or half copied).
+    """
+    folder = Path(folder)
+    for attempt in range(_READ_ATTEMPTS):
+        config = read_adapter_config(folder)
+        blob = _read_weight_bytes(folder)
+        expected = config.get("weights_sha256")
+        if expected is None or sha256_bytes(blob) == expected:
+            return config, _parse_weights(folder / WEIGHTS_NAME, blob)
+        time.sleep(0.05 * (attempt + 1))  # a writer is swapping the folder: read it again
+    _parse_weights(folder / WEIGHTS_NAME, blob)  # a corrupt file says so
+    raise ValueError(
+        f"{folder / WEIGHTS_NAME} does not match the content hash in {CONFIG_NAME}: the two files come "
+        "from different saves (copied or edited separately). Save the adapter again."
+    )
+
+
+def _read_weight_bytes(folder: Path) -> bytes:
+    path = folder / WEIGHTS_NAME
     try:
-        tensors = load_file(str(path))
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"Routing adapter {folder} has no {WEIGHTS_NAME}: save the adapter again."
+        ) from None
+
+
+def _parse_weights(path: Path, blob: bytes) -> dict[int, dict[str, torch.Tensor]]:
+    try:
+        tensors = load_safetensors(blob)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"{path} is corrupt or not a safetensors file ({error}). Save the adapter again."
@@ -471,13 +300,17 @@ def load_routing_adapter(
     """Patch ``model`` with a saved routing adapter (local folder or Hub repo id); returns ``model``.
 
     The adapter's MoE fingerprint must match the model's. ``replace=True`` swaps the routing of an
-    already patched model. ``subfolder`` selects an adapter inside the folder or repo. Everything is
-    read and checked before the model changes; if loading the state fails anyway, the model's
-    previous routing is restored.
+    already patched model. ``subfolder`` selects an adapter inside the folder or repo (a relative
+    path that stays inside it). Everything is read and checked before the model changes; if loading
+    the state fails anyway, the model's previous routing is restored.
+
+    Raises:
+        ValueError: ``subfolder`` leaves the folder; the adapter is corrupt, for another MoE shape,
+            or does not fit; the model is already patched and ``replace`` is False.
+        FileNotFoundError: no such folder or adapter files. OSError: the Hub cannot be reached.
     """
     folder = resolve_adapter_folder(path_or_repo_id, revision=revision, token=token, subfolder=subfolder)
-    data = read_adapter_config(folder)
-    weights = read_adapter_weights(folder)
+    data, weights = read_adapter(folder)
     config = RoutingConfig.from_dict(data["routing"])
     target = unwrap_model(model)
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -42,12 +43,29 @@ def save_results(path_or_file: str | os.PathLike, results: Mapping[str, Any], **
     """Write ``results`` and ``params`` with ``evaluate.save`` (JSON plus time, git commit, versions).
 
     A folder gets a new ``result-<time>.json``; a path with a suffix is the file. Tensors and numpy
-    values are converted to plain numbers first. Returns the file written.
+    values are converted to plain numbers first, NaN and infinite values to ``null`` (standard JSON).
+    git is asked for the commit quietly (no "fatal: not a git repository" outside a repository).
+    Returns the file written.
     """
     import evaluate
+    import evaluate.saving
 
-    data = json.loads(json.dumps({**params, **results}, default=_plain))
-    return Path(evaluate.save(str(path_or_file), **data))
+    from .quiet_git import quiet_git
+
+    data = _finite(json.loads(json.dumps({**params, **results}, default=_plain)))
+    with quiet_git():
+        return Path(evaluate.save(str(path_or_file), **data))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinite numbers as None (standard JSON has no NaN literal)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Patching: put a routing method into a model's routers (in place, reversibly), and fit its state."""
 
-from .fitting import fit_routing
+from .fitting import fit_routing, unfitted_layers, warn_if_unfitted
 from .patch import (
     ROUTING_ATTR,
     PatchState,
@@ -29,5 +29,7 @@ __all__ = [
     "routing_aux_loss",
     "routing_layers",
     "unpatch_model",
+    "unfitted_layers",
     "unwrap_model",
+    "warn_if_unfitted",
 ]

@@ -14,13 +14,14 @@ gradients), dynamic skipping collects score ratios and sets its thresholds at th
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.batching import iter_batches, model_device
-from .patch import _require_state, routing_layers
+from .patch import _require_state, get_patch_state, routing_layers
 
 
 def fit_routing(
@@ -86,3 +87,38 @@ def fit_routing(
             layer.abort_fit()
         raise
     return {"routing": config.routing_type, "batches": batches, "tokens": tokens, "layers": summaries}
+
+
+def unfitted_layers(model: nn.Module) -> list[int]:
+    """MoE layer indices whose routing state was never fitted or trained (``RoutingLayer.is_fitted``).
+
+    Empty for an unpatched model and for routings without state (Top-K, top-p).
+    """
+    if get_patch_state(model) is None:
+        return []
+    return [index for index, layer in routing_layers(model).items() if not layer.is_fitted()]
+
+
+def warn_if_unfitted(model: nn.Module, consequence: str, *, stacklevel: int = 2) -> bool:
+    """Warn (UserWarning) if the routing of ``model`` was never fitted or trained; returns whether it warned.
+
+    ``consequence`` completes the sentence, e.g. ``"the results are those of its initial state"``.
+    """
+    layers = unfitted_layers(model)
+    if not layers:
+        return False
+    config = get_patch_state(model).config
+    fittable = all(hasattr(layer, "begin_fit") for layer in routing_layers(model).values())
+    how = (
+        "fit it first: hf_moe_routing.fit_routing(model, data) (command line: hf-moe-routing fit)"
+        if fittable
+        else "train it first (Ada-K: hf_moe_routing.AdaKTrainer, command line: hf-moe-routing train), "
+        "or load a trained routing adapter"
+    )
+    warnings.warn(
+        f"The {config.routing_type} routing of MoE layers {layers} was never fitted or trained, so {consequence}"
+        f"{' (BIP and Loss-Free then route exactly like the model Top-K)' if fittable else ''}: {how}.",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return True

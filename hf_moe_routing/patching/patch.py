@@ -243,7 +243,25 @@ def patch_model(
         state.ignored_keys = {k for k in model.state_dict() if f".{ROUTING_ATTR}." in k} - ignore
         ignore.update(state.ignored_keys)
     setattr(model, _STATE_ATTR, state)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_save_pretrained_with_warning, model)
     return wrapper
+
+
+def _save_pretrained_with_warning(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of a patched model: the base weights, and a warning that the routing is not in them."""
+    import warnings
+
+    state = get_patch_state(self)
+    if state is not None:
+        warnings.warn(
+            f"save_pretrained writes the base model only: its {state.config.routing_type} routing is not saved. "
+            "Save it beside the weights with hf_moe_routing.save_routing_adapter(model, save_directory); "
+            "AutoRoutedModelForCausalLM.from_pretrained(save_directory) then loads both.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return type(self).save_pretrained(self, *args, **kwargs)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -264,6 +282,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if isinstance(ignore, set):
         ignore.difference_update(state.ignored_keys)
     delattr(model, _STATE_ATTR)
+    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is _save_pretrained_with_warning:
+        del model.__dict__["save_pretrained"]
     return wrapper
 
 

@@ -639,6 +639,8 @@ class AdaKTrainer:
             norm = float(torch.nn.utils.clip_grad_norm_(self.bank.parameters(), self.config.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for layer in self.layers.values():  # trained: RoutingLayer.is_fitted() is True from now on
+            layer.num_updates += 1
         self._check_base_frozen()
         return norm
 

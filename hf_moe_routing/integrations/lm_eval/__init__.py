@@ -49,6 +49,27 @@ def task_manager(
     return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)], metadata=metadata, **kwargs)
 
 
+def is_ours(task: str) -> bool:
+    """Whether ``task`` is one of the packaged offline tasks (no need to index lm-eval's own)."""
+    return task.startswith(("blimp_local", "wikitext2_local"))
+
+
+def check_tasks(tasks: list[str], manager: TaskManager | None = None) -> TaskManager:
+    """ValueError naming the tasks (or groups) lm-eval does not know; returns the task manager used.
+
+    Only our offline tasks are indexed when every name is one of them (lm-eval's ~10k task files
+    take ~20 s to index on a small CPU).
+    """
+    manager = manager or task_manager(include_defaults=not all(map(is_ours, tasks)))
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ValueError(
+            f"Unknown lm-eval task(s) {', '.join(map(repr, unknown))}: list the known ones with "
+            "`hf-moe-routing lm-eval ls tasks` (ours: blimp_local, blimp_local_<paradigm>, wikitext2_local)."
+        )
+    return manager
+
+
 def __getattr__(name: str) -> Any:
     if name in {"HFMoERoutingLM", "evaluate_lm_eval", "format_routing_report", "last_routing_report"}:
         from . import model
@@ -60,8 +81,10 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "TASKS_DIR",
     "HFMoERoutingLM",
+    "check_tasks",
     "evaluate_lm_eval",
     "format_routing_report",
+    "is_ours",
     "last_routing_report",
     "task_manager",
 ]

@@ -120,6 +120,8 @@ class HFMoERoutingLM(HFLM):
                 "Pass either routing=... (a routing method) or adapter=... (a saved routing adapter, which "
                 "stores its own routing config), not both."
             )
+        if "device" not in kwargs and not torch.cuda.is_available():
+            kwargs["device"] = "cpu"  # lm-eval's default is "cuda", which a CPU-only torch cannot use
         self._positions = 0  # sum over evaluated forward rows of L (row length)
         self._positions_sq = 0  # sum over evaluated forward rows of L^2
         self._measuring = False  # off while HFLM loads the model and probes batch sizes
@@ -264,15 +266,19 @@ def evaluate_lm_eval(
     """
     from lm_eval import simple_evaluate
 
-    from . import task_manager
+    from . import check_tasks, task_manager
 
     model_args = dict(model_args or {})
     for name in ("batch_size", "max_batch_size", "device"):  # model settings, not simple_evaluate's here
         if name in kwargs:
             model_args[name] = kwargs.pop(name)
-    lm = HFMoERoutingLM(pretrained=model, tokenizer=tokenizer, **model_args)
+    from ...metrics.quiet_git import quiet_git
+
     manager = task_manager(data_dir=data_dir, include_defaults=include_defaults)
-    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kwargs)
+    check_tasks(list(tasks), manager)
+    lm = HFMoERoutingLM(pretrained=model, tokenizer=tokenizer, **model_args)
+    with quiet_git():
+        return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kwargs)
 
 
 def last_routing_report() -> dict[str, Any] | None:
