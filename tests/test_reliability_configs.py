@@ -3,6 +3,7 @@ settings and adapters refused where they enter (item 2)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -164,7 +165,7 @@ def _edit_config(folder, edit):
     [
         (lambda d: d["routing"].update(update_in_eval="false"), TypeError, r"update_in_eval=.*true or false"),
         (lambda d: d["routing"].update(top_k=2.0), TypeError, r"top_k=.*integer"),
-        (lambda d: d["routing"].update(capacity_factor=float("nan")), ValueError, "finite"),
+        (lambda d: d["routing"].update(capacity_factor=float("nan")), ValueError, "NaN"),
         (lambda d: d["routing"].update(num_iters=True), TypeError, "integer"),
         (lambda d: d["routing"].update(no_such_setting=1), ValueError, "Unknown BIPConfig settings"),
         (lambda d: d["routing"].update(routing_type="nope"), ValueError, "nope"),
@@ -211,6 +212,16 @@ def test_json_reader_refuses_depth_nan_literals_and_truncation(tmp_path):
         read_json(path)
 
 
+def _rewrite_weights(folder, tensors):
+    """Write ``tensors`` as the adapter's weights *with* a matching content hash: an adapter saved with
+    corrupt state by another tool (a hash mismatch alone is refused earlier, see test_adapter_io)."""
+    path = folder / "routing_adapter.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((folder / "routing_config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "routing_config.json").write_text(json.dumps(config))
+
+
 # ---- item 2: non-finite saved state is refused at load ------------------------------------------
 @pytest.mark.parametrize(
     ("config", "key", "value"),
@@ -236,7 +247,7 @@ def test_an_adapter_with_non_finite_tensors_is_refused_at_load(tmp_path, config,
     path = folder / "routing_adapter.safetensors"
     tensors = load_file(path)
     tensors[f"layers.1.{key}"].view(-1)[0] = value
-    save_file(tensors, path, metadata={"format": "pt"})
+    _rewrite_weights(folder, tensors)
 
     target = make_model("mixtral")
     before = target(ids).logits
@@ -258,7 +269,7 @@ def test_a_skip_threshold_outside_0_1_is_refused_at_load(tmp_path, ids):
     path = folder / "routing_adapter.safetensors"
     tensors = load_file(path)
     tensors["layers.0.beta"].fill_(5.0)
-    save_file(tensors, path, metadata={"format": "pt"})
+    _rewrite_weights(folder, tensors)
     target = make_model("mixtral")
     with pytest.raises(
         ValueError, match=r"'beta' of dynamic-skipping routing of layer 0 .* is 5.0, outside \[0, 1\]"

@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ..core.config import read_json, write_json
+from ..core.version import __version__
 from ..methods.base import RoutingConfig
 from ..patching import describe, get_patch_state, patch_model, routing_layers, unpatch_model, unwrap_model
 from ..patching.fitting import unfitted_layers, warn_if_unfitted
@@ -53,8 +54,6 @@ def _require_patched(model: nn.Module):
 
 
 def _library_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
