@@ -6,7 +6,7 @@ compile with dynamo's ``eager`` backend: it runs the captured graph op by op, so
 capture (graph breaks, data-dependent shapes, the static-shape sentinel path that only runs under
 compile) in a few seconds. A few cases go through inductor, the default backend users get. Every
 compiled model sees several batch shapes (with left padding) under ``dynamic=True``, so one graph
-serves all of them. Tests whose name contains ``cuda`` run on a GPU only (``scripts/gpu_check.py``).
+serves all of them. Tests named ``test_cuda_*`` run on a GPU only (``scripts/gpu_check.py`` runs them).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_uncalibrated_dynamic_skip_raises_when_compiled():
         compiled(ids, attention_mask=mask)
 
 
-CUDA_CASES = [("mixtral", "topk"), ("deepseek_v3", "bip"), ("qwen2_moe", "adak"), ("mixtral", "top_p")]
+CUDA_CASES = [("deepseek_v3", "bip"), ("qwen2_moe", "adak")]  # two: GPU compiles take ~30 s each
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
