@@ -132,25 +132,39 @@ def test_inductor_fullgraph_matches_eager():
     compare(model, compiled, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_training_step_matches_eager():
-    """Loss and every gradient of a compiled training step (top-p: sentinel slots in the backward)."""
+@pytest.mark.parametrize("name,fullgraph", [("top_p", True), ("bip", False)])
+def test_compiled_training_step_matches_eager(name, fullgraph):
+    """Loss, every gradient and the routing state after a compiled training step equal eager ones.
+
+    top-p: sentinel slots in the backward, in one graph. BIP: its q update is data-dependent (the
+    dual rounds run until the overload is small), so BIP trains compiled with graph breaks only
+    (``fullgraph=False``); the update must still see the padding mask and run once.
+    """
     torch._dynamo.reset()
-    model = patched_model("mixtral", "top_p").train()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    ids, mask = next(batches())
     results = []
-    for module in (model, compiled):
-        model.zero_grad(set_to_none=True)
+    for compile_it in (False, True):
+        model = patched_model("mixtral", name).train()  # a fresh copy each (deepcopy shares hooks)
+        module = (
+            torch.compile(model, fullgraph=fullgraph, dynamic=True, backend="aot_eager")
+            if compile_it
+            else model
+        )
+        ids, mask = next(batches())
         loss = module(ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (loss, grads), (loss_c, grads_c) = results
+        state = {k: v.clone() for k, v in model.state_dict().items() if "routing" in k}
+        results.append((loss.detach(), grads, state))
+    (loss, grads, state), (loss_c, grads_c, state_c) = results
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     assert grads_c.keys() == grads.keys() and any("experts" in k for k in grads)
     for key, grad in grads.items():
         assert torch.isfinite(grads_c[key]).all(), key
         torch.testing.assert_close(grads_c[key], grad, rtol=1e-4, atol=1e-6)
+    for key, value in state.items():
+        torch.testing.assert_close(state_c[key], value, rtol=0, atol=1e-7)
+    if name == "bip":
+        assert all(int(v) == 1 for k, v in state_c.items() if k.endswith("num_updates"))
 
 
 def test_uncalibrated_dynamic_skip_raises_when_compiled():
