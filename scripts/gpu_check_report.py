@@ -31,7 +31,9 @@ def summary_markdown(report: dict) -> str:
     res = {name: s.get("results", {}) for name, s in sections.items()}
     if res.get("tests", {}).get("tests"):
         lines += ["", "## CUDA tests", "", "| test | outcome | s |", "| --- | --- | ---: |"]
-        lines += [f"| {t['test']} | {t['outcome']} | {t['seconds']:.1f} |" for t in res["tests"]["tests"]]
+        lines += [
+            f"| {t['test']} | {t['outcome']} | {_fmt(t['seconds'], '.1f')} |" for t in res["tests"]["tests"]
+        ]
     if res.get("families", {}).get("families"):
         lines += [
             "",
@@ -104,7 +106,7 @@ def summary_markdown(report: dict) -> str:
         ]
         for r in rows:
             k = sum(r["mean_k_per_layer"]) / len(r["mean_k_per_layer"])
-            peak = r["peak_memory_mb"]
+            peak = r.get("peak_memory_mb") or {}  # CUDA only
             lines.append(
                 f"| {r['shape']} x{r['layers']} | {r['tokens']} | {k:.2f} | {r['median_ms']['topk']:.1f} "
                 f"| {r['median_ms']['adak']:.1f} | {r['speedup']:.2f}x | {_fmt(r['saved_over_predicted'])} "

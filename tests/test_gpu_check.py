@@ -7,6 +7,7 @@ paths working in CI: JSON structure, partial results when the time budget runs o
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,34 @@ def test_smoke_run_writes_every_section(smoke):
         assert section["seconds"] >= 0 and section["budget_s"] > 0
     assert (out / "gpu_check.png").stat().st_size > 0
     assert "sentinel_grouped_mm" in (out / "summary.md").read_text()
+
+
+def leaves(value, path: str = ""):
+    """Every (path, leaf) of a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaves(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from leaves(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def test_smoke_numbers_are_finite_or_skipped_with_a_reason(smoke):
+    """No NaN/inf (written as null) anywhere; what needs CUDA says so instead of a number."""
+    _, out = smoke
+    report = json.loads((out / "gpu_check.json").read_text())
+    for name, section in report["sections"].items():
+        assert section["results"], name
+        for path, value in leaves(section["results"], name):
+            assert value is not None, f"{path} is null (NaN, inf or not measured without a reason)"
+            if isinstance(value, float):
+                assert math.isfinite(value), path
+    res = {k: v["results"] for k, v in report["sections"].items()}
+    assert all("CUDA" in t["reason"] for t in res["tests"]["tests"])
+    for row in res["adak"]["rows"]:
+        assert "peak_memory_mb" not in row and "CUDA" in row["peak_memory_skipped"]
 
 
 def test_smoke_results_have_every_case(smoke):
