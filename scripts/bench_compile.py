@@ -54,12 +54,14 @@ ROUTINGS = {
 }
 
 
-def patched(shape: str, routing: str, *, layers: int, device: str, dtype: torch.dtype, tiny: bool):
-    """The model of ``shape`` (same random weights for every routing) patched with ``routing``."""
-    model = build_model(shape, layers=layers, device=device, dtype=dtype, tiny=tiny)
+def patched(
+    shape: str, routing: str, *, layers: int, device: str, dtype: torch.dtype, tiny: bool, seed: int = 0
+):
+    """The model of ``shape`` (same random weights for every routing of a seed) patched with ``routing``."""
+    model = build_model(shape, layers=layers, device=device, dtype=dtype, tiny=tiny, seed=seed)
     if ROUTINGS[routing] is not None:
         patch_model(model, ROUTINGS[routing])
-        generator = torch.Generator().manual_seed(1)
+        generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for layer in routing_layers(model).values():
                 for name in ("q", "bias"):
@@ -85,12 +87,14 @@ def bench_compile(
     mode: str | None = None,
     backend: str = "inductor",
     deadline: Deadline | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     """One row per routing: eager and compiled median ms, speed-up, compile seconds, max |Δ logits|.
 
     Routings left when ``deadline`` has passed get a ``skipped`` row; a routing that fails to compile
     gets an ``error`` row (the others still run). ``backend="eager"`` checks the capture only (no
-    code generation: fast, and no speed-up to expect).
+    code generation: fast, and no speed-up to expect). ``seed`` seeds the weights, the tokens and the
+    random routing state.
     """
     rows = []
     for routing in routings:
@@ -98,8 +102,8 @@ def bench_compile(
             rows.append({"routing": routing, "skipped": "time budget used up"})
             continue
         torch._dynamo.reset()  # a fresh cache per routing (the recompile limit is per code object)
-        model = patched(shape, routing, layers=layers, device=device, dtype=dtype, tiny=tiny)
-        ids, mask = random_ids(batch, seq_len, model.config.vocab_size, device)
+        model = patched(shape, routing, layers=layers, device=device, dtype=dtype, tiny=tiny, seed=seed)
+        ids, mask = random_ids(batch, seq_len, model.config.vocab_size, device, seed=seed)
         compiled = torch.compile(model, fullgraph=True, mode=mode, backend=backend)
 
         def eager_call(model=model, ids=ids, mask=mask):
@@ -132,6 +136,7 @@ def bench_compile(
         rows.append(
             {
                 "routing": routing,
+                "seed": seed,
                 "eager_ms": 1e3 * eager_s,
                 "compiled_ms": 1e3 * compiled_s,
                 "speedup": eager_s / compiled_s,
@@ -147,15 +152,17 @@ def bench_compile(
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| routing | eager ms | compiled ms | speed-up | first call (compile) s | max abs diff |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| routing | seed | eager ms | compiled ms | speed-up | first call (compile) s | max abs diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "eager_ms" not in r:
-            lines.append(f"| {r['routing']} | {r.get('error') or r.get('skipped')} | | | | |")
+            lines.append(
+                f"| {r['routing']} | {r.get('seed', '')} | {r.get('error') or r.get('skipped')} | | | | |"
+            )
             continue
         lines.append(
-            f"| {r['routing']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | {r['speedup']:.2f}x "
+            f"| {r['routing']} | {r['seed']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | {r['speedup']:.2f}x "
             f"| {r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |"
         )
     return "\n".join(lines)
@@ -178,28 +185,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: inductor's default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="weights/tokens/state seeds")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
-    rows = bench_compile(
-        args.shape,
-        args.routings,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        layers=args.layers,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        tiny=not args.real,
-        repeats=args.repeats,
-        clock="wall" if on_cuda else "cpu",
-        mode=args.mode,
-    )
+    rows = [
+        row
+        for seed in args.seeds
+        for row in bench_compile(
+            args.shape,
+            args.routings,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            layers=args.layers,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            tiny=not args.real,
+            repeats=args.repeats,
+            clock="wall" if on_cuda else "cpu",
+            mode=args.mode,
+            seed=seed,
+        )
+    ]
     size = "real" if args.real else "tiny"
     print(
         f"{args.shape} ({size}, {args.layers} layers), batch {args.batch} x {args.seq_len}, {args.dtype}, "
         f"{args.device}, {torch.get_num_threads()} threads, {'CUDA events' if on_cuda else 'process CPU time'}, "
-        f"median of {args.repeats}, fullgraph=True, mode={args.mode}"
+        f"median of {args.repeats}, fullgraph=True, mode={args.mode}, seeds {args.seeds}"
     )
     print(format_table(rows))
     if args.json:
