@@ -106,11 +106,12 @@ def summary_markdown(report: dict) -> str:
         ]
         for r in rows:
             k = sum(r["mean_k_per_layer"]) / len(r["mean_k_per_layer"])
-            peak = r.get("peak_memory_mb") or {}  # CUDA only
+            peak = r.get("peak_memory_mb")  # CUDA only
+            peak_cell = f"{_fmt(peak['topk'], '.0f')} / {_fmt(peak['adak'], '.0f')}" if peak else "CUDA only"
             lines.append(
                 f"| {r['shape']} x{r['layers']} | {r['tokens']} | {k:.2f} | {r['median_ms']['topk']:.1f} "
                 f"| {r['median_ms']['adak']:.1f} | {r['speedup']:.2f}x | {_fmt(r['saved_over_predicted'])} "
-                f"| {_fmt(peak.get('topk'), '.0f')} / {_fmt(peak.get('adak'), '.0f')} |"
+                f"| {peak_cell} |"
             )
     ppo = res.get("ppo", {}).get("result")
     if ppo:
