@@ -1,11 +1,13 @@
-"""Time of the BIP solve next to the whole MoE layer forward, at Qwen1.5-MoE-A2.7B layer dimensions.
+"""Time of the BIP solve next to the whole MoE layer forward, at real MoE layer dimensions.
 
-One Qwen2-MoE block with random weights (hidden 2048, 60 routed experts of intermediate 1408, top-4,
-shared expert of intermediate 5632 = 4 x 1408), float32. For each n (tokens) it times
+One decoder layer of a public checkpoint's shape with random weights (``bench_common.REAL_SHAPES``;
+default Qwen1.5-MoE-A2.7B: hidden 2048, 60 routed experts of intermediate 1408, top-4, shared
+expert of intermediate 5632). For each n (tokens) it times, interleaved, median of the repeats:
 
-* the MoE layer forward with the model's own Top-K routing (router + routed experts + shared expert),
-* the BIP solve alone (``BIPLayer.update_duals``: T dual rounds plus the overload check) for T = 1..8,
-* the MoE layer forward with BIP routing at the default T (update="before", training mode),
+* the MoE block forward with the model's own routing (router + routed experts + shared expert),
+* the BIP solve alone (``BIPLayer.update_duals``: T dual rounds plus the overload check) for each T,
+* with ``--end-to-end``, the MoE block forward with BIP routing at the default T (update="before",
+  training mode: the solve runs inside the forward),
 
 and prints them side by side with the solve's share of the layer time. A second table shows how the
 solve grows with the number of experts m at fixed n. ``--quality`` instead measures what the solver
@@ -15,86 +17,132 @@ literal rules of the issue (``p = max(0, (k+1)-th)``, ``q = max(0, (C+1)-th)``).
 
     python scripts/bench_bip_overhead.py                       # n = 512..4096, T = 1..8
     python scripts/bench_bip_overhead.py --tokens 512 --json out.json
+    python scripts/bench_bip_overhead.py --shape deepseek-v3 --device cuda --dtype bfloat16 --tokens 4096 65536
     python scripts/bench_bip_overhead.py --quality
+
+On CPU the clock is process CPU time (1 torch thread by default: other jobs on a shared machine do
+not count); on CUDA, events around each call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
-from functools import partial
+import statistics
+import sys
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
-from hf_moe_routing import BIPConfig, TopKConfig, patch_model, routing_layers
-from hf_moe_routing.core.ops import max_vio, tokens_per_expert
-from hf_moe_routing.methods.bip.layer import BIPLayer
-from hf_moe_routing.methods.bip.solver import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REAL_SHAPES, Deadline, build_model, measure  # noqa: E402
+
+from hf_moe_routing import BIPConfig, original_routing, patch_model  # noqa: E402
+from hf_moe_routing.core.context import RoutingContext  # noqa: E402
+from hf_moe_routing.core.ops import max_vio, tokens_per_expert  # noqa: E402
+from hf_moe_routing.methods.bip.solver import (  # noqa: E402
     assign,
     bip_round,
     expert_capacity,
     solve_duals,
 )
-
-QWEN15_MOE_LAYER = dict(
-    hidden_size=2048,
-    num_experts=60,
-    moe_intermediate_size=1408,
-    num_experts_per_tok=4,
-    shared_expert_intermediate_size=5632,
-    intermediate_size=5632,
-    norm_topk_prob=False,
-)
+from hf_moe_routing.patching import describe  # noqa: E402
 
 
-def timed(fn, repeats: int, clock=time.perf_counter) -> float:
-    """Best time of ``fn()`` over ``repeats`` calls, in seconds (after one warm-up call).
+def bench_solve_share(
+    shape: str = "qwen1.5-moe-a2.7b",
+    tokens: list[int] = (512, 1024, 2048, 4096),
+    iters: list[int] = (1, 2, 4, 8),
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 3,
+    warmup: int = 1,
+    clock: str = "cpu",
+    end_to_end: bool = False,
+    tiny: bool = False,
+    deadline: Deadline | None = None,
+) -> list[dict]:
+    """One row per n: the MoE block forward (own routing) and the BIP solve at each T, median seconds.
 
-    The minimum, not the median: other processes only ever add time. On CPU the clock is the
-    process's CPU time (``time.process_time``, all threads), so that other jobs on a shared machine
-    do not count; on CUDA it is wall time around a synchronised call.
+    Token counts run in the given order; those left when ``deadline`` has passed get a ``skipped`` row.
     """
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+    model = build_model(shape, layers=1, device=device, dtype=dtype, tiny=tiny)
+    patch_model(model, BIPConfig(update="before"))  # for --end-to-end; the own routing via original_routing
+    described = describe(model)
+    block = described.blocks[0]
+    spec, router = block.spec, block.router
+    solvers = {  # stand-alone layers (not in the model), one per T, each with its own warm-started q
+        t: BIPConfig(num_iters=t, max_extra_iters=0, update="before")
+        .create_layer(block, described, RoutingContext())
+        .to(device)
+        for t in iters
+    }
+    hidden_size = model.config.hidden_size
+    rows = []
+    for n in tokens:
+        if deadline is not None and deadline.passed():
+            rows.append({"shape": shape, "tokens": n, "skipped": "time budget used up"})
+            continue
+        generator = torch.Generator().manual_seed(n)
+        hidden = torch.randn(1, n, hidden_size, generator=generator).to(device, dtype)
+        with torch.no_grad():
+            logits = spec.logits(router, hidden.reshape(n, hidden_size))
+            base = logits if spec.kind.selects_on_logits else spec.scores(logits)
+
+        def own_routing(hidden=hidden):
+            with torch.no_grad(), original_routing(model):
+                block.block(hidden)
+
+        def bip_routing(hidden=hidden):  # training mode: the solve runs in the forward
+            model.train()
+            with torch.no_grad():
+                block.block(hidden)
+            model.eval()
+
+        cases = {"layer": own_routing}
+        cases.update(
+            {
+                f"T={t}": lambda layer=layer, base=base: layer.update_duals(base, None)
+                for t, layer in solvers.items()
+            }
+        )
+        if end_to_end:
+            cases["bip_layer"] = bip_routing
+        times = measure(cases, device=device, repeats=repeats, warmup=warmup, clock=clock, deadline=deadline)
+        layer_s = statistics.median(times["layer"])
+        row = {
+            "shape": shape,
+            "tokens": n,
+            "num_experts": spec.num_experts,
+            "top_k": spec.top_k,
+            "layer_forward_s": layer_s,
+            "solve_s": {t: statistics.median(times[f"T={t}"]) for t in iters},
+            "repeats": len(times["layer"]),
+        }
+        row["solve_share"] = {t: v / layer_s for t, v in row["solve_s"].items()}
+        if end_to_end:
+            row["bip_layer_forward_s"] = statistics.median(times["bip_layer"])
+        rows.append(row)
+    return rows
 
 
-def one_layer_model(device: str):
-    config = Qwen2MoeConfig(
-        vocab_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        **QWEN15_MOE_LAYER,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device).eval()
-    with torch.no_grad():
-        model.model.layers[0].mlp.gate.weight.normal_(0.0, 0.02)
-    return model
+def bench_solve_by_experts(
+    experts: list[int], tokens: int, *, device: str = "cpu", repeats: int = 30, clock: str = "cpu"
+) -> list[dict]:
+    """The bare solve (k=4, default T) on random softmax scores, by number of experts m."""
+    default_t = BIPConfig().num_iters
+    rows = []
+    for m in experts:
+        scores = torch.randn(tokens, m, device=device).softmax(-1)
+        capacity = expert_capacity(tokens, m, 4)
 
+        def solve(scores=scores, m=m, capacity=capacity):
+            solve_duals(scores, torch.zeros(m, device=device), 4, capacity, default_t)
 
-def layer_forward(block: torch.nn.Module, hidden: torch.Tensor, sync) -> None:
-    with torch.no_grad():
-        block(hidden)
-    sync()
-
-
-def bip_update(layer: BIPLayer, gate: torch.nn.Module, scores: torch.Tensor, sync) -> None:
-    with torch.no_grad():
-        layer.update_duals(gate, scores, None)
-    sync()
-
-
-def bare_solve(scores: torch.Tensor, k: int, capacity: int, num_iters: int, sync) -> None:
-    solve_duals(scores, torch.zeros(scores.shape[1], device=scores.device), k, capacity, num_iters)
-    sync()
+        times = measure({"solve": solve}, device=device, repeats=repeats, clock=clock)
+        rows.append({"experts": m, "tokens": tokens, "solve_s": statistics.median(times["solve"])})
+    return rows
 
 
 def literal_round(scores: torch.Tensor, q: torch.Tensor, k: int, capacity: int) -> torch.Tensor:
@@ -196,6 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--shape", default="qwen1.5-moe-a2.7b", choices=list(REAL_SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--iters", type=int, nargs="+", default=list(range(1, 9)))
     parser.add_argument(
@@ -203,6 +252,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     parser.add_argument(
         "--end-to-end", action="store_true", help="also time the BIP-routed layer forward at the default T"
@@ -225,63 +275,49 @@ def main() -> None:
         return
     default_t = BIPConfig().num_iters
     on_cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    clock = time.perf_counter if on_cuda else time.process_time
-
-    model = one_layer_model(args.device)
-    block = model.model.layers[0].mlp
-    gate = block.router
+    dims = REAL_SHAPES[args.shape].dims
     print(
-        f"device={args.device} ({'wall' if on_cuda else 'process CPU'} time) threads={torch.get_num_threads()} layer: hidden 2048, 60 x 1408, top-4, shared 5632"
+        f"device={args.device} ({'CUDA events' if on_cuda else 'process CPU time'}) "
+        f"threads={torch.get_num_threads()} {args.dtype} layer {args.shape}: {dims}"
     )
-    print(f"\nBIP solve time in ms (and % of the Top-K layer forward), default T={default_t}")
+    rows = bench_solve_share(
+        args.shape,
+        args.tokens,
+        args.iters,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        repeats=args.repeats,
+        end_to_end=args.end_to_end,
+    )
+    print(
+        f"\nBIP solve time in ms (and % of the layer forward), median of {args.repeats}, default T={default_t}"
+    )
     print(f"{'n':>6} {'layer fwd ms':>13} " + " ".join(f"{'T=' + str(t):>14}" for t in args.iters))
-    results = {
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "default_T": default_t,
-        "by_tokens": [],
-    }
-    for n in args.tokens:
-        hidden = torch.randn(1, n, 2048, device=args.device)
-        patch_model(model, TopKConfig(), replace=True)
-        layer_s = timed(partial(layer_forward, block, hidden, sync), args.repeats, clock)
-        with torch.no_grad():
-            scores = torch.softmax(gate.routing.adapter.logits(gate, hidden).float(), dim=-1)
-        row = {"tokens": n, "layer_forward_s": layer_s, "solve_s": {}}
-        cells = []
-        for t in args.iters:
-            patch_model(model, BIPConfig(num_iters=t, max_extra_iters=0, update="before"), replace=True)
-            solve_s = timed(
-                partial(bip_update, routing_layers(model)[0], gate, scores, sync), args.repeats * 10, clock
+    for row in rows:
+        cells = [f"{row['solve_s'][t] * 1e3:6.1f} ({100 * row['solve_share'][t]:4.1f}%)" for t in args.iters]
+        print(
+            f"{row['tokens']:>6} {row['layer_forward_s'] * 1e3:13.1f} " + " ".join(f"{c:>14}" for c in cells)
+        )
+        if "bip_layer_forward_s" in row:
+            change = 100 * (row["bip_layer_forward_s"] / row["layer_forward_s"] - 1)
+            print(
+                f"{'':>6} BIP-routed layer forward at T={default_t}: "
+                f"{row['bip_layer_forward_s'] * 1e3:.1f} ms ({change:+.1f}%)"
             )
-            row["solve_s"][t] = solve_s
-            cells.append(f"{solve_s * 1e3:6.1f} ({100 * solve_s / layer_s:4.1f}%)")
-        results["by_tokens"].append(row)
-        print(f"{n:>6} {layer_s * 1e3:13.1f} " + " ".join(f"{c:>14}" for c in cells), flush=True)
-        if args.end_to_end:  # BIP-routed layer forward at the default T (training mode, solve included)
-            patch_model(model, BIPConfig(update="before"), replace=True)
-            model.train()
-            bip_s = timed(partial(layer_forward, block, hidden, sync), args.repeats, clock)
-            model.eval()
-            row["bip_layer_forward_s"] = bip_s
-            change = 100 * (bip_s / layer_s - 1)
-            print(f"{'':>6} BIP-routed layer forward at T={default_t}: {bip_s * 1e3:.1f} ms ({change:+.1f}%)")
-    del model, block, gate
-
     n = max(args.tokens)
     print(f"\nBIP solve time in ms by number of experts m (n={n}, k=4, T={default_t}; random softmax scores)")
-    results["by_experts"] = []
-    for m in args.experts:
-        scores = torch.randn(n, m, device=args.device).softmax(-1)
-        solve_s = timed(
-            partial(bare_solve, scores, 4, expert_capacity(n, m, 4), default_t, sync),
-            args.repeats * 10,
-            clock,
-        )
-        results["by_experts"].append({"experts": m, "tokens": n, "solve_s": solve_s})
-        print(f"  m={m:>4}: {solve_s * 1e3:7.2f} ms")
+    by_experts = bench_solve_by_experts(args.experts, n, device=args.device, repeats=10 * args.repeats)
+    for row in by_experts:
+        print(f"  m={row['experts']:>4}: {row['solve_s'] * 1e3:7.2f} ms")
     if args.json:
+        results = {
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "default_T": default_t,
+            "shape": args.shape,
+            "by_tokens": rows,
+            "by_experts": by_experts,
+        }
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 

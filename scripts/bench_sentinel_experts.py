@@ -1,136 +1,181 @@
-"""Benchmark: sentinel-safe experts time vs the share of dropped slots, next to grouped_mm and eager.
+"""Benchmark: sentinel-safe experts time vs the share of slots kept, next to grouped_mm and eager.
 
-One MoE experts layer (Qwen2-MoE experts module; default sizes are those of Qwen1.5-MoE-A2.7B: hidden
-2048, 60 experts of 1408, top-4) runs the forward of ``--tokens`` tokens routed top-k by random
-router scores. A fraction of the (token, slot) pairs is then marked unused (sentinel index, weight 0),
-as a variable-k router would. Every setting is timed in the same run, interleaved repeat by repeat,
-and the table reports the median time and its ratio to the same implementation with all slots::
+One MoE layer's experts module (random weights; shapes of public checkpoints, see
+``bench_common.REAL_SHAPES``, plus a ``small`` layer) runs the forward of ``tokens`` tokens routed
+top-k by random router scores. A share of the (token, slot) pairs is then marked unused (sentinel
+index, weight 0), as a variable-k router would. Every setting is timed in the same run, interleaved
+repeat by repeat; the table reports the median time, its ratio to the same implementation with all
+slots, and the time saved as a share of the FLOPs-predicted saving (expert FLOPs are linear in the
+slots kept, so the predicted saving is ``1 - kept``)::
 
-    python scripts/bench_sentinel_experts.py                    # realistic and small layer
-    python scripts/bench_sentinel_experts.py --preset small --repeats 9
-    python scripts/bench_sentinel_experts.py --device cuda --dtype bfloat16
+    saved/predicted = (1 - time(kept) / time(all slots)) / (1 - kept)     # 1.0 = saves all it should
 
-If time falls in proportion to the slots kept, ``ratio`` equals ``kept``.
+    python scripts/bench_sentinel_experts.py --threads 1          # Qwen1.5-MoE layer and the small layer
+    python scripts/bench_sentinel_experts.py --shapes small --repeats 9
+    python scripts/bench_sentinel_experts.py --shapes mixtral-8x7b deepseek-v3 --device cuda --dtype bfloat16
+
+``grouped_mm`` is timed only with all slots kept: outside expert parallelism it does not handle
+sentinel slots. ``eager`` of some families (gpt-oss) cannot take sentinel slots either: such cases
+are reported with their error instead of a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-from hf_moe_routing.core.experts import SENTINEL_EXPERTS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REAL_SHAPES, Deadline, LayerShape, build_model, measure  # noqa: E402
 
-PRESETS = {
-    "realistic": dict(hidden=2048, experts=60, intermediate=1408, top_k=4, tokens=2048),
-    "small": dict(hidden=512, experts=16, intermediate=256, top_k=2, tokens=512),
+from hf_moe_routing.core.experts import SENTINEL_EXPERTS  # noqa: E402
+from hf_moe_routing.families import describe_model  # noqa: E402
+
+#: shapes of this script besides the real ones: the small layer of the README's first table
+SHAPES: dict[str, LayerShape] = {
+    **REAL_SHAPES,
+    "small": LayerShape(
+        "qwen2_moe",
+        dict(
+            hidden_size=512,
+            num_experts=16,
+            num_experts_per_tok=2,
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=256,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+        ),
+        REAL_SHAPES["qwen1.5-moe-a2.7b"].tiny,
+    ),
 }
+DEFAULT_TOKENS = {"small": 512}  # others: 2048
+IMPLEMENTATIONS = [SENTINEL_EXPERTS, "grouped_mm", "eager"]
 
 
-def build_experts(hidden: int, experts: int, intermediate: int, dtype: torch.dtype, device: str):
-    """A randomly initialised Qwen2-MoE experts module of the given size."""
-    config = AutoConfig.for_model(
-        "qwen2_moe", hidden_size=hidden, num_experts=experts, moe_intermediate_size=intermediate
-    )
-    module = Qwen2MoeExperts(config)
+def build_experts(shape: str, device: str, dtype: torch.dtype, tiny: bool = False):
+    """(experts module, its model, top-k) of one decoder layer of ``shape`` with random weights."""
+    model = build_model(SHAPES[shape], layers=1, device=device, dtype=dtype, tiny=tiny)
+    block = describe_model(model, verify=False).blocks[0]
     with torch.no_grad():
-        for param in module.parameters():
+        for param in block.experts.parameters():
             param.normal_(0.0, 0.02)
-    return module.to(device=device, dtype=dtype).eval()
+    return block.experts, model, block.spec.top_k
 
 
-def routing(tokens: int, experts: int, top_k: int, drop: float, seed: int, device: str, dtype: torch.dtype):
-    """Top-k of random router scores, then exactly ``round(drop * tokens * top_k)`` slots set to the sentinel."""
+def routing(
+    tokens: int, experts: int, top_k: int, kept: float, seed: int, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of random router scores; then ``round((1 - kept) * tokens * top_k)`` random slots become sentinels."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.softmax(torch.randn(tokens, experts, generator=generator), dim=-1)
     weights, index = scores.topk(top_k, dim=-1)
-    dropped = torch.randperm(tokens * top_k, generator=generator)[: round(drop * tokens * top_k)]
+    dropped = torch.randperm(tokens * top_k, generator=generator)[: round((1 - kept) * tokens * top_k)]
     flat_index, flat_weights = index.reshape(-1).clone(), weights.reshape(-1).clone()
     flat_index[dropped] = experts
     flat_weights[dropped] = 0.0
     return flat_index.view(tokens, top_k).to(device), flat_weights.view(tokens, top_k).to(device, dtype)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_once(module, implementation: str, hidden, index, weights, device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one forward."""
-    module.config._experts_implementation = implementation
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        module(hidden, index, weights)
-    _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def bench(
-    preset: str,
-    drops: list[float],
-    repeats: int,
-    warmup: int,
-    dtype: torch.dtype,
-    device: str,
-    implementations: list[str],
+def bench_experts(
+    shape: str,
+    tokens: list[int],
+    kept: list[float],
+    *,
+    implementations: list[str] = IMPLEMENTATIONS,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 5,
+    warmup: int = 1,
     clock: str = "cpu",
+    tiny: bool = False,
+    deadline: Deadline | None = None,
 ) -> list[dict]:
-    size = PRESETS[preset]
-    module = build_experts(size["hidden"], size["experts"], size["intermediate"], dtype, device)
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(size["tokens"], size["hidden"], generator=generator).to(device, dtype)
-    cases = []
-    for impl in implementations:
-        # grouped_mm is only correct without sentinel slots (outside expert parallelism): time it at 0% dropped
-        impl_drops = [0.0] if impl == "grouped_mm" else drops
-        for drop in impl_drops:
-            index, weights = routing(size["tokens"], size["experts"], size["top_k"], drop, 1, device, dtype)
-            cases.append(dict(impl=impl, drop=drop, index=index, weights=weights, times=[], cpu=[]))
-    for _ in range(warmup):
-        for case in cases:
-            time_once(module, case["impl"], hidden, case["index"], case["weights"], device)
-    for _ in range(repeats):  # interleaved so that machine load hits every setting alike
-        for case in cases:
-            wall, cpu = time_once(module, case["impl"], hidden, case["index"], case["weights"], device)
-            case["times"].append(wall)
-            case["cpu"].append(cpu)
-    # On a CPU shared with other jobs, process CPU time is the stabler measure; on GPUs only wall time means much.
-    key = "cpu" if clock == "cpu" else "times"
-    grouped = next((c for c in cases if c["impl"] == "grouped_mm"), None)
-    rows = []
-    for case in cases:
-        median = statistics.median(case[key])
-        full = next(c for c in cases if c["impl"] == case["impl"] and c["drop"] == 0.0)
-        rows.append(
-            dict(
-                preset=preset,
-                impl=case["impl"],
-                kept=1.0 - case["drop"],
-                wall_ms=1e3 * statistics.median(case["times"]),
-                cpu_ms=1e3 * statistics.median(case["cpu"]),
-                ratio=median / statistics.median(full[key]),
-                vs_grouped=median / statistics.median(grouped[key]) if grouped else float("nan"),
+    """Rows of (shape, tokens, implementation, kept): median ms and the saving against the prediction.
+
+    ``kept`` must contain 1.0 (the reference of every ratio). Token counts are run in the given order
+    and skipped (row with ``skipped``) once ``deadline`` has passed.
+    """
+    if 1.0 not in kept or any(not 0.0 < k <= 1.0 for k in kept):
+        raise ValueError(f"kept shares must be in (0, 1] and include 1.0, got {kept}.")
+    if deadline is not None and deadline.passed():
+        return [dict(shape=shape, tokens=n, skipped="time budget used up") for n in tokens]
+    experts, model, top_k = build_experts(shape, device, dtype, tiny)
+    num_experts = experts.num_experts
+    rows: list[dict] = []
+    for n in tokens:
+        if deadline is not None and deadline.passed():
+            rows.append(dict(shape=shape, tokens=n, skipped="time budget used up"))
+            continue
+        hidden = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        hidden = hidden.to(device, dtype)
+        cases, meta, errors = {}, {}, {}
+        for impl in implementations:
+            for share in sorted(kept, reverse=True) if impl != "grouped_mm" else [1.0]:
+                index, weights = routing(n, num_experts, top_k, share, 1, device, dtype)
+
+                def call(impl=impl, index=index, weights=weights, hidden=hidden):
+                    experts.config._experts_implementation = impl
+                    with torch.no_grad():
+                        experts(hidden, index, weights)
+
+                try:
+                    call()  # fails early for implementations that cannot take sentinel slots
+                except Exception as error:  # noqa: BLE001 - reported in the row
+                    errors[(impl, share)] = f"{type(error).__name__}: {str(error)[:200]}"
+                    continue
+                cases[f"{impl}@{share}"] = call
+                meta[f"{impl}@{share}"] = (impl, share)
+        times = measure(cases, device=device, repeats=repeats, warmup=warmup, clock=clock, deadline=deadline)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        grouped = med.get("grouped_mm@1.0")
+        for name, (impl, share) in meta.items():
+            full = med.get(f"{impl}@1.0")
+            predicted = 1.0 - share
+            row = dict(
+                shape=shape,
+                tokens=n,
+                impl=impl,
+                kept=share,
+                median_ms=1e3 * med[name],
+                repeats=len(times[name]),
+                time_vs_all_slots=med[name] / full if full else math.nan,
+                time_vs_grouped_mm=med[name] / grouped if grouped else math.nan,
+                predicted_saving=predicted,
             )
-        )
+            if predicted > 0:
+                row["saved_over_predicted"] = (1.0 - row["time_vs_all_slots"]) / predicted
+                row["saved_over_predicted_vs_grouped_mm"] = (1.0 - row["time_vs_grouped_mm"]) / predicted
+            rows.append(row)
+        rows += [
+            dict(shape=shape, tokens=n, impl=impl, kept=share, error=error)
+            for (impl, share), error in errors.items()
+        ]
     return rows
 
 
 def format_table(rows: list[dict], clock: str) -> str:
     lines = [
-        "| layer | implementation | slots kept | median wall ms | median CPU ms "
-        f"| {clock} time / all slots | {clock} time / grouped_mm all slots |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| layer | tokens | implementation | slots kept | median {clock} ms | time / all slots "
+        "| time / grouped_mm all slots | saved / predicted |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
+        if "median_ms" not in row:
+            lines.append(
+                f"| {row['shape']} | {row['tokens']} | {row.get('impl', '')} | {row.get('kept', '')} "
+                f"| {row.get('error') or row.get('skipped')} | | | |"
+            )
+            continue
+        saved = row.get("saved_over_predicted")
         lines.append(
-            f"| {row['preset']} | {row['impl']} | {row['kept']:.2f} | {row['wall_ms']:.1f} | {row['cpu_ms']:.1f} | "
-            f"{row['ratio']:.2f} | {row['vs_grouped']:.2f} |"
+            f"| {row['shape']} | {row['tokens']} | {row['impl']} | {row['kept']:.2f} | {row['median_ms']:.2f} "
+            f"| {row['time_vs_all_slots']:.2f} | {row['time_vs_grouped_mm']:.2f} "
+            f"| {'' if saved is None else f'{saved:.2f}'} |"
         )
     return "\n".join(lines)
 
@@ -139,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
+    parser.add_argument("--shapes", nargs="+", default=["qwen1.5-moe-a2.7b", "small"], choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 2048 (small: 512)")
     parser.add_argument(
-        "--drop", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="fractions of slots dropped"
+        "--kept", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25], help="shares of slots kept"
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -150,37 +196,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--clock",
         choices=["cpu", "wall"],
-        default=None,
-        help="time the ratios use: process CPU time (default on CPU, robust to other jobs) or wall time (default on GPU)",
+        default="cpu",
+        help="CPU runs: process CPU time (default, robust to other jobs) or wall time; CUDA uses events",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--implementations",
-        nargs="+",
-        default=[SENTINEL_EXPERTS, "grouped_mm", "eager"],
-        help="experts implementations",
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS)
     args = parser.parse_args(argv)
-    if 0.0 not in args.drop:
-        args.drop = [0.0, *args.drop]
-    if any(not 0.0 <= d < 1.0 for d in args.drop):
-        parser.error("--drop fractions must be in [0, 1)")
+    if 1.0 not in args.kept:
+        args.kept = [1.0, *args.kept]
+    if any(not 0.0 < k <= 1.0 for k in args.kept):
+        parser.error("--kept shares must be in (0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
-    presets = list(PRESETS) if args.preset == "all" else [args.preset]
+    clock = "cuda events" if args.device.startswith("cuda") else args.clock
     rows = []
-    for preset in presets:
-        rows += bench(
-            preset, sorted(args.drop), args.repeats, args.warmup, dtype, args.device, args.implementations
+    for shape in args.shapes:
+        tokens = args.tokens or [DEFAULT_TOKENS.get(shape, 2048)]
+        rows += bench_experts(
+            shape,
+            tokens,
+            args.kept,
+            implementations=args.implementations,
+            device=args.device,
+            dtype=dtype,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            clock=args.clock,
         )
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(
-        f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats} repeats; "
-        + "; ".join(f"{p}: {PRESETS[p]}" for p in presets)
+        f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats} repeats"
     )
     print(format_table(rows, clock))
 
