@@ -21,6 +21,7 @@ from .options import check_output_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing bench`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "bench",
@@ -69,6 +70,7 @@ def _batch(args: argparse.Namespace, model):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing bench`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..core.config import write_json
     from ..evaluation.speed import compare_speed
     from ..evaluation.summary import format_speed

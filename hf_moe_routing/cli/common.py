@@ -29,6 +29,7 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, **kwargs: Any
 
 # ---- quiet ------------------------------------------------------------------------------------------
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quiet`` (no progress bars or log lines) to ``parser``."""
     parser.add_argument(
         "--quiet",
         action="store_true",
@@ -255,6 +256,7 @@ ROUTING_HELP = (
 def add_routing_arguments(
     parser: argparse.ArgumentParser, *, adapter: bool = True, required: bool = False
 ) -> None:
+    """Add ``--routing SPEC`` (e.g. ``bip:capacity_factor=1.1``) and, with ``adapter``, ``--adapter`` to ``parser``."""
     group = parser.add_argument_group("routing")
     group.add_argument("--routing", default=None, required=required, metavar="SPEC", help=ROUTING_HELP)
     if adapter:

@@ -12,6 +12,7 @@ SIZES = ("default", "quick")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing demo`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "demo",
@@ -62,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing demo`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..recipes.demo import DemoConfig, format_report, run_demo
 
     setup_logging(args.quiet)

@@ -22,6 +22,7 @@ from .options import check_output_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing evaluate`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "evaluate",
@@ -77,6 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing evaluate`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..evaluation.evaluate import evaluate_routing
     from ..evaluation.summary import format_evaluation
 

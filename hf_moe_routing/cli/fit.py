@@ -28,6 +28,7 @@ _METHODS = {"bip": "bip", "loss-free": "loss_free", "loss-controlled": "loss_con
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing fit`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "fit",
@@ -78,6 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing fit`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..recipes.fitting import changes_weights, fit_on_data, save_fit
 
     setup_logging(args.quiet)

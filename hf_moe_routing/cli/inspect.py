@@ -9,6 +9,7 @@ from .common import add_command, add_model_arguments, add_quiet_argument, load_m
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing inspect`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "inspect",
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing inspect`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..evaluation.summary import format_moe_summary, moe_summary
 
     setup_logging(args.quiet)

@@ -46,6 +46,7 @@ INTERRUPT_HINT = "lm-eval runs do not resume; run the command again"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``hf-moe-routing lm-eval`` and its options on ``subparsers``."""
     # prefix_chars="+" and REMAINDER: every argument, --help included, is handed to lm-eval untouched.
     parser = subparsers.add_parser(
         NAME,
@@ -94,6 +95,7 @@ def _yaml_config(namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing lm-eval`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..integrations import LM_EVAL_MODEL_NAME, register_lm_eval
 
     if not register_lm_eval():

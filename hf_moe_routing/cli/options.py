@@ -20,7 +20,8 @@ from typing import Any
 # ---- output folders ---------------------------------------------------------------------------------
 def add_output_arguments(
     parser: argparse.ArgumentParser, *, required: bool, what: str, default: str | None = None
-) -> None:
+) -> argparse._ArgumentGroup:
+    """Add ``--output-dir`` (help text ``what``) and ``--overwrite`` (replace only the files the command writes)."""
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", required=required, default=default, help=what)
     group.add_argument(

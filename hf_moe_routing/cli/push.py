@@ -9,6 +9,7 @@ from .common import add_command, add_quiet_argument, setup_logging
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing push`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "push",
@@ -57,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing push`` with the parsed ``args``; returns the exit code (0 = success)."""
     from ..hub import upload_adapter_folder
 
     setup_logging(args.quiet)

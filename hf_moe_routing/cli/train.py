@@ -11,6 +11,7 @@ __all__ = ["INTERRUPT_HINT", "add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing train`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "train",
@@ -35,4 +36,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing train`` with the parsed ``args``; returns the exit code (0 = success)."""
     return run_training(args)

@@ -11,6 +11,7 @@ __all__ = ["INTERRUPT_HINT", "add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hf-moe-routing warmup`` and its options on ``subparsers``."""
     parser = add_command(
         subparsers,
         "warmup",
@@ -30,4 +31,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``hf-moe-routing warmup`` with the parsed ``args``; returns the exit code (0 = success)."""
     return run_training(args)

@@ -124,3 +124,28 @@ def iter_batches(
                 "Evaluation sequences need at least 2 tokens (one to predict from, one to predict)."
             )
         yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def run_forwards(
+    model: nn.Module,
+    data: Any,
+    batch_size: int,
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "fitting",
+) -> tuple[int, int]:
+    """Run ``model`` on ``data`` without gradients (the forwards that fit or calibrate routing state).
+
+    ``data`` as in :func:`iter_batches`. Returns ``(batches, tokens)``: forwards run and real
+    (non-padding) tokens seen.
+    """
+    batches = tokens = 0
+    with torch.no_grad():
+        for batch in iter_batches(
+            data, batch_size, model_device(model), max_batches=max_batches, progress=progress, desc=desc
+        ):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            batches += 1
+            tokens += int(batch["attention_mask"].sum())
+    return batches, tokens

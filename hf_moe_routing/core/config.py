@@ -66,6 +66,7 @@ class JSONConfig:
         return cls(**data)
 
     def to_json_string(self) -> str:
+        """The config as indented, key-sorted standard JSON (no NaN), ending in a newline."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 

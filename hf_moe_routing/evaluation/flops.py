@@ -51,6 +51,7 @@ class FlopsBreakdown:
 
     @property
     def total(self) -> float:
+        """FLOPs per token of all parts together."""
         return (
             self.attention
             + self.dense_mlp
@@ -61,6 +62,7 @@ class FlopsBreakdown:
         )
 
     def to_dict(self) -> dict[str, float]:
+        """Every part and ``total``, in FLOPs per token."""
         return {**asdict(self), "total": self.total}
 
     def __str__(self) -> str:

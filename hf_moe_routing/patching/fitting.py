@@ -17,10 +17,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.batching import iter_batches, model_device
+from ..core.batching import run_forwards
 from .patch import _require_state, get_patch_state, routing_layers
 
 
@@ -65,22 +64,17 @@ def fit_routing(
         )
     layers = routing_layers(model)
     fittable = {i: layer for i, layer in layers.items() if hasattr(layer, "begin_fit")}
-    batches = tokens = 0
     for layer in fittable.values():
         layer.begin_fit()
     try:
-        with torch.no_grad():
-            for batch in iter_batches(
-                data,
-                batch_size,
-                model_device(model),
-                max_batches=max_batches,
-                progress=progress,
-                desc=f"fitting {config.routing_type}",
-            ):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                batches += 1
-                tokens += int(batch["attention_mask"].sum())
+        batches, tokens = run_forwards(
+            model,
+            data,
+            batch_size,
+            max_batches=max_batches,
+            progress=progress,
+            desc=f"fitting {config.routing_type}",
+        )
         summaries = {i: layer.end_fit() for i, layer in fittable.items()}
     except BaseException:
         for layer in fittable.values():

@@ -37,6 +37,9 @@ class RoutedRouter:
     _original_class: type[nn.Module]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Route ``hidden_states`` (the router's own input, e.g. ``(tokens, hidden)``) with the routing layer and
+        return the router's own output format (the family's codec); the original forward inside
+        :func:`original_routing`."""
         routing = getattr(self, ROUTING_ATTR)
         if routing.context.original_routers:
             return self._original_class.forward(self, hidden_states, *args, **kwargs)
@@ -69,18 +72,22 @@ class PatchState:
 
     @property
     def family(self) -> MoEFamily:
+        """The model's family (router location, scoring, output format)."""
         return self.model.family
 
     @property
     def adapter(self) -> MoEFamily:  # the name of earlier versions
+        """Deprecated name of :attr:`family`."""
         return self.model.family
 
     @property
     def blocks(self) -> tuple[MoEBlock, ...]:
+        """The patched MoE blocks, in layer order."""
         return self.model.blocks
 
     @property
     def shape(self) -> MoEShape:
+        """Experts, top-k and layers of the patched model."""
         return self.model.shape
 
 

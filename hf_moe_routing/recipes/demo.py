@@ -98,6 +98,8 @@ class DemoConfig:
 
 @dataclasses.dataclass
 class DemoData:
+    """The demo's tokenizer and packed train / evaluation datasets (``synthetic``: no real text found)."""
+
     tokenizer: Any
     train: Any
     eval: Any

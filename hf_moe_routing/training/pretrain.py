@@ -53,6 +53,11 @@ class PretrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Check the settings' ranges.
+
+        Raises:
+            ValueError: a count below 1 or a non-positive learning rate (the message names the field).
+        """
         if self.max_steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("max_steps, batch_size and eval_batch_size must be >= 1.")
         if self.learning_rate <= 0:
@@ -127,6 +132,7 @@ class PretrainResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON values, with a one-line ``summary``."""
         return {"summary": self.summary(), **dataclasses.asdict(self)}
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -53,9 +53,11 @@ class BIPLayer(RoutingLayer):
         return {"rounds": self.last_rounds, "overload": self.last_overload, "q_max": float(self.q.max())}
 
     def abort_fit(self) -> None:
+        """Stop fitting after an error (the state keeps the updates made so far)."""
         self.fitting = False
 
     def updates_now(self) -> bool:
+        """Whether this forward updates the state: in training mode, while fitting, or with ``update_in_eval``."""
         return self.training or self.fitting or self.config.update_in_eval
 
     def is_fitted(self) -> bool:

@@ -161,6 +161,8 @@ def assign(scores: torch.Tensor, q: torch.Tensor, k: int, selection: Selection |
 
 @dataclass
 class SolveResult:
+    """What :func:`solve_duals` returns for one batch (``n`` tokens, ``m`` experts, ``k`` per token)."""
+
     q: torch.Tensor  # (m,) float32 expert prices
     index: torch.Tensor  # (n, k) assignment: top-k of s - q
     overload: int  # max_j load_j - C (<= 0: every expert within capacity)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ...core.batching import iter_batches, model_device
+from ...core.batching import run_forwards
 from .layer import DynamicSkipLayer
 
 
@@ -43,16 +42,14 @@ def calibrate(
     for layer in layers:
         layer.begin_fit()
     try:
-        with torch.no_grad():
-            for batch in iter_batches(
-                data,
-                batch_size,
-                model_device(model),
-                max_batches=max_batches,
-                progress=progress,
-                desc="calibrating dynamic skipping",
-            ):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        run_forwards(
+            model,
+            data,
+            batch_size,
+            max_batches=max_batches,
+            progress=progress,
+            desc="calibrating dynamic skipping",
+        )
         return {layer.layer_index: layer.end_fit(quantile) for layer in layers}
     finally:
         for layer in layers:

@@ -51,9 +51,11 @@ class DynamicSkipLayer(RoutingLayer):
         return not bool(torch.isnan(self.beta))
 
     def set_beta(self, value: float) -> None:
+        """Set the threshold ``beta_l`` (a ratio ``w_j / w_(1)`` in [0, 1]; NaN = not calibrated)."""
         self.beta.fill_(float(value))
 
     def begin_fit(self) -> None:
+        """Start collecting the calibration ratios ``w_j / w_(1)`` of the forwards that follow."""
         self.calibration = []
 
     def end_fit(self, quantile: float | None = None) -> float:
@@ -65,6 +67,7 @@ class DynamicSkipLayer(RoutingLayer):
         return beta
 
     def abort_fit(self) -> None:
+        """Drop the collected ratios after an error; ``beta`` is unchanged."""
         self.calibration = None
 
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
