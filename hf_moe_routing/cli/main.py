@@ -83,7 +83,7 @@ def _version() -> str:
     try:
         return version("hf-moe-routing")
     except PackageNotFoundError:
-        from hf_moe_routing import __version__
+        from ..core.version import __version__
 
         return __version__
 

@@ -45,7 +45,7 @@ from ..core.config import JSONConfig
 from ..core.context import RoutingContext, is_recomputing
 from ..core.registry import Registry
 from ..families import MoEBlock, MoEModel, RouterOutput
-from .routing import selectable_experts
+from .routing import original_router_output, selectable_experts
 
 #: routing_type -> config class; the built-ins load on first lookup.
 ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
@@ -270,3 +270,27 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     return value
+
+
+class TopKLayer(RoutingLayer):
+    """``index = topk(choice, k)``, weights by the family's rules (``k = top_k`` or the model's own).
+
+    The ``topk`` method's layer, and every method's layer for the MoE layers it leaves alone (e.g.
+    ``AdaKConfig(layers=[...])``): with ``top_k=None`` it routes exactly as the unpatched router.
+    """
+
+    display_name = "Top-K"
+
+    def __init__(self, block: MoEBlock, context: RoutingContext, top_k: int | None) -> None:
+        super().__init__(block, context)
+        self.top_k = top_k
+
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
+        """Route ``hidden_states`` (n, d) with the family's top-k: ``RouterOutput`` of (n, k) weights / index."""
+        if self.top_k is None and self.training and self.spec.kind.score == "sparsemixer":
+            # SparseMixer samples in training: only the router's own forward reproduces it
+            return original_router_output(self.spec, router, hidden_states, router_args)
+        return self.spec.route(router, hidden_states, self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, top_k={self.top_k or 'model default'}"

@@ -8,9 +8,8 @@ from typing import ClassVar
 from ...core.config import check_choice, check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, RoutingLayer, register_routing
+from ..base import RoutingConfig, RoutingLayer, TopKLayer, register_routing
 from ..routing import selectable_experts
-from ..topk.layer import TopKLayer
 from .layer import AdaKLayer
 
 DECISIONS = ("greedy", "sample")

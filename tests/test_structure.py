@@ -1,0 +1,129 @@
+"""The package's layering, read from its source: imports only look down, no cycles, small modules.
+
+Layers (README "Design"), bottom to top: core -> families -> methods -> patching -> library
+(data, evaluation, hub, training, metrics, testing) -> integrations -> recipes -> cli.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_moe_routing"
+LAYERS = {
+    "core": 1,
+    "families": 2,
+    "methods": 3,
+    "patching": 4,
+    "data": 5,
+    "evaluation": 5,
+    "hub": 5,
+    "training": 5,
+    "metrics": 5,
+    "testing": 5,
+    "integrations": 6,
+    "recipes": 7,
+    "demo": 7,  # the old import path of recipes.demo (a re-export)
+    "cli": 8,
+}
+#: Inside layer 5 the folders may use each other in this order only (data below the rest).
+LIBRARY_ORDER = {"data": 0, "evaluation": 1, "metrics": 1, "hub": 2, "testing": 2, "training": 3}
+MAX_LINES = 420
+SHARED_METHOD_MODULES = {"base", "routing", "__init__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every hf_moe_routing import in ``path``, lazy ones included."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [f"{target}.{a.name}" for a in node.names]
+            found += [(name, node.lineno) for name in names if _is_module(name)] or [(target, node.lineno)]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+    return [(name, line) for name, line in found if name.split(".")[0] == "hf_moe_routing"]
+
+
+def _is_module(name: str) -> bool:
+    relative = Path(*name.split(".")[1:])
+    return (PACKAGE / relative).with_suffix(".py").is_file() or (PACKAGE / relative / "__init__.py").is_file()
+
+
+def _place(name: str) -> tuple[int, int] | None:
+    parts = name.split(".")
+    if len(parts) < 2 or parts[1] not in LAYERS:
+        return None  # the top-level package itself
+    return LAYERS[parts[1]], LIBRARY_ORDER.get(parts[1], 0)
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_package_folder_has_a_layer():
+    folders = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in SOURCES}
+    assert folders - {"__init__"} <= set(LAYERS), (
+        f"put {sorted(folders - set(LAYERS) - {'__init__'})} in LAYERS"
+    )
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_only_look_down(path):
+    source = _module_name(path)
+    here = _place(source)
+    if here is None:
+        return  # hf_moe_routing/__init__.py re-exports everything (lazily)
+    for target, line in _imports(path):
+        assert target != "hf_moe_routing", (
+            f"{path.name}:{line} imports the top-level package (a back-up import)"
+        )
+        there = _place(target)
+        assert there is not None and there <= here, f"{source}:{line} imports {target}, which is above it"
+        if (
+            here[0] == there[0] == LAYERS["methods"]
+            and min(len(source.split(".")), len(target.split("."))) > 2
+        ):
+            own, other = source.split(".")[2], target.split(".")[2]
+            assert own == other or other in SHARED_METHOD_MODULES or own in SHARED_METHOD_MODULES, (
+                f"{source}:{line} imports another method's internals ({target}); move the shared part to "
+                "core.ops or methods.routing"
+            )
+
+
+def test_there_are_no_import_cycles():
+    graph = {_module_name(p): {t for t, _ in _imports(p)} for p in SOURCES}
+    # a package's __init__ re-exporting its own submodules is not a cycle of the design
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not name.startswith(t + ".") and t in graph}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt) :] + [nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines; split it (limit ~400)"
