@@ -273,7 +273,7 @@ def parse_routing(spec: str) -> Any:
     Raises:
         ValueError: unknown method or setting, bad value, invalid JSON. FileNotFoundError: a missing file.
     """
-    from ..core.config import read_json
+    from ..core.config import parse_json, read_json
     from ..methods import RoutingConfig
 
     text = spec.strip()
@@ -282,10 +282,7 @@ def parse_routing(spec: str) -> Any:
     if text.endswith(".json") or path.is_file():
         data = read_json(path, "Routing config file")
     elif text.startswith("{"):
-        try:
-            data = json.loads(text, parse_constant=_no_constant)
-        except ValueError as error:
-            raise ValueError(f"--routing is not valid JSON: {error}") from None
+        data = parse_json(text, "--routing")  # depth-limited, no NaN literals
     else:
         name, _, settings = text.partition(":")
         data = {"routing_type": name.strip().replace("-", "_")}

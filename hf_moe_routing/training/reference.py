@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..core.config import read_json
 from ..data import pack_dataset, read_corpus, train_tokenizer
 from ..patching import is_patched, unpatch_model
 from .pretrain import PretrainConfig, pretrain
@@ -218,7 +219,7 @@ def load_reference_model(folder: str | os.PathLike) -> tuple[PreTrainedModel, Pr
 def reference_info(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The ``build_info.json`` of a cached reference model, or None if it is not built."""
     path = reference_path(name, cache_dir) / _INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "Reference model build info") if path.is_file() else None
 
 
 def build_reference_model(

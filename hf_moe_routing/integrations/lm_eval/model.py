@@ -15,7 +15,6 @@ their reduction against the model's own top-k) are reported in ``results["config
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ...core.config import parse_json
 from ...evaluation.evaluate import moe_shape, routing_name
 from ...evaluation.flops import flops_per_token
 from ...evaluation.stats import RoutingStats
@@ -55,10 +55,7 @@ def _json_object(value: str | dict[str, Any], what: str) -> dict[str, Any]:
                 f"{what}={value!r} is neither a JSON object (like '{{\"top_k\": 1}}') nor an existing JSON file."
             )
         text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} is not valid JSON ({error}): {value!r}") from None
+    data = parse_json(text, what)  # depth-limited, standard JSON (no NaN literals); names ``what``
     if not isinstance(data, dict):
         raise ValueError(f"{what} must hold a JSON object, got {type(data).__name__}.")
     return data
