@@ -15,7 +15,15 @@ from typing import Any
 from torch import nn
 
 from ..core.registry import Registry
-from .base import MoEBlock, MoEFamily, MoEShape, model_type_of, peft_base_layer, text_config
+from .base import (
+    MoEBlock,
+    MoEFamily,
+    MoEShape,
+    keep_fp32_pattern,
+    model_type_of,
+    peft_base_layer,
+    text_config,
+)
 from .generic import GenericFamily
 from .kinds import RouterKind
 from .spec import RouterOutput, RouterSpec, TensorSlot
@@ -97,6 +105,13 @@ def describe_model(
             which router, and why).
     """
     chosen = get_family(model, family)
+    if chosen.refusal:
+        raise TypeError(
+            f"Cannot patch {type(model).__name__} (model_type={model_type_of(model)!r}): {chosen.refusal}. "
+            "hf-moe-routing reproduces learned top-k routers only. Run `hf-moe-routing families` for the "
+            "support table."
+        )
+    chosen.keep_fp32 = keep_fp32_pattern(model)
     config = text_config(model)
     found = chosen.find_blocks(model)
     if not found:
