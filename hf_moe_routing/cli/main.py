@@ -22,6 +22,7 @@ from types import ModuleType
 COMMANDS: tuple[str, ...] = (  # in the order of a user's path, as --help lists them
     "demo",
     "inspect",
+    "families",
     "balance",
     "warmup",
     "train",

@@ -30,6 +30,20 @@ BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 BIAS_OWNERS = ("", "moe_statics")
 
 
+class UnsupportedFamilyError(TypeError):
+    """A Mixture-of-Experts model whose routing hf-moe-routing cannot reproduce exactly.
+
+    Attributes:
+        model_type: the model's ``config.model_type``.
+        reason: why, in one sentence (what is not a learned top-k, or which step no kind reproduces).
+    """
+
+    def __init__(self, message: str, model_type: str, reason: str) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+        self.reason = reason
+
+
 def peft_base_layer(module: nn.Module) -> nn.Module:
     """The module a PEFT tuner layer wraps, else ``module`` (routing is patched on the wrapped one)."""
     get_base_layer = getattr(module, "get_base_layer", None)

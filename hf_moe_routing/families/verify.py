@@ -47,13 +47,25 @@ def verify_spec(
     only) are checked on CPU copies with random weights only.
     """
     meta = spec.weight(router).device.type == "meta" or any(t.device.type == "meta" for t in router_args)
-    probes = ((torch.float32, True), (torch.bfloat16, True))
-    for dtype, randomize in probes if meta else ((None, False), *probes):
-        ok, why = _probe(spec, router, router_args, dtype, randomize, keep_fp32, router_name)
+    for dtype, randomize, hidden_dtype in PROBES[1:] if meta else PROBES:
+        ok, why = _probe(spec, router, router_args, dtype, randomize, keep_fp32, router_name, hidden_dtype)
         if not ok:
             label = "as loaded" if dtype is None else f"in {str(dtype).replace('torch.', '')}"
+            if hidden_dtype is not None:
+                label += f" with {str(hidden_dtype).replace('torch.', '')} hidden states"
             return False, f"{why} ({label})"
     return True, ""
+
+
+#: ``(router dtype, random weights, hidden states dtype)`` of each probe (None: as loaded / as the
+#: router's weight). The last one, a float32 router fed bfloat16 activations (a router its family
+#: keeps in float32, or created in float32, inside a bfloat16 model), counts only if the router runs.
+PROBES = (
+    (None, False, None),
+    (torch.float32, True, None),
+    (torch.bfloat16, True, None),
+    (torch.float32, True, torch.bfloat16),
+)
 
 
 def _probe(
@@ -64,17 +76,24 @@ def _probe(
     randomize: bool,
     keep_fp32: re.Pattern | None = None,
     router_name: str = "",
+    hidden_dtype: torch.dtype | None = None,
 ) -> tuple[bool, str]:
     try:
         reference, ours = probe_outputs(
-            spec, router, router_args, dtype, randomize, 0, keep_fp32, router_name
+            spec, router, router_args, dtype, randomize, 0, keep_fp32, router_name, hidden_dtype
         )
+    except ReferenceFailed as error:
+        return (True, "") if hidden_dtype is not None else (False, str(error))
     except ProbeError as error:
         return False, str(error)
     return _same(reference, spec.encode(ours))
 
 
 class ProbeError(RuntimeError):
+    """The probe failed: the router's own forward, or the rule."""
+
+
+class ReferenceFailed(ProbeError):
     """The router's own forward failed on the probe."""
 
 
@@ -87,12 +106,15 @@ def probe_outputs(
     seed: int = 0,
     keep_fp32: re.Pattern | None = None,
     router_name: str = "",
+    hidden_dtype: torch.dtype | None = None,
 ) -> tuple[object, RouterOutput]:
     """``(router's own output, spec.route's decision)`` on a copy of the router and random hidden states.
 
     ``dtype`` casts the copy (None: as loaded) except the tensors ``keep_fp32`` matches;
     ``randomize`` draws its weights and buffers (the selection bias included) from a seeded normal
-    distribution.
+    distribution; ``hidden_dtype`` is the hidden states' dtype (None: ``dtype``, else the weight's).
+
+    Raises ReferenceFailed if the router's forward fails, ProbeError if the rule does.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     keep = (lambda name: bool(keep_fp32.search(name))) if keep_fp32 is not None else (lambda name: False)
@@ -109,12 +131,18 @@ def probe_outputs(
             probe_spec = dataclasses.replace(
                 probe_spec, expert_scale=_rebind(spec.expert_scale, router, probe)
             )
-        if spec.selection_bias is not None:
-            slot = spec.selection_bias
-            probe_spec, args = _probe_bias(
-                probe_spec, slot, router, probe, router_args, dtype, randomize, generator, keep(slot.path)
+        bias = spec.selection_bias
+        args = tuple(
+            _copy_arg(
+                a, dtype, randomize, generator, bias is not None and a is bias.get() and keep(bias.path)
             )
-        hidden_dtype = dtype or spec.weight(router).dtype
+            for a in router_args
+        )
+        if bias is not None:
+            probe_spec = dataclasses.replace(
+                probe_spec, selection_bias=_probe_bias(bias, router, probe, router_args, args)
+            )
+        hidden_dtype = hidden_dtype or dtype or spec.weight(router).dtype
         if hidden_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             hidden_dtype = torch.float32
         shape = (
@@ -124,7 +152,7 @@ def probe_outputs(
         try:
             reference = original_forward(probe)(probe, hidden.clone(), *args)
         except Exception as error:  # noqa: BLE001 - any failure means "not a router we can run alone"
-            raise ProbeError(
+            raise ReferenceFailed(
                 f"its forward failed on ({PROBE_TOKENS}, {spec.hidden_size}) hidden states: {error}"
             ) from None
         try:
@@ -163,22 +191,37 @@ def _rebind(slot: TensorSlot, router: nn.Module, probe: nn.Module) -> TensorSlot
     return TensorSlot(owner, slot.name, slot.path)
 
 
-def _probe_bias(spec, slot, router, probe, router_args, dtype, randomize, generator, keep_fp32=False):
-    """The spec and router arguments of the probe copy, with the selection bias of the copy."""
+def _copy_arg(
+    value: torch.Tensor,
+    dtype: torch.dtype | None,
+    randomize: bool,
+    generator: torch.Generator,
+    keep_fp32: bool,
+) -> torch.Tensor:
+    """A probe copy of a tensor the block passes to its router (cast, and drawn at random if asked)."""
+    meta = value.device.type == "meta"
+    value = torch.zeros(value.shape, dtype=value.dtype) if meta else value.detach().clone()
+    if not value.is_floating_point():
+        return value
+    if dtype is not None:
+        value = value.to(torch.float32 if keep_fp32 else dtype)
+    if randomize or meta:
+        value = (torch.randn(value.shape, generator=generator) * 0.5).to(value.device, value.dtype)
+    return value
+
+
+def _probe_bias(
+    slot: TensorSlot, router: nn.Module, probe: nn.Module, router_args: tuple, probe_args: tuple
+) -> TensorSlot:
+    """The selection bias slot of the probe: in the router copy, or the copy of the block's tensor."""
     if slot.owner is router or _is_submodule(router, slot.owner):
-        new_slot = _rebind(slot, router, probe)
-    else:  # the block holds it (and passes it to the router): copy it into a holder
-        holder = nn.Module()
-        value = slot.get().detach()
-        value = torch.zeros(value.shape, dtype=value.dtype) if value.device.type == "meta" else value.clone()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(torch.float32 if keep_fp32 else dtype)
-        if randomize or slot.get().device.type == "meta":
-            value = (torch.randn(value.shape, generator=generator) * 0.5).to(value.device, value.dtype)
-        holder.register_buffer(slot.name, value)
-        new_slot = TensorSlot(holder, slot.name, slot.path)
-        router_args = tuple(value if a is slot.get() else a for a in router_args)
-    return dataclasses.replace(spec, selection_bias=new_slot), router_args
+        return _rebind(slot, router, probe)
+    value = next((c for a, c in zip(router_args, probe_args, strict=True) if a is slot.get()), None)
+    if value is None:
+        raise ProbeError(f"{slot.path} is held by the block but not passed to the router")
+    holder = nn.Module()
+    holder.register_buffer(slot.name, value)
+    return TensorSlot(holder, slot.name, slot.path)
 
 
 def _is_submodule(root: nn.Module, module: nn.Module) -> bool:
