@@ -119,7 +119,9 @@ def _is_plain_attention(module: nn.Module) -> bool:
     if not any(call in source for call in _ATTENTION_CALL):
         return False
     return all(
-        isinstance(child, (nn.Linear, nn.Dropout, nn.Identity)) or _PLAIN_PART.search(type(child).__name__)
+        isinstance(child, (nn.Linear, nn.Dropout, nn.Identity))
+        or isinstance(getattr(child, "base_layer", None), nn.Linear)  # a PEFT adapter on a linear layer
+        or _PLAIN_PART.search(type(child).__name__)
         for child in module.children()
     )
 
