@@ -402,5 +402,7 @@ def test_unknown_tasks_are_refused_before_the_model_loads(tmp_path):
 
     manager = task_manager(include_defaults=False)
     assert check_tasks([BLIMP, "blimp_local"], manager) is manager
-    with pytest.raises(ValueError, match=r"Unknown lm-eval task\(s\) 'blimp_local_no_such'.*lm-eval ls tasks"):
+    with pytest.raises(
+        ValueError, match=r"Unknown lm-eval task\(s\) 'blimp_local_no_such'.*lm-eval ls tasks"
+    ):
         check_tasks([BLIMP, "blimp_local_no_such"], manager)

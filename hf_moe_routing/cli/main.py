@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run the whole path offline: pre-train a small MoE, fit BIP, train Ada-K, evaluate, save",
     ),
     "inspect": ("inspect", "show the MoE structure, router and FLOPs per token of a model"),
+    "families": ("families", "list the transformers MoE families and whether hf-moe-routing patches them"),
     "fit": (
         "fit",
         "fit a routing's state (BIP, Loss-Free, dynamic skipping) on text and save a routing adapter",

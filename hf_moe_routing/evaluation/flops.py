@@ -18,9 +18,17 @@ dense layers (DeepSeek ``first_k_dense_replace``, Qwen ``mlp_only_layers``) and 
 ``ctx`` is the number of keys a query attends to at sequence length L. ``causal=True`` (default)
 counts the keys a causal query actually uses, averaged over the sequence: ``mean_i min(i, w)``
 = (L + 1) / 2 without a sliding window w. ``causal=False`` counts L keys per query, which is what
-eager and SDPA attention compute (and what FlopCounterMode measures). MiniMax lightning (linear)
-attention layers count their block-wise products: ``4 H d ctx_b + 4 H d^2`` with ``ctx_b`` the
-block length (full) or the causal average within a block.
+eager and SDPA attention compute (and what FlopCounterMode measures). Chunked attention (Llama 4)
+averages the keys of each query's chunk. MiniMax lightning (linear) attention layers count their
+block-wise products: ``4 H d ctx_b + 4 H d^2`` with ``ctx_b`` the block length (full) or the causal
+average within a block.
+
+Token mixers whose cost depends on their implementation (state-space and linear-attention mixers,
+short convolutions, attention with an indexer: kind ``"other"`` in
+:mod:`hf_moe_routing.families.structure`) are *measured*: on a model with weights, one forward of
+``seq_len`` token ids runs under ``torch.utils.flop_counter.FlopCounterMode`` (the model's own routing,
+no gradients) and each such mixer counts what it computed, whatever ``causal`` says. On the meta
+device (a config only) they count their projections only, with a warning.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..families import MoEBlock, text_config
-from ..families.structure import attention_of, decoder_layers
+from ..families.structure import attention_of, decoder_layers_name, experts_compute_all, is_linear_only
 from ..patching import describe, unwrap_model
 
 
@@ -82,11 +90,16 @@ class LayerStructure:
     attention_heads: int
     qk_head_dim: int
     v_head_dim: int
-    attention_kind: str  # "softmax" or "lightning"
+    attention_kind: str  # "softmax", "lightning", "other" or "none" (families.structure)
     lightning_block_size: int
     sliding_window: int | None
+    chunk_size: int | None
     dense_mlp: float
     moe: bool
+    mixer_name: str  # module path of the layer's token mixer ("" if none)
+    measured_parts: tuple[str, ...]  # other parts with non-linear matmuls (module paths), measured
+    measured_fallback: float  # their linear layers' FLOPs (what the meta device counts)
+    dense_experts: bool  # the experts module runs every expert on every token (Llama 4)
     shared_experts: float
     router: float
     expert: float  # one routed expert
@@ -110,8 +123,12 @@ def expert_flops(experts: nn.Module) -> float:
     return 2.0 * weights / num_experts
 
 
-def causal_context(seq_len: int, window: int | None = None) -> float:
-    """Mean number of keys a causal query attends to: ``mean_{i=1..L} min(i, w)``."""
+def causal_context(seq_len: int, window: int | None = None, chunk: int | None = None) -> float:
+    """Mean number of keys a causal query attends to: ``mean_{i=1..L} min(i, w)``, or with chunked
+    attention (chunks of ``chunk`` tokens) ``mean_i ((i - 1) mod chunk) + 1``."""
+    if chunk is not None and chunk < seq_len:
+        full, rest = divmod(seq_len, chunk)
+        return (full * chunk * (chunk + 1) / 2 + rest * (rest + 1) / 2) / seq_len
     if window is None or window >= seq_len:
         return (seq_len + 1) / 2
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
@@ -142,29 +159,35 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
     """Per decoder layer costs of ``model_or_config`` (see the module docstring)."""
     model = _as_model(model_or_config)
     described = describe(model)
-    layer_list = decoder_layers(model, described.blocks[0].name)
+    layers_name = decoder_layers_name(described.blocks[0].name)
+    layer_list = model.get_submodule(layers_name)
     moe_by_layer: dict[int, MoEBlock] = {b.layer_index: b for b in described.blocks}
     config = text_config(model)
 
     layers = []
     for index, layer in enumerate(layer_list):
-        attn = attention_of(layer, config, index)
         block = moe_by_layer.get(index)
-        others = [
-            m
-            for name, m in layer.named_children()
-            if name != attn.name and (block is None or m is not block.block)
-        ]
-        mlp = sum(linear_flops(m) for m in others)
+        # the MoE block is a child of the decoder layer, or the layer itself (Gemma 4)
+        in_layer = block is not None and block.block is layer
+        moe_parts = () if block is None else _moe_parts(block)
+        attn = attention_of(layer, config, index, exclude=() if block is None or in_layer else (block.block,))
+        skip = {id(attn.module)} | ({id(m) for m in moe_parts} if in_layer else set())
+        if block is not None and not in_layer:
+            skip.add(id(block.block))
+        rest = [(n, m) for n, m in layer.named_children() if id(m) not in skip]
+        mlp = sum(linear_flops(m) for _, m in rest if is_linear_only(m))
+        measured_parts = tuple(f"{layers_name}.{index}.{n}" for n, m in rest if not is_linear_only(m))
+        fallback = sum(linear_flops(m) for _, m in rest if not is_linear_only(m))
         if block is None:
             shared = router = expert = 0.0
             top_k = num_experts = 0
         else:
-            routers = {block.router, getattr(block.block, block.router_attr)}
-            shared = sum(
-                linear_flops(child)
-                for child in block.block.children()
-                if child not in routers and child is not block.experts and child is not block.block.experts
+            shared = (
+                0.0
+                if in_layer
+                else sum(
+                    linear_flops(c) for c in block.block.children() if not any(c is p for p in moe_parts)
+                )
             )
             router = 2.0 * block.spec.num_experts * block.spec.hidden_size
             expert = expert_flops(block.experts)
@@ -172,15 +195,20 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
         layers.append(
             LayerStructure(
                 index=index,
-                attention_projections=linear_flops(attn.module),
+                attention_projections=linear_flops(attn.module) if attn.module is not None else 0.0,
                 attention_heads=attn.heads,
                 qk_head_dim=attn.qk_head_dim,
                 v_head_dim=attn.v_head_dim,
-                attention_kind="lightning" if attn.kind == "lightning" else "softmax",
+                attention_kind=attn.kind,
                 lightning_block_size=attn.block_size,
                 sliding_window=attn.sliding_window,
+                chunk_size=attn.chunk_size,
                 dense_mlp=mlp,
                 moe=block is not None,
+                mixer_name=f"{layers_name}.{index}.{attn.name}" if attn.name else "",
+                measured_parts=measured_parts,
+                measured_fallback=fallback,
+                dense_experts=block is not None and experts_compute_all(block.experts),
                 shared_experts=shared,
                 router=router,
                 expert=expert,
@@ -188,12 +216,44 @@ def model_structure(model_or_config: nn.Module | PretrainedConfig) -> list[Layer
                 top_k=top_k,
             )
         )
-        if attn.kind == "linear":
-            warnings.warn(
-                f"Layer {index} uses {type(attn.module).__name__}: only its projections are modelled exactly.",
-                stacklevel=2,
-            )
     return layers
+
+
+def _moe_parts(block: MoEBlock) -> tuple[nn.Module, ...]:
+    """The router and experts of a block (as the block holds them, and inside PEFT wrappers)."""
+    return (block.router, getattr(block.block, block.router_attr), block.experts, block.block.experts)
+
+
+def measured_mixer_flops(model: nn.Module, names: Sequence[str], seq_len: int) -> dict[str, float]:
+    """FLOPs per token of the token mixers ``names`` (module paths), measured by ``FlopCounterMode``.
+
+    One forward of ``seq_len`` token ids (batch 1) runs with the model's own routing and no
+    gradients; each mixer counts the matmul FLOPs it computed, divided by ``seq_len``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..core.batching import model_device
+    from ..patching import original_routing
+
+    vocab = int(getattr(text_config(model), "vocab_size", 0) or 2)
+    ids = (torch.arange(seq_len) % vocab).unsqueeze(0).to(model_device(model))
+    with original_routing(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    return {name: sum(counts.get(f"{root}.{name}", {}).values()) / seq_len for name in names}
+
+
+def _outside_layers_flops(model: nn.Module) -> float:
+    """Linear layers outside the decoder layers other than the LM head (Gemma 4's per-layer input projection)."""
+    described = describe(model)
+    layers_name = decoder_layers_name(described.blocks[0].name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and not name.startswith(layers_name + "."):
+            total += 2.0 * module.in_features * module.out_features
+    return total
 
 
 def _lm_head_flops(model: nn.Module) -> float:
@@ -214,7 +274,9 @@ def flops_per_token(
         model_or_config: a transformers MoE model (patched or not, any device incl. meta) or its config.
         seq_len: tokens per sequence (sets the attention context).
         activated: mean activated routed experts per token: one number for every MoE layer, one per
-            MoE layer (in layer order), or None for each layer's top-k.
+            MoE layer (in layer order), or None for each layer's top-k. Llama 4's experts module in
+            transformers multiplies every routed expert on every token (zero weights for the unchosen;
+            ``LayerStructure.dense_experts``): pass the number of routed experts to count what it computes.
         causal: average the attention context over a causal sequence ((L + 1) / 2 keys per query) instead
             of counting all L keys that eager/SDPA attention multiply (see the module docstring).
     """
@@ -240,18 +302,42 @@ def flops_per_token(
             f"got {per_moe}."
         )
 
+    other = [layer.mixer_name for layer in layers if layer.attention_kind == "other"]
+    other += [name for layer in layers for name in layer.measured_parts]
+    measured: dict[str, float] = {}
+    if other and not any(p.device.type == "meta" for p in model.parameters()):
+        measured = measured_mixer_flops(model, other, seq_len)
+    elif other:
+        warnings.warn(
+            f"{len(other)} modules multiply by more than linear layers in ways that depend on their "
+            f"implementation (e.g. {type(model.get_submodule(other[0])).__name__}); on the meta device only "
+            "their linear layers are counted. Pass a model with weights to measure them.",
+            stacklevel=2,
+        )
+    dense = _outside_layers_flops(model)
+    for layer in layers:
+        dense += layer.dense_mlp
+        if layer.measured_parts and measured:
+            dense += sum(measured[name] for name in layer.measured_parts)
+        else:
+            dense += layer.measured_fallback
     attention = 0.0
     for layer in layers:
+        if layer.mixer_name in measured:
+            attention += measured[layer.mixer_name]
+            continue
         attention += layer.attention_projections
         if layer.attention_kind == "lightning":
             ctx = lightning_context(seq_len, layer.lightning_block_size, causal)
             attention += 4.0 * layer.attention_heads * layer.qk_head_dim * (ctx + layer.qk_head_dim)
-        else:
-            ctx = causal_context(seq_len, layer.sliding_window) if causal else float(seq_len)
+        elif layer.attention_kind == "softmax":
+            ctx = (
+                causal_context(seq_len, layer.sliding_window, layer.chunk_size) if causal else float(seq_len)
+            )
             attention += 2.0 * layer.attention_heads * ctx * (layer.qk_head_dim + layer.v_head_dim)
     return FlopsBreakdown(
         attention=attention,
-        dense_mlp=sum(layer.dense_mlp for layer in layers),
+        dense_mlp=dense,
         shared_experts=sum(layer.shared_experts for layer in moe_layers),
         routed_experts=sum(a * layer.expert for a, layer in zip(per_moe, moe_layers, strict=True)),
         router=sum(layer.router for layer in moe_layers),

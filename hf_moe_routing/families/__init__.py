@@ -15,7 +15,16 @@ from typing import Any
 from torch import nn
 
 from ..core.registry import Registry
-from .base import MoEBlock, MoEFamily, MoEShape, model_type_of, peft_base_layer, text_config
+from .base import (
+    MoEBlock,
+    MoEFamily,
+    MoEShape,
+    UnsupportedFamilyError,
+    keep_fp32_pattern,
+    model_type_of,
+    peft_base_layer,
+    text_config,
+)
 from .generic import GenericFamily
 from .kinds import RouterKind
 from .spec import RouterOutput, RouterSpec, TensorSlot
@@ -35,6 +44,15 @@ _BUILTIN = {
     "ernie4_5_moe": "ernie4_5_moe:Ernie45MoeFamily",
     "minimax_m2": "minimax_m2:MiniMaxM2Family",
     "phimoe": "phimoe:PhimoeFamily",
+    "gemma4_text": "gemma4:Gemma4Family",
+    "gemma4": "gemma4:Gemma4Family",
+    # refused, with the reason (families/refused.py)
+    "deepseek_v4": "refused:DeepseekV4Family",
+    "doge": "refused:DogeFamily",
+    "jetmoe": "refused:JetMoeFamily",
+    "zaya": "refused:ZayaFamily",
+    "dbrx": "refused:DbrxFamily",
+    "inkling_text": "refused:InklingFamily",
 }
 
 #: ``model_type`` -> family class (register yours with :func:`register_family`).
@@ -97,6 +115,15 @@ def describe_model(
             which router, and why).
     """
     chosen = get_family(model, family)
+    if chosen.refusal:
+        raise UnsupportedFamilyError(
+            f"Cannot patch {type(model).__name__} (model_type={model_type_of(model)!r}): {chosen.refusal}. "
+            "hf-moe-routing reproduces learned top-k routers only. Run `hf-moe-routing families` for the "
+            "support table.",
+            model_type_of(model),
+            chosen.refusal,
+        )
+    chosen.keep_fp32 = keep_fp32_pattern(model)
     config = text_config(model)
     found = chosen.find_blocks(model)
     if not found:
@@ -111,9 +138,11 @@ def describe_model(
                 chosen.verify(block.spec, block)
             blocks.append(block)
     except TypeError as error:
-        raise TypeError(
+        raise UnsupportedFamilyError(
             f"Cannot patch {type(model).__name__} (model_type={model_type_of(model)!r}, family "
-            f"{chosen.name!r}): {error}. Run `hf-moe-routing families` for the support table."
+            f"{chosen.name!r}): {error}. Run `hf-moe-routing families` for the support table.",
+            model_type_of(model),
+            str(error),
         ) from None
     return MoEModel(chosen, tuple(blocks), _shape(model, chosen, blocks, config))
 
@@ -142,14 +171,17 @@ def _raise_no_blocks(model: nn.Module, family: MoEFamily) -> None:
         ),
         None,
     )
-    known = ", ".join(sorted(FAMILIES))
     if moe_like is not None:
-        raise TypeError(
-            f"{type(model).__name__} (model_type={model_type!r}) is a Mixture-of-Experts model, but its MoE block "
-            f"{moe_like[0]} ({moe_like[1]}) has no learned top-k router that hf-moe-routing can find (an attribute "
-            f"`gate`/`router` with an (experts, hidden) weight). Families with a family file: {known}; others "
-            "are detected when their router follows transformers' router interface. "
-            "Run `hf-moe-routing families` for the support table."
+        reason = (
+            f"its MoE block {moe_like[0]} ({moe_like[1]}) has no learned top-k router that hf-moe-routing can "
+            "find (an attribute `gate`/`router` holding an (experts, hidden) weight, directly or in its one "
+            "linear layer)"
+        )
+        raise UnsupportedFamilyError(
+            f"{type(model).__name__} (model_type={model_type!r}) is a Mixture-of-Experts model, but {reason}. "
+            "Run `hf-moe-routing families` for the support table.",
+            model_type,
+            reason,
         )
     raise ValueError(
         f"{type(model).__name__} (model_type={model_type!r}) has no Mixture-of-Experts block: hf-moe-routing "
@@ -168,6 +200,7 @@ __all__ = [
     "RouterOutput",
     "RouterSpec",
     "TensorSlot",
+    "UnsupportedFamilyError",
     "describe_model",
     "get_family",
     "model_type_of",

@@ -26,8 +26,22 @@ from .verify import verify_spec
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 #: Names a selection bias goes by, and where it may live (the router, a submodule, the block).
-BIAS_NAMES = ("e_score_correction_bias",)
+BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 BIAS_OWNERS = ("", "moe_statics")
+
+
+class UnsupportedFamilyError(TypeError):
+    """A Mixture-of-Experts model whose routing hf-moe-routing cannot reproduce exactly.
+
+    Attributes:
+        model_type: the model's ``config.model_type``.
+        reason: why, in one sentence (what is not a learned top-k, or which step no kind reproduces).
+    """
+
+    def __init__(self, message: str, model_type: str, reason: str) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+        self.reason = reason
 
 
 def peft_base_layer(module: nn.Module) -> nn.Module:
@@ -40,6 +54,15 @@ def text_config(model: nn.Module) -> Any:
     """The text config of a (possibly multimodal) model, or None."""
     config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:
+    """The tensors ``from_pretrained(dtype=bfloat16)`` keeps in float32 (``_keep_in_fp32_modules_strict``).
+
+    Matched as transformers' loader does: ``pattern.search(full_tensor_name)``, ``*`` a wildcard.
+    """
+    names = sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return re.compile("|".join(n.replace("*", ".*") for n in names)) if names else None
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -115,6 +138,22 @@ class MoEFamily:
     bias_name: ClassVar[str | None] = None
     #: The renormalisation epsilon / minimum (RouterKind.norm "eps" / "clamp").
     norm_value: ClassVar[float] = 0.0
+    #: Names of the numbers a router reads: experts per token, the routed scaling factor.
+    top_k_names: ClassVar[tuple[str, ...]] = ("top_k", "num_experts_per_tok", "moe_topk", "top_k_experts")
+    scaling_names: ClassVar[tuple[str, ...]] = (
+        "routed_scaling_factor",
+        "route_scale",
+        "router_scaling_factor",
+    )
+    #: ``kind.input_norm``: the router's input norm module and the scales applied after it, in order.
+    input_norm_name: ClassVar[str | None] = None
+    input_scale_names: ClassVar[tuple[str, ...]] = ()
+    #: ``kind.expert_scale``: the router's (m,) per-expert weight scale.
+    expert_scale_name: ClassVar[str | None] = None
+    #: 3 if the router takes (batch, seq, d) hidden states rather than (n, d).
+    input_rank: ClassVar[int] = 2
+    #: Why the family cannot be patched (its routing is not a learned top-k), or None.
+    refusal: ClassVar[str | None] = None
     #: Attribute names of the block's always-on shared expert(s).
     shared_expert_attrs: ClassVar[tuple[str, ...]] = ("shared_expert", "shared_experts", "shared_mlp")
 
@@ -160,7 +199,7 @@ class MoEFamily:
         return default
 
     def top_k(self, router: nn.Module, block: nn.Module, config: Any) -> int:
-        return int(self.read(router, block, config, "top_k", "num_experts_per_tok", "moe_topk"))
+        return int(self.read(router, block, config, *self.top_k_names))
 
     def renorm(self, router: nn.Module, block: nn.Module, config: Any) -> bool:
         if self.kind.renormalize == "attr":
@@ -170,7 +209,7 @@ class MoEFamily:
     def scaling(self, router: nn.Module, block: nn.Module, config: Any) -> float | None:
         if not self.kind.scaling:
             return None
-        return float(self.read(router, block, config, "routed_scaling_factor", default=1.0))
+        return float(self.read(router, block, config, *self.scaling_names, default=1.0))
 
     def groups(self, router: nn.Module, block: nn.Module, config: Any) -> tuple[int | None, int | None]:
         if not self.kind.group_score:
@@ -217,15 +256,28 @@ class MoEFamily:
             topk_groups=topk_groups,
             selection_bias=self.selection_bias(router, block, block_name, attr),
             jitter_eps=float(self.read(router, block, config, "router_jitter_noise", default=0.0)),
+            input_norm_name=self.input_norm_name if self.kind.input_norm else None,
+            input_scale_names=self.input_scale_names if self.kind.input_norm else (),
+            expert_scale=(
+                TensorSlot(router, self.expert_scale_name, f"{block_name}.{attr}.{self.expert_scale_name}")
+                if self.kind.expert_scale
+                else None
+            ),
+            input_rank=self.input_rank,
         )
 
     def router_inputs(self, block: nn.Module) -> tuple[torch.Tensor, ...]:
         """The extra arguments the block passes to its router (read from the block)."""
         return tuple(getattr(block, name) for name in self.router_args)
 
+    #: Set by ``describe_model``: the tensors a bfloat16 checkpoint of the model keeps in float32.
+    keep_fp32: re.Pattern | None = None
+
     def verify(self, spec: RouterSpec, block: MoEBlock) -> None:
         """TypeError unless ``spec`` reproduces ``block``'s router bit for bit (see ``verify.py``)."""
-        ok, why = verify_spec(spec, block.router, self.router_inputs(block.block))
+        ok, why = verify_spec(
+            spec, block.router, self.router_inputs(block.block), self.keep_fp32, block.router_name
+        )
         if not ok:
             raise TypeError(
                 f"{block.router_name} ({type(block.router).__name__}) does not route like a {self.name!r} "

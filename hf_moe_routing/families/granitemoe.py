@@ -14,7 +14,7 @@ class GraniteMoeFamily(MoEFamily):
         "GraniteMoeTopKRouter",
         "GraniteMoeSharedTopKRouter",
         "GraniteMoeHybridTopKRouter",
-        "GraniteMoeSwaTopKRouter",
+        "GraniteMoeSWATopKRouter",
     )
     router_attrs = ("router",)
     kind = RouterKind(logits="then_float32", score="softmax_topk", weights_dtype="hidden")

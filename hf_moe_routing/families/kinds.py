@@ -4,12 +4,14 @@ A learned top-k router turns the hidden states ``h`` (n, d) of n tokens into, pe
 ids and k gating weights. Every family in transformers does it in the same five steps and differs
 only in the choices below (each a field of :class:`RouterKind`)::
 
+    h = norm(h) * scales                  input      (n, d)   optional (Gemma 4)
     z = h W^T (+ b)                       logits     (n, m)   "linear", "float32", "weight_dtype", "then_float32"
-    s = score(z)                          scores     (n, m)   "softmax" | "sigmoid" (float32)
+    s = score(z)                          scores     (n, m)   "softmax" | "sigmoid" (float32 or the logits' dtype)
     c = s + b_sel (or z for *_topk)       choice     (n, m)   selection bias; group limiting ("max" | "top2")
     I = topk(c, k)                        index      (n, k)   sorted or not
     g = weigh(s or z, I)                  weights    (n, k)   gather | softmax/sigmoid of the chosen logits;
-                                                              renormalise (plain | eps | clamp), scale, cast
+                                                              renormalise (plain | eps | clamp), per-expert
+                                                              scale, routed scale, cast
 
 ``score="softmax_topk"`` (gpt-oss, GraniteMoE) selects on the logits and weighs the chosen ones by a
 softmax over their logits; ``score="sigmoid_topk"`` (Llama 4) weighs each chosen logit by a
@@ -40,6 +42,11 @@ RENORMALIZE = ("never", "always", "attr")
 NORMS = ("plain", "eps", "clamp")
 #: dtype of the returned weights: float32 as computed, the logits' dtype, the hidden states' dtype.
 WEIGHTS_DTYPES = ("float32", "logits", "hidden")
+#: dtype the score function runs in: float32, or the logits' own dtype (bf16 logits -> bf16 scores).
+SCORE_DTYPES = ("float32", "logits")
+#: What the router returns: transformers' ``(logits, weights, index)``; the same with the softmax
+#: scores first (Gemma 4); ``(dense scores (n, m), logits)`` (Llama 4).
+CODECS = ("triple", "scores_triple", "dense_scores")
 
 
 @dataclass(frozen=True)
@@ -47,32 +54,38 @@ class RouterKind:
     """How a family's router scores, selects and weighs experts (see the module docstring).
 
     Attributes:
+        input_norm: the router normalises its input and multiplies it by fixed scales before its
+            projection (Gemma 4: ``norm(h) * scale * d**-0.5``); the spec names the modules.
         logits: ``"linear"`` ``F.linear(h, W)``; ``"float32"`` ``F.linear(h.float(), W.float())``;
             ``"weight_dtype"`` ``F.linear(h.to(W.dtype), W)``; ``"then_float32"`` ``F.linear(h, W).float()``.
         linear_bias: the router's linear layer adds its bias (gpt-oss).
         autocast: False if the family computes the router with autocast disabled (ERNIE 4.5).
         score: one of :data:`SCORES`.
+        score_dtype: one of :data:`SCORE_DTYPES` (Mistral 4, LFM2-MoE and DBRX score in the logits' dtype).
         selection_bias: the family adds a learned bias to the scores for selection only
             (``e_score_correction_bias``, DeepSeek-V3 style); where it lives is family knowledge.
         group_score: DeepSeek group-limited selection (``"max"``: V2, ``"top2"``: V3), or None.
         sorted: whether the family's ``torch.topk`` returns sorted indices.
         renormalize: divide the chosen weights by their sum: ``never``, ``always``, ``attr``.
         norm: the denominator rule (:data:`NORMS`).
-        scaling: multiply the weights by the router's ``routed_scaling_factor``.
+        expert_scale: multiply each chosen weight by a learned per-expert scale (Gemma 4).
+        scaling: multiply the weights by the router's routed scaling factor.
         weights_dtype: one of :data:`WEIGHTS_DTYPES`.
-        codec: what the router returns: ``"triple"`` ``(logits, weights, index)`` (transformers' own
-            interface) or ``"dense_scores"`` ``(scores (n, m), logits)`` (Llama 4).
+        codec: what the router returns (:data:`CODECS`).
     """
 
+    input_norm: bool = False
     logits: str = "linear"
     linear_bias: bool = False
     autocast: bool = True
     score: str = "softmax"
+    score_dtype: str = "float32"
     selection_bias: bool = False
     group_score: str | None = None
     sorted: bool = True
     renormalize: str = "never"
     norm: str = "plain"
+    expert_scale: bool = False
     scaling: bool = False
     weights_dtype: str = "logits"
     codec: str = "triple"
@@ -85,7 +98,8 @@ class RouterKind:
             ("renormalize", RENORMALIZE),
             ("norm", NORMS),
             ("weights_dtype", WEIGHTS_DTYPES),
-            ("codec", ("triple", "dense_scores")),
+            ("score_dtype", SCORE_DTYPES),
+            ("codec", CODECS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"RouterKind({name}={getattr(self, name)!r}): choose one of {choices}.")
@@ -103,10 +117,14 @@ class RouterKind:
         parts = [self.score]
         if self.selection_bias:
             parts[0] += " + bias"
+        if self.input_norm:
+            parts.insert(0, "normed input")
         if self.group_score:
             parts.append(f"group {self.group_score}")
         if self.renormalize != "never":
             parts.append("renorm" + ("?" if self.renormalize == "attr" else ""))
+        if self.expert_scale:
+            parts.append("per-expert scale")
         if self.scaling:
             parts.append("scaled")
         if self.codec != "triple":
@@ -135,13 +153,16 @@ def router_logits(
 
 
 def routing_scores(kind: RouterKind, logits: torch.Tensor) -> torch.Tensor:
-    """Routing scores ``s`` (n, m) float32: ``softmax(z)`` or ``sigmoid(z)``.
+    """Routing scores ``s`` (n, m): ``softmax(z)`` or ``sigmoid(z)``, float32 or in the logits' dtype.
 
-    For kinds that select on logits, ``s = softmax(z)`` over all experts: a probability-like score
-    used by balancing and statistics (its per-token order is the logits' order).
+    For kinds that select on logits, ``s = softmax(z)`` over all experts (float32): a
+    probability-like score used by balancing and statistics (its per-token order is the logits').
     """
+    in_logits_dtype = kind.score_dtype == "logits" and not kind.selects_on_logits
     if kind.score == "sigmoid":
-        return logits.float().sigmoid()
+        return logits.sigmoid() if in_logits_dtype else logits.float().sigmoid()
+    if in_logits_dtype:
+        return nn.functional.softmax(logits, dim=-1, dtype=logits.dtype)
     return nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
 
 
@@ -188,7 +209,15 @@ def chosen_weights(
         if valid is not None:
             chosen = chosen.masked_fill(~valid, float("-inf"))
         return nn.functional.softmax(chosen, dim=-1, dtype=chosen.dtype)
-    w = logits.gather(1, safe).float().sigmoid() if kind.score == "sigmoid_topk" else scores.gather(1, safe)
+    if kind.score == "sigmoid_topk" and kind.codec == "dense_scores":
+        # Llama 4 takes the sigmoid of the dense (n, m) matrix: evaluate it on the same layout (CPU
+        # kernels round the vectorised body and the tail of a tensor differently)
+        dense = torch.full_like(logits, float("-inf")).scatter(1, safe, logits.gather(1, safe))
+        w = dense.float().sigmoid().to(logits.dtype).gather(1, safe)
+    elif kind.score == "sigmoid_topk":
+        w = logits.gather(1, safe).float().sigmoid()
+    else:
+        w = scores.gather(1, safe)
     if valid is not None:
         w = w.masked_fill(~valid, 0.0)
     if not renorm:

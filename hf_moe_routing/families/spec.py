@@ -75,6 +75,11 @@ class RouterSpec:
         num_groups, topk_groups: group-limited selection (DeepSeek), or None.
         selection_bias: where the selection bias lives, or None.
         jitter_eps: PhiMoE's SparseMixer epsilon.
+        input_norm_name: attribute path of the router's input norm module (``kind.input_norm``).
+        input_scale_names: attribute paths of the tensors / numbers the normed input is multiplied
+            by, in order (Gemma 4: ``("scale", "scalar_root_size")``).
+        expert_scale: where the (m,) per-expert weight scale lives (``kind.expert_scale``), or None.
+        input_rank: 2 if the router takes (n, d) hidden states, 3 if it takes (batch, seq, d).
     """
 
     kind: RouterKind
@@ -90,6 +95,10 @@ class RouterSpec:
     topk_groups: int | None = None
     selection_bias: TensorSlot | None = None
     jitter_eps: float = 0.0
+    input_norm_name: str | None = None
+    input_scale_names: tuple[str, ...] = ()
+    expert_scale: TensorSlot | None = None
+    input_rank: int = 2
 
     # ---- the steps -------------------------------------------------------------------------------
     def weight(self, router: nn.Module) -> torch.Tensor:
@@ -98,8 +107,13 @@ class RouterSpec:
 
     def logits(self, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits (n, m) of hidden states (..., d), in the family's dtype."""
+        hidden = hidden.reshape(-1, self.hidden_size)
+        if self.kind.input_norm:
+            hidden = _get_path(router, self.input_norm_name)(hidden)
+            for name in self.input_scale_names:
+                hidden = hidden * _get_path(router, name)
         bias = _get_path(router, self.bias_name) if self.bias_name else None
-        return router_logits(self.kind, self.weight(router), bias, hidden.reshape(-1, self.hidden_size))
+        return router_logits(self.kind, self.weight(router), bias, hidden)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing scores (n, m) float32 (softmax or sigmoid of the logits)."""
@@ -198,6 +212,8 @@ class RouterSpec:
                 w = normalize_rows(w)
         else:
             w = chosen_weights(self.kind, logits, scores, index, valid, renorm, self.norm_value)
+        if self.expert_scale is not None:  # Gemma 4: w_s *= scale[I_s]
+            w = w * self.expert_scale.get()[index.clamp(max=self.num_experts - 1)]
         if self.scaling is not None:
             w = w * self.scaling
         if self.kind.weights_dtype == "logits":
@@ -221,10 +237,15 @@ class RouterSpec:
             n, m = logits.shape
             dense = weights.new_zeros(n, m + 1).scatter_(1, index, weights)[:, :m]
             return dense, logits
+        if self.kind.codec == "scores_triple":  # Gemma 4 returns its softmax scores first
+            return self.scores(output.logits), output.weights, output.index
         return tuple(output)
 
     def decode(self, output: object) -> RouterOutput:
-        """The routing decision inside an (original or patched) router's output."""
+        """The routing decision inside an (original or patched) router's output.
+
+        For a ``"scores_triple"`` router the first field holds its scores, not logits.
+        """
         if not isinstance(output, tuple) or len(output) < 2:
             raise TypeError(f"A {self.kind.codec} router returns a tuple, got {type(output).__name__}.")
         if self.kind.codec == "dense_scores":

@@ -1,0 +1,92 @@
+"""Write the family support table of the installed transformers as markdown (for the README).
+
+Checks every Mixture-of-Experts causal-LM family of the installed transformers on a tiny random model
+(``hf_moe_routing.testing.support``: exact ``TopKConfig()`` or a refusal that says why) and writes
+
+* ``notes/families_table.md``: the table, with the transformers version and the counts;
+* ``tests/families_expected.json`` (with ``--expected``): the statuses and router kinds that
+  ``tests/test_families.py`` holds later versions of the package to (a supported family must stay
+  supported) and uses to pick one family per router kind for its slower checks.
+
+    python scripts/families_table.py                 # the markdown table
+    python scripts/families_table.py --expected      # also refresh the test expectations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the package of this checkout, not an installed one
+
+
+def markdown(rows: list[dict], version: str) -> str:
+    supported = sum(r["status"] == "supported" for r in rows)
+    refused = sum(r["status"] == "refused" for r in rows)
+    lines = [
+        f"### Supported model families (transformers {version})",
+        "",
+        f"{supported} of the {len(rows)} Mixture-of-Experts causal-LM families of transformers {version} are "
+        f"patched bit-exactly (`TopKConfig()` reproduces the model's own routing, in float32 and bfloat16); "
+        f'{refused} are refused with the reason below. "detected": no family file, the router kind is '
+        "found by probing the router. Regenerate with `python scripts/families_table.py`; "
+        "`hf-moe-routing families` prints the table for the transformers you have installed.",
+        "",
+        "| family | causal LM class | router kind | family file | status | reason |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reason = r["reason"].replace("|", "\\|")
+        cells = (r["model_type"], f"`{r['causal_lm_class']}`", r["router_kind"] or "-", r["family"] or "-")
+        lines.append(f"| {' | '.join(cells)} | {r['status']} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "notes" / "families_table.md")
+    parser.add_argument(
+        "--expected",
+        action="store_true",
+        help="also write tests/families_expected.json (the test expectations)",
+    )
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from hf_moe_routing.testing.support import support_table
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    start = time.time()
+    rows = [r.to_dict() for r in support_table(progress=lambda name: print(name, end=" ", flush=True))]
+    print(f"\n{len(rows)} families checked in {time.time() - start:.0f} s")
+    bad = [r for r in rows if r["status"] in ("mismatch", "unbuilt")]
+    for r in bad:
+        print(f"WARNING {r['model_type']}: {r['status']}: {r['reason']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, transformers.__version__))
+    print(f"wrote {args.out}")
+    if args.expected:
+        expected = {
+            "transformers": transformers.__version__,
+            "supported": {
+                r["model_type"]: {"router_kind": r["router_kind"], "kind_key": r["kind_key"]}
+                for r in rows
+                if r["status"] == "supported"
+            },
+            "refused": {r["model_type"]: r["reason"] for r in rows if r["status"] == "refused"},
+        }
+        path = ROOT / "tests" / "families_expected.json"
+        path.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
