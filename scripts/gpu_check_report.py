@@ -46,7 +46,7 @@ def summary_markdown(report: dict) -> str:
         for f in res["families"]["families"]:
             if "topk_routing_identical" not in f:
                 lines.append(
-                    f"| {f['family']} | {f.get('ok', '')} | {f.get('error') or f.get('skipped')} | | | | |"
+                    f"| {f['family']} | {f.get('ok', '')} | {f.get('error') or f.get('skipped') or ('refused: ' + f['refused'] if 'refused' in f else '')} | | | | |"
                 )
                 continue
             lines.append(
