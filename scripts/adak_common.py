@@ -50,7 +50,9 @@ def evaluate(model, rows, batch_size: int = 8) -> dict[str, Any]:
     return {k: result[k] for k in KEEP if k in result}
 
 
-def train_adak(model, train, eval_rows, *, adak_config, out: Path, seed: int, **settings: Any) -> dict[str, Any]:
+def train_adak(
+    model, train, eval_rows, *, adak_config, out: Path, seed: int, **settings: Any
+) -> dict[str, Any]:
     """Train Ada-K allocators (model patched in place); returns timing, final lambda and the log."""
     from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
 

@@ -41,7 +41,9 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="qwen-moe")
     parser.add_argument("--fraction", type=float, default=0.7, help="target_experts as a fraction of top-k")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -63,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             settings = {"max_steps": args.steps, "target_experts": target, **train_changes}
             with tempfile.TemporaryDirectory() as tmp:
                 info = train_adak(
-                    model, train.shuffle(seed=seed), held_out, adak_config=AdaKConfig(**adak_changes),
-                    out=Path(tmp), seed=seed, **settings,
+                    model,
+                    train.shuffle(seed=seed),
+                    held_out,
+                    adak_config=AdaKConfig(**adak_changes),
+                    out=Path(tmp),
+                    seed=seed,
+                    **settings,
                 )
             result = evaluate(model, held_out)
             log = info.pop("log")
@@ -76,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
                 return sum(values) / len(values) if values else None
 
             row = {
-                "model": args.model, "variant": name, "seed": seed, "target_experts": target, "steps": args.steps,
-                **result, **{k: v for k, v in info.items() if k != "adapter"},
-                "snr": mean_of("signal_to_noise_per_layer"), "clip_fraction": mean_of("clip_fraction"),
-                "advantage_std": mean_of("advantage_std"), "greedy_k_end": log[-1]["greedy_k_mean"] if log else None,
+                "model": args.model,
+                "variant": name,
+                "seed": seed,
+                "target_experts": target,
+                "steps": args.steps,
+                **result,
+                **{k: v for k, v in info.items() if k != "adapter"},
+                "snr": mean_of("signal_to_noise_per_layer"),
+                "clip_fraction": mean_of("clip_fraction"),
+                "advantage_std": mean_of("advantage_std"),
+                "greedy_k_end": log[-1]["greedy_k_mean"] if log else None,
             }
             append_jsonl(Path(args.out), row)
             print(

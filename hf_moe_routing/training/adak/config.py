@@ -65,7 +65,12 @@ class AdaKTrainingConfig(JSONConfig):
         3e-3, "lambda: nats of log-likelihood per expected expert (initial value with a target)"
     )
     k_penalty_learning_rate: float = _f(
-        0.05, "dual-ascent step of lambda per PPO step, per relative budget error"
+        0.01, "dual-ascent step of lambda per PPO step, per relative budget error"
+    )
+    budget_calibration: bool = _f(
+        True,
+        "after PPO, tilt every allocator's bias by one common amount so that the greedy mean on "
+        "calibration_batches training batches is target_experts (needs allocator_bias)",
     )
     # ---- PPO
     max_steps: int = _f(300, "PPO steps (rollouts); each makes ppo_epochs optimiser steps")
@@ -162,6 +167,7 @@ class TrainerState:
     warmup_mean_label: float | None = None
     skip_log_betas: dict[str, float] | None = None
     exact_start: bool = False
+    budget_tilt: float | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -165,6 +165,56 @@ def ppo_step(trainer: AdaKTrainer) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def match_budget(trainer: AdaKTrainer, iterations: int = 24) -> dict[str, Any]:
+    """Tilt every allocator's bias by ``delta * k`` (one delta) so the greedy mean k is ``target_experts``.
+
+    The greedy count of every token is non-decreasing in delta, so the mean over ``calibration_batches``
+    training batches (full forwards, every process) is bisected; the delta closest to the target wins.
+    """
+    target = trainer.config.target_experts
+    batches = [_next(trainer)[1] for _ in range(trainer.config.calibration_batches)]
+    biases = {i: layer.allocator.bias.detach().clone() for i, layer in trainer.layers.items()}
+
+    def mean_k(delta: float) -> float:
+        totals = torch.zeros(1 + len(trainer.layers), dtype=torch.float64, device=trainer.device)
+        for i, layer in trainer.layers.items():
+            counts = torch.arange(1, layer.k_max + 1, dtype=torch.float32, device=biases[i].device)
+            layer.allocator.bias.copy_(biases[i] + delta * counts)
+        greedy = {i: "greedy" for i in trainer.layers}
+        for batch in batches:
+            with _layer_hooks(trainer.layers, decision=greedy):
+                _, records = recorded_forward(trainer.forward, trainer.layers, batch)
+            mask = batch["attention_mask"].reshape(-1).bool()
+            sums = [
+                r.activated[mask.to(r.activated.device)].sum().double().to(trainer.device)
+                for r in records.values()
+            ]
+            totals += torch.stack([mask.sum().double().to(trainer.device), *sums])
+        tokens, *per_layer = trainer.reduce_sum(totals).tolist()
+        return trainer.moe_mean([value / max(tokens, 1.0) for value in per_layer])
+
+    tried = {0.0: mean_k(0.0)}
+    low, high = -1.0, 1.0
+    while (value := mean_k(low)) > target and low > -1e4:
+        tried[low] = value
+        low *= 2
+    tried[low] = value
+    while (value := mean_k(high)) < target and high < 1e4:
+        tried[high] = value
+        high *= 2
+    tried[high] = value
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        tried[middle] = value = mean_k(middle)
+        if abs(value - target) <= 1e-3 * target:
+            break
+        low, high = (middle, high) if value < target else (low, middle)
+    best = min(tried, key=lambda d: (abs(tried[d] - target), abs(d)))
+    mean_k(best)
+    return {"budget_tilt": best, "budget_greedy_k_mean": tried[best], "budget_greedy_k_before": tried[0.0]}
+
+
+@torch.no_grad()
 def evaluate(trainer: AdaKTrainer, dataset: Any, max_batches: int | None) -> dict[str, Any]:
     """Held-out NLL and experts per token with greedy Ada-K against the model's Top-K (all processes)."""
     device = trainer.device

@@ -311,7 +311,13 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             raise
         finally:
             bar.close()
-        if not (Path(self.config.output_dir) / self._checkpoint_name()).is_dir():
+        if self._budget_calibration_due():
+            found = steps.match_budget(self)
+            self.state.budget_tilt = found["budget_tilt"]
+            self.log({**found, "phase": "budget"})
+            self._evaluate_and_log()
+            self.save_checkpoint()
+        elif not (Path(self.config.output_dir) / self._checkpoint_name()).is_dir():
             self.save_checkpoint()
         if self.config.verify_base_unchanged:
             self._check_base_unchanged()
@@ -319,6 +325,15 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             self.accelerator.end_training()
             self._trackers_started = False
         return self._finish(time.perf_counter() - started)
+
+    def _budget_calibration_due(self) -> bool:
+        config = self.config
+        return (
+            config.target_experts is not None
+            and config.budget_calibration
+            and self.state.budget_tilt is None
+            and all(layer.allocator.bias is not None for layer in self.layers.values())
+        )
 
     def _thresholds_missing(self) -> bool:
         if self.config.warmup == "p-warm":
@@ -371,14 +386,18 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         if (config.logging_steps and step % config.logging_steps == 0) or last:
             stats = self._reduce(stats)
             self.log({**stats, "phase": phase, "seconds": time.perf_counter() - started}, bar)
-        due = (config.eval_steps and step % config.eval_steps == 0) or last
-        if due and (self.eval_dataset is not None or self.eval_fn is not None):
+        final = last and not self._budget_calibration_due()  # else: evaluate and save after calibrating
+        if (config.eval_steps and step % config.eval_steps == 0) or final:
+            self._evaluate_and_log(bar)
+        if (config.save_steps and step % config.save_steps == 0) or final:
+            self.save_checkpoint()
+
+    def _evaluate_and_log(self, bar: Any = None) -> None:
+        if self.eval_dataset is not None or self.eval_fn is not None:
             results = self.evaluate() if self.eval_dataset is not None else {}
             if self.eval_fn is not None:
                 results.update(self.eval_fn(self))
             self.log(results, bar)
-        if (config.save_steps and step % config.save_steps == 0) or last:
-            self.save_checkpoint()
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def evaluate(self, dataset: Any = None, max_batches: int | None = None) -> dict[str, Any]:

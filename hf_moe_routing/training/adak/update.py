@@ -161,5 +161,9 @@ def greedy_k_sums(bank: AllocatorBank, experiences: Sequence[Experience]) -> tor
 
 
 def dual_ascent(k_penalty: float, mean_k: float, target: float, learning_rate: float) -> float:
-    """``lambda <- max(0, lambda + eta (mean_k / target - 1))``: raise lambda while over budget."""
-    return max(0.0, k_penalty + learning_rate * (mean_k / target - 1.0))
+    """``lambda <- lambda + eta (mean_k / target - 1)``: the multiplier of the constraint E[k] = target.
+
+    Lambda rises while the allocators use more experts than the budget and falls (below 0 if need be:
+    a bonus per expert) while they use fewer, so a budget is met from above and from below.
+    """
+    return k_penalty + learning_rate * (mean_k / target - 1.0)
