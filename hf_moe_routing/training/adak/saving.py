@@ -41,38 +41,39 @@ class SavingMixin:
         output = Path(self.config.output_dir)
         folder = Path(path) if path is not None else output / self._checkpoint_name()
         tmp = ckpt.temp_folder(folder.parent, self.state.global_step)
-        error: BaseException | None = None
+        main = acc.is_main_process
+
+        def write_main() -> None:
+            ckpt.finish(
+                tmp,
+                folder,
+                model=self.model,
+                bank=self.bank,
+                optimizer=self.optimizer,
+                info=_finite(self._info()),
+                world=acc.num_processes,
+            )
+            if path is None:
+                ckpt.rotate(output, self.config.save_total_limit)
+
         acc.wait_for_everyone()
-        try:
-            if acc.is_main_process:
-                ckpt.begin(folder.parent, self.state.global_step)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below on every process
-            error = exc
-        self._agree(error)
-        try:
-            ckpt.write_rng(tmp, acc.process_index)
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
-        self._agree(error)
-        try:
-            if acc.is_main_process:
-                info = _finite(self._info())
-                ckpt.finish(
-                    tmp,
-                    folder,
-                    model=self.model,
-                    bank=self.bank,
-                    optimizer=self.optimizer,
-                    info=info,
-                    world=acc.num_processes,
-                )
-                if path is None:
-                    ckpt.rotate(output, self.config.save_total_limit)
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-        self._agree(error)
+        stages = [
+            lambda: ckpt.begin(folder.parent, self.state.global_step) if main else None,
+            lambda: ckpt.write_rng(tmp, acc.process_index),
+            lambda: write_main() if main else None,
+        ]
+        for stage in stages:  # every process passes each stage, or all raise (none waits at a barrier)
+            error: BaseException | None = None
+            try:
+                stage()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below on every process
+                error = exc
+            try:
+                self._agree(error)
+            except BaseException:
+                if main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return folder
 
     def _agree(self, error: BaseException | None) -> None:

@@ -165,11 +165,13 @@ def ppo_step(trainer: AdaKTrainer) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def match_budget(trainer: AdaKTrainer, iterations: int = 24) -> dict[str, Any]:
+def match_budget(trainer: AdaKTrainer, resolution: float = 1 / 128) -> dict[str, Any]:
     """Tilt every allocator's bias by ``delta * k`` (one delta) so the greedy mean k is ``target_experts``.
 
     The greedy count of every token is non-decreasing in delta, so the mean over ``calibration_batches``
-    training batches (full forwards, every process) is bisected; the delta closest to the target wins.
+    training batches (full forwards, every process) is bisected on a grid of ``resolution`` (binary
+    fractions, so runs that split rows differently try the same deltas); the delta closest to the
+    target wins.
     """
     target = trainer.config.target_experts
     batches = [_next(trainer)[1] for _ in range(trainer.config.calibration_batches)]
@@ -203,7 +205,7 @@ def match_budget(trainer: AdaKTrainer, iterations: int = 24) -> dict[str, Any]:
         tried[high] = value
         high *= 2
     tried[high] = value
-    for _ in range(iterations):
+    while high - low > resolution:
         middle = (low + high) / 2
         tried[middle] = value = mean_k(middle)
         if abs(value - target) <= 1e-3 * target:
