@@ -30,6 +30,7 @@ VARIANTS = {
     "hidden": ({"allocator_input": "hidden"}, {}),
     "hidden-k-warm": ({"allocator_input": "hidden"}, {"warmup": "k-warm"}),
     "topk": ({}, {"baseline": "topk"}),
+    "topk-batch20": ({}, {"baseline": "topk", "batch_size": 20}),  # the forwards of counterfactual at batch 8
     "topk-batch32": ({}, {"baseline": "topk", "batch_size": 32}),
     "loo2": ({}, {"baseline": "leave-one-out", "rollout_samples": 2}),
     "loo4": ({}, {"baseline": "leave-one-out", "rollout_samples": 4}),

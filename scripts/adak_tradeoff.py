@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fractions", nargs="+", type=float, default=[0.7, 0.6], help="target_experts / top-k"
     )
     parser.add_argument("--steps", type=int, default=100, help="PPO steps of our defaults")
-    parser.add_argument("--paper-lambdas", nargs="+", type=float, default=[0.01, 0.03])
+    parser.add_argument("--paper-lambdas", nargs="*", type=float, default=[0.01, 0.03], help="(none: skip)")
     parser.add_argument("--paper-steps", type=int, default=150)
     parser.add_argument("--paper-warmup-steps", type=int, default=100)
     parser.add_argument("--top-p", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])

@@ -421,9 +421,18 @@ def test_policy_gradient_snr_matches_per_token_autograd():
             grads.append((adv[i] * g).reshape(-1))
     grads = torch.stack(grads).double()
     mean = grads.mean(0)
-    expected = mean.norm() / ((grads - mean).pow(2).sum(1).mean() / len(grads)).sqrt()
+    noise = (grads - mean).pow(2).sum(1).sum() / (len(grads) - 1) / len(grads)  # tr Cov / n, unbiased
+    expected = ((mean.pow(2).sum() - noise).clamp(min=0) / noise).sqrt()
     got = policy_gradient_snr(features, features @ weight.detach().T, actions, adv, mask)
     assert got == pytest.approx(float(expected), rel=1e-6)
+    # pure noise (advantages independent of everything) is estimated near 0; a consistent signal far above 1
+    noise_only = [
+        policy_gradient_snr(features, features @ weight.detach().T, actions, torch.randn(n), mask) for _ in range(20)
+    ]
+    assert sum(noise_only) / 20 < 0.7
+    signal = torch.where(actions == 1, 1.0, -1.0)
+    constant = torch.ones(n, f)  # a feature every token shares (like a bias)
+    assert policy_gradient_snr(constant, torch.zeros(n, k), actions, signal, mask) > 2
 
 
 def test_choose_k_by_inverse_cdf_is_per_token():

@@ -605,3 +605,17 @@ def test_cli_warmup_train_overwrite_and_resume(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     load_routing_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out)
+
+
+def test_trained_allocators_from_an_adapter_are_the_starting_point(tmp_path):
+    from hf_moe_routing.hub import load_routing_adapter, save_routing_adapter
+
+    model = patch_model(tiny_model("mixtral"), AdaKConfig())
+    for layer in adak_layers(model).values():
+        torch.nn.init.normal_(layer.allocator.weight, std=0.3)
+    save_routing_adapter(model, tmp_path / "adapter")
+    loaded = load_routing_adapter(tiny_model("mixtral"), tmp_path / "adapter")
+    trainer = AdaKTrainer(loaded, _config(tmp_path, max_steps=0), _data())  # default warm start: skip-warm
+    trainer.train()
+    assert trainer.warmup_total() == 0 and not trainer.state.exact_start
+    assert all(torch.equal(allocator_state(loaded)[k], v) for k, v in allocator_state(model).items())

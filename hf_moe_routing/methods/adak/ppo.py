@@ -210,13 +210,14 @@ def policy_gradient_snr(
     advantages: torch.Tensor,
     mask: torch.Tensor,
 ) -> float:
-    """Signal-to-noise ratio of one layer's policy gradient ``mean_i A_i grad log pi(k_i | s_i)``.
+    """Signal-to-noise ratio of one layer's policy gradient ``g = mean_i A_i grad log pi(k_i | s_i)``.
 
     For a linear allocator ``grad_W log pi(k | s) = (e_k - P) s^T`` exactly, so with per-token terms
     ``x_i = A_i (e_k - P_i) s_i^T`` (``features`` (n, f), ``logits`` (n, k_max), ``actions`` (n,),
-    ``advantages`` (n,), ``mask`` (n,) bool) this returns ``||mean x|| / sqrt(tr Cov(x) / n)``: the
-    norm of the mean gradient over its standard error (above ~1: the batch gradient points
-    somewhere; far below 1: it is mostly noise). 0 if fewer than 2 tokens.
+    ``advantages`` (n,), ``mask`` (n,) bool) the batch gradient's noise is ``v = tr Cov(x) / n`` and
+    ``E ||g||^2 = ||E g||^2 + v``. Returns ``sqrt(max(||g||^2 - v, 0) / v)``: the estimated norm of the
+    expected gradient in units of its noise (0: pure noise; above 1: the batch gradient points somewhere).
+    0 if fewer than 2 tokens.
     """
     keep = mask.reshape(-1).bool()
     n = int(keep.sum())
@@ -229,7 +230,7 @@ def policy_gradient_snr(
     weighted = direction * adv.unsqueeze(-1)  # (n, k_max)
     mean = weighted.T @ f / n  # (k_max, f)
     second = ((weighted**2).sum(-1) * (f**2).sum(-1)).mean()
-    variance = (second - (mean**2).sum()).clamp(min=0.0)
-    if variance <= 0:
+    noise = ((second - (mean**2).sum()) * n / (n - 1)).clamp(min=0.0) / n  # unbiased tr Cov / n
+    if noise <= 0:
         return 0.0
-    return float(mean.norm() / (variance / n).sqrt())
+    return float(((mean**2).sum() - noise).clamp(min=0.0).div(noise).sqrt())

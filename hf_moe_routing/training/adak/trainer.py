@@ -44,8 +44,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
 
     Args:
         model: a transformers MoE causal LM, unpatched (it is patched with ``adak_config``) or already
-            patched with :class:`AdaKConfig` (e.g. from a saved routing adapter, whose allocators are
-            then the starting point).
+            patched with :class:`AdaKConfig`. Allocators that come trained (from a routing adapter) are
+            the starting point: the warm start is skipped.
         config: training settings (:class:`AdaKTrainingConfig`).
         train_dataset, eval_dataset: rows of ``input_ids``/``attention_mask``/``labels`` (e.g. from
             :func:`hf_moe_routing.data.pack_dataset`) or text datasets (then pass ``tokenizer``).
@@ -98,7 +98,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         self.adak_config: AdaKConfig = patch.config
         self.shape = patch.shape
         self.layers = adak_layers(model)
-        if not any(layer.is_fitted() for layer in self.layers.values()):
+        self.pretrained = any(layer.is_fitted() for layer in self.layers.values())
+        if not self.pretrained:
             for i, layer in self.layers.items():  # seeded initialisation, whatever happened before
                 layer.allocator.reset_parameters(torch.Generator().manual_seed(config.seed * 1_000_003 + i))
         self.layer_target = layer_target(
@@ -151,8 +152,10 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             config.seed,
             config.shuffle,
         )
-        self.exact_start = config.warmup in ("k-warm", "skip-warm") and exact_start_available(
-            config.warmup, self.layers
+        self.exact_start = (
+            not self.pretrained
+            and config.warmup in ("k-warm", "skip-warm")
+            and exact_start_available(config.warmup, self.layers)
         )
         self.state = TrainerState(k_penalty=config.k_penalty)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -232,8 +235,10 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
 
     # ---- the loop --------------------------------------------------------------------------------------
     def warmup_total(self) -> int:
-        """Cross-entropy warm-start steps of this run (0 for an exact start or ``warmup="random"``)."""
-        return 0 if self.config.warmup == "random" or self.exact_start else self.config.warmup_steps
+        """Cross-entropy warm-start steps of this run (0 for an exact start, ``warmup="random"``, or
+        allocators that came trained, e.g. from a routing adapter)."""
+        skip = self.config.warmup == "random" or self.exact_start or self.pretrained
+        return 0 if skip else self.config.warmup_steps
 
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None) -> AdaKTrainOutput:
         """Warm start, then PPO; saves the routing adapter into ``output_dir`` and returns a summary.
