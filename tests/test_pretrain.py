@@ -110,9 +110,12 @@ def test_pretrain_bad_input(data):
 def test_moe_shapes(shape):
     model = build_moe_model(shape, vocab_size=64, num_hidden_layers=2)
     moe = describe_model(model).shape
-    experts, top_k = {"mixtral-16x2": (16, 2), "deepseek-v3-64x6": (64, 6), "mixtral-8x2": (8, 2)}.get(
-        shape, (16, 4)
-    )
+    experts, top_k = {
+        "mixtral-16x2": (16, 2),
+        "deepseek-v3-64x6": (64, 6),
+        "mixtral-8x2": (8, 2),
+        "mixtral-8x2-large": (8, 2),
+    }.get(shape, (16, 4))
     assert (moe.num_experts, moe.top_k) == (experts, top_k)
     assert model(torch.randint(4, 64, (1, 8))).logits.shape == (1, 8, 64)
     with pytest.raises(ValueError, match="known shapes"):

@@ -90,6 +90,19 @@ MOE_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
             norm_topk_prob=False,
         ),
     ),
+    # a larger Mixtral-style reference model: 6 layers, hidden 256, 8 experts (FFN 512) top-2
+    "mixtral-8x2-large": (
+        "mixtral",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=512,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
 }
 
 
@@ -115,8 +128,8 @@ def build_moe_model(shape: str, vocab_size: int, seed: int = 0, **overrides: Any
 class ReferenceSpec:
     """How a reference model is built.
 
-    300 steps of 16 x 128 tokens (~0.8 epoch of the 768k training tokens): ~15 minutes per model measured
-    on 2 CPU cores shared with other jobs (1 torch thread, nice 5), see ``build_info.json``.
+    Defaults: 300 steps of 16 x 128 tokens (~0.8 epoch of the 768k training tokens): ~15 minutes per model
+    measured on 2 CPU cores shared with other jobs (1 torch thread, nice 5), see ``build_info.json``.
     """
 
     shape: str
@@ -126,12 +139,18 @@ class ReferenceSpec:
     learning_rate: float = 3e-3
     vocab_size: int = 2048
     seed: int = 0
+    eval_every: int = 0  # also evaluate on the test set every n steps (0: only at the end)
 
 
 #: reference model name -> how it is built
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     "mixtral-8x2": ReferenceSpec("mixtral-8x2"),
     "qwen-moe": ReferenceSpec("qwen-moe"),
+    # 900 steps of 16 x 256 tokens (~4.8 epochs) with the same 2048-token tokenizer, so its test perplexity
+    # compares with the small models'; the mid-training test evaluation is in pretrain_log.json
+    "mixtral-8x2-large": ReferenceSpec(
+        "mixtral-8x2-large", max_steps=900, seq_len=256, learning_rate=2e-3, eval_every=450
+    ),
 }
 _TRAIN_CORPORA = ("tinyshakespeare", "wikitext-2/valid")
 _TEST_CORPUS = "wikitext-2/test"
@@ -171,8 +190,9 @@ def reference_model(
     """A small pre-trained MoE and its tokenizer, built on first use and then loaded from the cache.
 
     Args:
-        name: ``"mixtral-8x2"`` (Mixtral-style, 8 experts top-2) or ``"qwen-moe"`` (Qwen1.5-MoE-style,
-            16 experts top-4 plus a shared expert); see :data:`REFERENCE_MODELS`.
+        name: ``"mixtral-8x2"`` (Mixtral-style, 8 experts top-2), ``"qwen-moe"`` (Qwen1.5-MoE-style,
+            16 experts top-4 plus a shared expert) or ``"mixtral-8x2-large"`` (Mixtral-style, 6 layers,
+            hidden 256, trained ~4.8 epochs); see :data:`REFERENCE_MODELS`.
         cache_dir: cache root (default ``$HF_MOE_ROUTING_CACHE`` or ``~/.cache/hf_moe_routing``).
         data_dir: folder of the training text (default: see :func:`hf_moe_routing.data.data_dir`).
         rebuild: build again even if cached.
@@ -228,6 +248,7 @@ def build_reference_model(
         learning_rate=spec.learning_rate,
         warmup_steps=min(30, spec.max_steps // 10),
         seed=spec.seed,
+        eval_every=spec.eval_every,
         eval_batch_size=32,
         progress=progress,
     )
