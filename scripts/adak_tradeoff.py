@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["mixtral-8x2", "qwen-moe"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
-        "--fractions", nargs="+", type=float, default=[0.7, 0.6], help="target_experts / top-k"
+        "--fractions", nargs="*", type=float, default=[0.7, 0.6], help="target_experts / top-k (none: skip)"
     )
     parser.add_argument("--steps", type=int, default=100, help="PPO steps of our defaults")
     parser.add_argument("--paper-lambdas", nargs="*", type=float, default=[0.01, 0.03], help="(none: skip)")

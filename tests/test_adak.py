@@ -427,7 +427,8 @@ def test_policy_gradient_snr_matches_per_token_autograd():
     assert got == pytest.approx(float(expected), rel=1e-6)
     # pure noise (advantages independent of everything) is estimated near 0; a consistent signal far above 1
     noise_only = [
-        policy_gradient_snr(features, features @ weight.detach().T, actions, torch.randn(n), mask) for _ in range(20)
+        policy_gradient_snr(features, features @ weight.detach().T, actions, torch.randn(n), mask)
+        for _ in range(20)
     ]
     assert sum(noise_only) / 20 < 0.7
     signal = torch.where(actions == 1, 1.0, -1.0)

@@ -125,7 +125,6 @@ def test_fsdp_over_two_processes_equals_one_process_on_the_same_rows(tmp_path):
     torch.set_num_threads(1)
     from hf_moe_routing.hub import load_routing_adapter
     from hf_moe_routing.methods.adak import adak_layers
-
     from hf_moe_routing.training.adak import AdaKTrainer
 
     untrained = AdaKTrainer(

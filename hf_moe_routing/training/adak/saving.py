@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -154,3 +155,25 @@ class SavingMixin:
             save_routing_adapter(self.model, directory, training_info=_finite(training_info), **info)
         self.accelerator.wait_for_everyone()
         return Path(directory)
+
+    # ---- Ctrl-C: the state before the step in progress --------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """Allocators, optimiser, RNG and progress before a step (small: allocators are tiny)."""
+        return {
+            "params": [p.detach().clone() for p in self.bank.parameters()],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+            "rng": torch.get_rng_state(),
+            "state": dataclasses.replace(self.state, log_history=[]),
+            "log_length": len(self.state.log_history),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.bank.parameters(), snapshot["params"]):
+                param.copy_(saved)
+                param.grad = None
+        if snapshot["optimizer"] is not None:
+            self.optimizer.load_state_dict(snapshot["optimizer"])
+        torch.set_rng_state(snapshot["rng"])
+        history = self.state.log_history[: snapshot["log_length"]]
+        self.state = dataclasses.replace(snapshot["state"], log_history=history)

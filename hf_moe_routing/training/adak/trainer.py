@@ -13,8 +13,6 @@ The control loop lives here; the pieces are in :mod:`.rollout` (forwards and adv
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -364,27 +362,6 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         if self.accelerator.is_main_process and self._verbose:
             print(output)
         return output
-
-    def _snapshot(self) -> dict[str, Any]:
-        """Allocators, optimiser, RNG and progress before a step (small: allocators are tiny)."""
-        return {
-            "params": [p.detach().clone() for p in self.bank.parameters()],
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
-            "rng": torch.get_rng_state(),
-            "state": dataclasses.replace(self.state, log_history=[]),
-            "log_length": len(self.state.log_history),
-        }
-
-    def _restore(self, snapshot: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for param, saved in zip(self.bank.parameters(), snapshot["params"]):
-                param.copy_(saved)
-                param.grad = None
-        if snapshot["optimizer"] is not None:
-            self.optimizer.load_state_dict(snapshot["optimizer"])
-        torch.set_rng_state(snapshot["rng"])
-        history = self.state.log_history[: snapshot["log_length"]]
-        self.state = dataclasses.replace(snapshot["state"], log_history=history)
 
     def _after_step(self, stats: dict[str, Any], phase: str, started: float, bar: Any, last: bool) -> None:
         config, step = self.config, self.state.global_step
