@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper-steps", type=int, default=150)
     parser.add_argument("--paper-warmup-steps", type=int, default=100)
     parser.add_argument("--top-p", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    parser.add_argument("--skip-quantiles", nargs="+", type=float, default=[0.2, 0.35, 0.5, 0.65, 0.8])
+    parser.add_argument("--skip-quantiles", nargs="+", type=float, default=[0.2, 0.35, 0.5, 0.65, 0.8, 0.9])
     parser.add_argument("--eval-rows", type=int, default=64, help="held-out rows of 128 tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--calibration-batches", type=int, default=4)
