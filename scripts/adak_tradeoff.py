@@ -20,7 +20,7 @@ Writes ``<out>/<model>/runs.jsonl`` (one line per evaluated routing; finished ru
 run again), ``<out>/<model>/adapters/`` (the Ada-K routing adapters), and ``<out>/results.json``,
 ``<out>/tradeoff.md`` and ``<out>/pareto.png`` (routed experts vs perplexity, seed spread as error bars).
 
-    python scripts/adak_tradeoff.py --models mixtral-8x2 qwen-moe --seeds 0 1 2
+    python scripts/adak_tradeoff.py --models mixtral-8x2 qwen-moe mixtral-8x2-large --seeds 0 1 2 --threads 1
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["mixtral-8x2", "qwen-moe"])
+    parser.add_argument("--models", nargs="+", default=["mixtral-8x2", "qwen-moe", "mixtral-8x2-large"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--fractions", nargs="*", type=float, default=[0.7, 0.6], help="target_experts / top-k (none: skip)"
