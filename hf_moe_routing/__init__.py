@@ -65,8 +65,8 @@ _EXPORTS: dict[str, str] = {
     "save_routing_adapter": "hub",
     "push_to_hub": "hub",
     # training
-    "AdaKTrainer": "training.adak_trainer",
-    "AdaKTrainingConfig": "training.adak_trainer",
+    "AdaKTrainer": "training.adak",
+    "AdaKTrainingConfig": "training.adak",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -128,4 +128,4 @@ if TYPE_CHECKING:  # static analysers see the real names
         unpatch_model,
     )
     from .patching.fitting import fit_routing
-    from .training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+    from .training.adak import AdaKTrainer, AdaKTrainingConfig

@@ -1,15 +1,18 @@
 """Where Ada-K spends its experts: mean k per MoE layer and per token class (as in Yue et al.'s analysis).
 
 Loads a reference model (``hf_moe_routing.training.reference``) with a trained Ada-K routing adapter (by
-default the one of ``adak_tradeoff.py`` whose activation reduction is closest to 35%), routes held-out
-WikiText-2 test text, and groups the number of experts each token got by the token's class:
+default the one ``adak_tradeoff.py`` trained with our defaults at 70% of the model's top-k, seed 0), routes
+held-out WikiText-2 test text, and groups the number of experts each token got by the token's class:
 
 * ``punctuation`` -- tokens made only of punctuation (WikiText's ``@-@`` and ``@,@`` included);
 * ``function``    -- closed-class English words (articles, prepositions, pronouns, auxiliaries, conjunctions);
 * ``content``     -- other alphabetic tokens (content words and their word pieces);
 * ``number`` and ``other`` (special tokens, ``<unk>``, mixed).
 
-Writes ``<model>.json``, ``<model>.md`` (table) and ``<model>_k_by_class.png`` into ``--out``.
+It also measures whether layers decide independently: the share of tokens that lost experts at *every*
+layer, against the share expected if each layer dropped its own tokens independently (the product of the
+per-layer drop rates). Writes ``<model>.json``, ``<model>.md`` (table) and ``<model>_k_by_class.png``
+into ``--out``.
 
     python scripts/adak_where_experts_go.py --model mixtral-8x2
 """
@@ -180,20 +183,19 @@ def token_class(text: str) -> str:
     return "other"
 
 
-def default_adapter(results: Path, model: str, setting: str | None = None) -> Path:
-    """The adapter of the Ada-K run named ``setting``, else the one with an activation reduction closest to 35%."""
+def default_adapter(results: Path, model: str, method: str, setting: str, seed: int) -> Path:
+    """The adapter of the trade-off run (model, method, setting, seed)."""
     data = json.loads(results.read_text())
-    runs = [r for r in data["runs"] if r["model"] == model and r["method"] == "ada-k"]
-    if setting is not None:
-        runs = [r for r in runs if r["setting"] == setting]
-    if not runs:
+    runs = [
+        r
+        for r in data["runs"]
+        if r["model"] == model and r["method"] == method and r["setting"] == setting and r.get("seed") == seed
+    ]
+    if not runs or "adapter" not in runs[0]:
         raise FileNotFoundError(
-            f"No matching Ada-K run for {model} in {results}: run scripts/adak_tradeoff.py first."
+            f"No {method} run {setting!r} (seed {seed}) for {model} in {results}: run scripts/adak_tradeoff.py first."
         )
-    best = min(runs, key=lambda r: abs(r["activation_reduction"] - 0.35))
-    if "adapter" in best:
-        return Path(best["adapter"])
-    return results.parent / model / f"adak-lambda{best['setting'].split('=')[1]}" / "adapter"
+    return Path(runs[0]["adapter"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         "--adapter", default=None, help="Ada-K routing adapter folder (default: from the trade-off)"
     )
     parser.add_argument("--tradeoff", default="results/adak_tradeoff/results.json")
-    parser.add_argument(
-        "--setting", default=None, help="Ada-K run of the trade-off, e.g. 'lambda=0.03 ppo=150'"
-    )
+    parser.add_argument("--method", default="ada-k (ours)", help="Ada-K series of the trade-off")
+    parser.add_argument("--setting", default="target=0.7", help="Ada-K run of the trade-off")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="results/adak_where_experts_go")
@@ -219,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     adapter = (
-        Path(args.adapter) if args.adapter else default_adapter(Path(args.tradeoff), args.model, args.setting)
+        Path(args.adapter)
+        if args.adapter
+        else default_adapter(Path(args.tradeoff), args.model, args.method, args.setting, args.seed)
     )
     model, tokenizer = reference_model(args.model, args.cache_dir, data_dir=args.data_dir)
     load_routing_adapter(model, adapter)
@@ -248,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         texts[i].strip() or repr(texts[i]): float(counts[:, torch.tensor(ids) == i].mean()) for i in frequent
     }
     ranked = sorted(mean_by_token.items(), key=lambda kv: kv[1])
+    top_k = model.config.num_experts_per_tok
+    dropped = counts < top_k  # (L, N): token lost experts at that layer
+    every_layer = float(dropped.all(dim=0).double().mean())
+    independent = float(dropped.double().mean(dim=1).prod())
     result = {
         "model": args.model,
         "adapter": str(adapter),
@@ -256,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "mean_k": float(counts.mean()),
         "mean_k_per_layer": {str(layer): float(v) for layer, v in zip(layers, counts.mean(dim=1))},
         "per_class": per_class,
+        "dropped_at_every_layer": every_layer,
+        "dropped_at_every_layer_if_independent": independent,
         "fewest_experts": ranked[:12],
         "most_experts": ranked[-12:][::-1],
     }
@@ -278,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             + " |"
         )
     lines += [
+        "",
+        f"tokens that lost experts at every layer: {100 * every_layer:.1f}% (if layers chose independently, "
+        f"with the same per-layer drop rates: {100 * independent:.1f}%)",
         "",
         "fewest experts (frequent tokens): "
         + ", ".join(f"`{t}` {k:.2f}" for t, k in result["fewest_experts"]),

@@ -128,8 +128,9 @@ def measured_k_dist(path: Path, shape: str) -> dict[int, float] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    runs = [r for r in data.get("runs", []) if r.get("method") == "adak" and r.get("k_hist")]
-    runs = [r for r in runs if r.get("family_shape") == shape] or runs
+    runs = [r for r in data.get("runs", []) if r.get("method", "").startswith("ada-k") and r.get("k_hist")]
+    models = {"qwen": "qwen-moe", "mixtral": "mixtral-8x2"}
+    runs = [r for r in runs if r.get("model") == models.get(shape)] or runs
     if not runs:
         return None
     best = min(runs, key=lambda r: abs(r["activation_reduction"] - 0.35))

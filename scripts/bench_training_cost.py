@@ -5,9 +5,11 @@ reference model (``hf_moe_routing.training.reference``):
 
 * ``inference``      -- no-grad forwards with the model's Top-K (what serving the model costs);
 * ``adak-inference`` -- no-grad forwards with Ada-K allocators (the patched model at inference);
-* ``warmup``         -- P-Warm steps of :class:`~hf_moe_routing.training.adak_trainer.AdaKTrainer`;
-* ``ppo``            -- PPO rollouts (sampled-k forward + Top-K baseline forward + ``ppo_epochs`` allocator
-                        updates on the recorded states).
+* ``warmup``         -- P-Warm cross-entropy steps of :class:`~hf_moe_routing.training.adak.AdaKTrainer`
+                        (one Top-K forward per batch);
+* ``ppo``            -- PPO steps with our default counterfactual baseline (sampled-k forward + one forward
+                        per MoE layer + ``ppo_epochs`` allocator updates on the recorded states);
+* ``ppo-topk``       -- PPO steps with the paper's Top-K baseline (sampled-k forward + Top-K forward).
 
 Reports training tokens per second (tokens of the batches a step consumes / step time, median over
 steps) and peak memory: the process's peak resident set size (CPU) or ``torch.cuda.max_memory_allocated``
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-MODES = ("inference", "adak-inference", "warmup", "ppo")
+MODES = ("inference", "adak-inference", "warmup", "ppo", "ppo-topk")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -50,7 +52,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     from hf_moe_routing import patch_model
     from hf_moe_routing.data import pack_dataset, read_corpus
     from hf_moe_routing.methods.adak import AdaKConfig
-    from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+    from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
     from hf_moe_routing.training.reference import reference_model
 
     torch.set_num_threads(args.threads)
@@ -86,17 +88,21 @@ def run_mode(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             config = AdaKTrainingConfig(
                 output_dir=folder,
+                warmup="p-warm" if args.mode == "warmup" else "k-warm",
+                baseline="topk" if args.mode == "ppo-topk" else "counterfactual",
                 warmup_steps=args.steps + 1 if args.mode == "warmup" else 0,
                 max_steps=0 if args.mode == "warmup" else args.steps + 1,
                 batch_size=args.batch_size,
                 logging_steps=1,
                 progress_bar=False,
+                log_level="warning",
+                save_steps=0,
                 save_total_limit=1,
                 verify_base_unchanged=False,
             )
             trainer = AdaKTrainer(model, config, rows, None, adak_config=AdaKConfig())
             trainer.train()
-            phase = "warmup" if args.mode == "warmup" else "ppo"
+            phase = "warmup" if args.mode == "warmup" else "ppo"  # ppo-topk logs as ppo
             times = [e["seconds"] for e in trainer.state.log_history if e.get("phase") == phase][1:]
     median = statistics.median(times)
     return {

@@ -18,17 +18,24 @@ from hf_moe_routing.methods.adak import (
 from hf_moe_routing.methods.adak.ppo import (
     action_log_probs,
     choose_k,
+    clipped_surrogate,
     entropy,
     expected_k,
     expected_k_penalty,
     layer_advantages,
+    leave_one_out_advantages,
     normalize_advantages,
+    policy_gradient_snr,
     ppo_clipped_objective,
     token_log_likelihood,
 )
 from hf_moe_routing.methods.adak.warmup import (
+    calibrate_skip_threshold,
     choose_threshold,
+    k_warm_init,
     ordered_probabilities,
+    skip_labels,
+    skip_warm_init,
     threshold_labels,
     warmup_loss,
 )
@@ -55,9 +62,7 @@ def _force_k(model, k: int) -> None:
             layer.allocator.weight.zero_()
 
         def fixed(hidden, layer=layer):
-            logits = torch.full(
-                (hidden.reshape(-1, layer.allocator.hidden_size).shape[0], layer.k_max), -30.0
-            )
+            logits = torch.full((hidden.shape[0], layer.k_max), -30.0)
             logits[:, k - 1] = 30.0
             return logits.to(hidden.device)
 
@@ -103,8 +108,10 @@ def test_bad_config_values_raise_at_construction():
 def test_k_max_above_group_limited_choice_raises():
     # DeepSeek-V3 tiny: 16 experts in 4 groups, 2 groups per token -> 8 selectable experts
     model = tiny_model("deepseek_v3")
-    patch_model(model, AdaKConfig())
-    assert {layer.k_max for layer in adak_layers(model).values()} == {8}
+    patch_model(model, AdaKConfig())  # default: the model's top-k
+    assert {layer.k_max for layer in adak_layers(model).values()} == {4}
+    unpatch_model(model)
+    patch_model(model, AdaKConfig(k_max=8))
     unpatch_model(model)
     with pytest.raises(ValueError, match="group-limited"):
         patch_model(model, AdaKConfig(k_max=12))
@@ -118,24 +125,62 @@ def test_allocator_shapes_and_dtype(dtype):
     layers = adak_layers(model)
     assert list(layers) == [0, 1]
     for layer in layers.values():
-        assert layer.allocator.weight.shape == (4, 64)
-        assert layer.allocator.weight.dtype == torch.float32
-        assert layer.routing_state().keys() == {"allocator.weight"}
-        out = layer.allocator(torch.randn(2, 5, 64, dtype=dtype))
-        assert out.shape == (10, 4) and out.dtype == torch.float32
+        shapes = {k: tuple(v.shape) for k, v in layer.routing_state().items()}
+        assert shapes == {
+            "allocator.weight": (4, 64),
+            "allocator.router_weight": (4, 4),
+            "allocator.bias": (4,),
+        }
+        assert all(v.dtype == torch.float32 for v in layer.routing_state().values())
+        features = layer.allocator.features(torch.randn(2, 5, 64, dtype=dtype), torch.rand(10, 8).softmax(-1))
+        out = layer.allocator(features)
+        assert features.shape == (10, 68) and out.shape == (10, 4) and out.dtype == torch.float32
+    paper = patch_model(tiny_model("qwen3_moe", dtype=dtype), AdaKConfig.paper(k_max=8))
+    assert {k: tuple(v.shape) for k, v in adak_layers(paper)[0].routing_state().items()} == {
+        "allocator.weight": (8, 64)
+    }
     with pytest.raises(ValueError, match="k_max"):
         Allocator(64, 0)
 
 
 def test_allocator_state_of_another_model_gives_clear_error():
-    model = patch_model(tiny_model("mixtral"), AdaKConfig())
+    model = patch_model(tiny_model("mixtral"), AdaKConfig(k_max=4))
     layer = adak_layers(model)[0]
-    with pytest.raises(ValueError, match="another model"):
-        layer.load_routing_state({"allocator.weight": torch.zeros(8, 32)})  # hidden size 32, not 64
-    with pytest.raises(ValueError, match="another model"):
-        layer.load_routing_state({"allocator.weight": torch.zeros(4, 64)})  # 4 experts, not 8
+    good = {k: v.clone() for k, v in layer.routing_state().items()}
+    with pytest.raises(ValueError, match="another model"):  # hidden size 32, not 64
+        layer.load_routing_state({**good, "allocator.weight": torch.zeros(4, 32)})
+    with pytest.raises(ValueError, match="another model"):  # k_max 3, not 4
+        layer.load_routing_state({**good, "allocator.weight": torch.zeros(3, 64)})
     with pytest.raises(ValueError, match="not an Ada-K checkpoint"):
         layer.load_routing_state({"duals": torch.zeros(8)})
+    with pytest.raises(ValueError, match="allocator_input"):  # a paper allocator into a router-aware one
+        layer.load_routing_state({"allocator.weight": torch.zeros(4, 64)})
+    with pytest.raises(ValueError, match="NaN"):
+        layer.load_routing_state({**good, "allocator.bias": torch.full((4,), float("nan"))})
+
+
+def test_adapters_saved_before_allocator_inputs_load_as_the_paper_allocator(tmp_path, ids):
+    """An adapter of the previous format (paper allocator, one row per expert, no allocator_input key)."""
+    from hf_moe_routing.hub import load_routing_adapter, save_routing_adapter
+
+    model = patch_model(tiny_model("mixtral"), AdaKConfig.paper(k_max=8))
+    torch.nn.init.normal_(adak_layers(model)[0].allocator.weight, std=0.5)
+    save_routing_adapter(model, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "routing_config.json").read_text())
+    config["routing"] = {
+        "routing_type": "adak",
+        "k_max": None,
+        "decision": "greedy",
+        "layers": None,
+        "renormalize": True,
+    }
+    (tmp_path / "old" / "routing_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="keeping k <= 2"):
+        fresh = load_routing_adapter(tiny_model("mixtral"), tmp_path / "old")
+    state = get_patch_state(fresh).config
+    assert (state.allocator_input, state.allocator_bias, state.renormalize) == ("hidden", False, True)
+    layer = adak_layers(fresh)[0]
+    assert torch.equal(layer.allocator.weight, adak_layers(model)[0].allocator.weight[:2])
 
 
 def test_only_chosen_layers_get_allocators():
@@ -150,7 +195,7 @@ def test_only_chosen_layers_get_allocators():
 def test_routing_takes_top_k_in_router_order_with_sentinels(family):
     """A token given k experts keeps its k best by the family's choice scores; the first top_k slots are
     the family's own top-k (same experts, same slot order), so at k = top_k nothing changes."""
-    model = patch_model(tiny_model(family), AdaKConfig())
+    model = patch_model(tiny_model(family), AdaKConfig(k_max=4, renormalize=True))
     block_gate = get_patch_state(model).blocks[0].router
     layer = block_gate.routing
     torch.manual_seed(0)
@@ -181,10 +226,9 @@ def test_routing_takes_top_k_in_router_order_with_sentinels(family):
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_sentinel_experts_match_eager_experts(family, ids):
-    model = patch_model(tiny_model(family), AdaKConfig())
+    model = patch_model(tiny_model(family), AdaKConfig(k_max=4))
     for layer in adak_layers(model).values():
-        torch.nn.init.normal_(layer.allocator.weight, std=0.5)  # a spread of k values
-        layer.k_cap = None  # up to k_max experts per token
+        torch.nn.init.normal_(layer.allocator.weight, std=0.5)  # a spread of k values, up to k_max = 4
     with recording(model) as layers:
         fast = _logits(model, ids)
         counts = torch.cat([layer.last.activated for layer in layers.values()])
@@ -338,6 +382,121 @@ def test_ppo_clipped_objective_by_hand():
     loss.backward()
     # gradient flows only where the unclipped term is active: entries 2 and 3 (r = 0.5 and 1.1)
     assert new.grad[0] == 0 and new.grad[3] == 0 and new.grad[1] != 0 and new.grad[2] != 0
+
+
+def test_ppo_clips_both_sides():
+    """Negative advantage with r < 1 - eps is clipped (no gradient), as is positive advantage with r > 1 + eps;
+    the same ratios with the other sign of advantage are not clipped."""
+    old = torch.log(torch.full((4,), 0.5))
+    new = torch.log(torch.tensor([0.25, 0.25, 0.75, 0.75])).requires_grad_(True)  # r = 0.5, 0.5, 1.5, 1.5
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    objective = clipped_surrogate(new, old, adv, 0.2)
+    # A < 0, r = 0.5: min(-0.5, -0.8) = -0.8 (clipped at 1 - eps); A > 0, r = 0.5: 0.5 (unclipped)
+    # A > 0, r = 1.5: min(1.5, 1.2) = 1.2 (clipped at 1 + eps); A < 0, r = 1.5: -1.5 (unclipped)
+    assert objective.tolist() == pytest.approx([-0.8, 0.5, 1.2, -1.5])
+    objective.sum().backward()
+    assert new.grad[0] == 0 and new.grad[2] == 0
+    assert new.grad[1] == pytest.approx(0.5) and new.grad[3] == pytest.approx(-1.5)  # d(r A)/d log pi = r A
+
+
+def test_leave_one_out_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 0.0], [5.0, 3.0]])
+    assert leave_one_out_advantages(rewards).tolist() == [[-3.0, -1.5], [0.0, -1.5], [3.0, 3.0]]
+    with pytest.raises(ValueError, match=">= 2"):
+        leave_one_out_advantages(rewards[:1])
+
+
+def test_policy_gradient_snr_matches_per_token_autograd():
+    torch.manual_seed(0)
+    n, f, k = 50, 6, 3
+    features, weight = torch.randn(n, f), torch.randn(k, f, requires_grad=True)
+    actions, adv = torch.randint(1, k + 1, (n,)), torch.randn(n)
+    mask = torch.rand(n) > 0.2
+    grads = []
+    for i in range(n):
+        if mask[i]:
+            (g,) = torch.autograd.grad(
+                action_log_probs(features[i : i + 1] @ weight.T, actions[i : i + 1])[0], weight
+            )
+            grads.append((adv[i] * g).reshape(-1))
+    grads = torch.stack(grads).double()
+    mean = grads.mean(0)
+    noise = (grads - mean).pow(2).sum(1).sum() / (len(grads) - 1) / len(grads)  # tr Cov / n, unbiased
+    expected = ((mean.pow(2).sum() - noise).clamp(min=0) / noise).sqrt()
+    got = policy_gradient_snr(features, features @ weight.detach().T, actions, adv, mask)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    # pure noise (advantages independent of everything) is estimated near 0; a consistent signal far above 1
+    noise_only = [
+        policy_gradient_snr(features, features @ weight.detach().T, actions, torch.randn(n), mask)
+        for _ in range(20)
+    ]
+    assert sum(noise_only) / 20 < 0.7
+    signal = torch.where(actions == 1, 1.0, -1.0)
+    constant = torch.ones(n, f)  # a feature every token shares (like a bias)
+    assert policy_gradient_snr(constant, torch.zeros(n, k), actions, signal, mask) > 2
+
+
+def test_choose_k_by_inverse_cdf_is_per_token():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]] * 4))
+    u = torch.tensor([0.1, 0.3, 0.69, 0.75])
+    assert choose_k(logits, "sample", uniforms=u).tolist() == [1, 2, 2, 3]
+    # each token's draw depends only on its own uniform: any subset of rows gives the same k
+    assert choose_k(logits[1:3], "sample", uniforms=u[1:3]).tolist() == [2, 2]
+    torch.manual_seed(0)
+    draws = choose_k(logits[:1].expand(20000, 3), "sample", uniforms=torch.rand(20000))
+    assert torch.bincount(draws, minlength=4)[1:].float().div(20000).tolist() == pytest.approx(
+        [0.2, 0.5, 0.3], abs=0.015
+    )
+
+
+# ---- exact warm starts -----------------------------------------------------------------------------
+def test_skip_labels_and_their_calibration_by_hand():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.45, 0.05], [0.9, 0.05, 0.05]])
+    # gaps log(P_j / P_1): row 0: log .5, log(1/6); row 1: log .9, log .1; row 2: log(1/18) twice
+    assert skip_labels(probs, math.log(0.4)).tolist() == [2, 2, 1]
+    assert skip_labels(probs, math.log(0.05)).tolist() == [3, 3, 3]
+    assert skip_labels(probs, math.log(0.99)).tolist() == [1, 1, 1]
+    for target in (1.0, 4 / 3, 5 / 3, 2.0, 7 / 3, 3.0):
+        log_beta = calibrate_skip_threshold(probs, target)
+        assert skip_labels(probs, log_beta).float().mean().item() == pytest.approx(target)
+    with pytest.raises(ValueError, match="calibration"):
+        calibrate_skip_threshold(torch.zeros(0, 3), 2.0)
+
+
+def test_exact_starts_choose_top_k_and_the_dynamic_skipping_count():
+    torch.manual_seed(0)
+    allocator = Allocator(16, 4, router_features=4, bias=True)
+    hidden = torch.randn(500, 16)
+    probs = (torch.randn(500, 8) * 2).softmax(-1).sort(descending=True).values
+    features = allocator.features(hidden, probs)
+    k_warm_init(allocator, 3, scale=4.0)
+    assert (allocator(features).argmax(-1) + 1 == 3).all()
+    skip_warm_init(allocator, math.log(0.3), scale=4.0)
+    greedy = allocator(features).argmax(-1) + 1
+    assert torch.equal(greedy, skip_labels(probs[:, :4], math.log(0.3)))
+    assert greedy.unique().numel() == 4  # a real spread of counts
+    with pytest.raises(ValueError, match="bias"):
+        k_warm_init(Allocator(16, 4), 2, 4.0)
+    with pytest.raises(ValueError, match="sees the router"):
+        skip_warm_init(Allocator(16, 4, bias=True), 0.0, 4.0)
+
+
+def test_non_finite_hidden_states_give_a_clear_error_where_k_is_drawn(ids):
+    model = patch_model(tiny_model("mixtral"), AdaKConfig(decision="sample"))
+    model.model.embed_tokens.weight.data[ids[0, 0]] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 0 \(model.layers.0.mlp\).*allocator logits.*NaN"):
+        _logits(model, ids)
+
+
+def test_paper_settings_and_legacy_configs():
+    paper = AdaKConfig.paper()
+    assert (paper.allocator_input, paper.allocator_bias, paper.renormalize) == ("hidden", False, True)
+    assert AdaKConfig().renormalize is None and AdaKConfig().allocator_input == "hidden+router"
+    legacy = RoutingConfig.from_dict({"routing_type": "adak", "k_max": 4})
+    assert (legacy.allocator_input, legacy.allocator_bias) == ("hidden", False)
+    assert RoutingConfig.from_dict(AdaKConfig().to_dict()) == AdaKConfig()
+    with pytest.raises(ValueError, match="allocator_input"):
+        AdaKConfig(allocator_input="router")
 
 
 def test_expected_k_entropy_and_penalty_by_hand():

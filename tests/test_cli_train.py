@@ -122,7 +122,8 @@ def test_overwrite_replaces_our_files_and_keeps_the_others(model_dir, tmp_path, 
 
 
 # ---- warmup and train -----------------------------------------------------------------------------
-def test_train_options_come_from_the_configs(capsys):
+def test_train_options_come_from_the_configs(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no line wrapping (argparse breaks lines at hyphens)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

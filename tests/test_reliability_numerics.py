@@ -214,6 +214,9 @@ class _ConstantAllocator(nn.Module):
         super().__init__()
         self.k_max, self.k = k_max, k
 
+    def features(self, hidden: torch.Tensor, ordered_probs: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]).float()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(hidden.reshape(-1, hidden.shape[-1]).shape[0], self.k_max)
         logits[:, self.k - 1] = 1.0

@@ -10,6 +10,7 @@ the option's definition, computed here.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -71,6 +72,15 @@ def _reference(model, block, hidden):
     return _dense(out, block.spec.num_experts), out.logits
 
 
+def _best_expert(family, block, ref, logits):
+    """The token's best expert under the model's own routing: the highest selection score among its
+    chosen experts (DeepSeek-V3 selects by sigmoid(z) + its correction bias; the others by their logits)."""
+    selection = torch.sigmoid(logits.double()) if family == "deepseek_v3" else logits.double()
+    if block.spec.selection_bias is not None:
+        selection = selection + block.spec.selection_bias.get().double()
+    return selection.masked_fill(ref == 0, -math.inf).argmax(dim=-1)
+
+
 def _counts(out, m):
     return (out.index < m).sum(dim=-1)
 
@@ -91,7 +101,7 @@ def test_topk_top_k_sets_the_experts_per_token(family):
     m = block.spec.num_experts
     out = layer(block.router, hidden)
     assert out.index.shape == (N, 1)
-    best = ref.argmax(dim=-1)  # the token's best expert under the model's own routing
+    best = _best_expert(family, block, ref, logits)
     assert torch.equal(out.index[:, 0], best)
     if family == "llama4_text":  # per-expert weight sigmoid(z), unchanged
         expected = torch.sigmoid(logits.double().gather(1, best[:, None]))[:, 0]
@@ -150,7 +160,7 @@ def test_bip_num_iters_tolerance_and_max_extra_iters_set_the_rounds(family):
 def test_bip_capacity_factor_top_k_and_update_in_eval(family):
     model, block, layer = _setup(family, BIPConfig(update="before", capacity_factor=1000.0), train=True)
     hidden = _hidden(block, skew=2.0)
-    ref, _ = _reference(model, block, hidden)
+    ref, logits = _reference(model, block, hidden)
     m = block.spec.num_experts
     out = layer(block.router, hidden)  # C >= n: no expert is ever over capacity, q stays 0
     assert torch.equal(layer.q, torch.zeros(m)) and torch.equal(_dense(out, m) > 0, ref > 0)
@@ -159,7 +169,7 @@ def test_bip_capacity_factor_top_k_and_update_in_eval(family):
 
     _, _, layer = _setup(family, BIPConfig(top_k=1), train=True)
     out = layer(block.router, hidden)  # "after": routed with q = 0, then q updated for k = 1
-    assert torch.equal(out.index[:, 0], ref.argmax(dim=-1))  # the model's best expert
+    assert torch.equal(out.index[:, 0], _best_expert(family, block, ref, logits))  # the model's best expert
     assert layer.q.abs().sum() > 0
 
     for update_in_eval in (False, True):
@@ -400,6 +410,9 @@ class _Constant(nn.Module):
         super().__init__()
         self.k_max, self.k = k_max, k
 
+    def features(self, hidden: torch.Tensor, ordered_probs: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]).float()
+
     def forward(self, hidden):
         logits = torch.zeros(hidden.reshape(-1, hidden.shape[-1]).shape[0], self.k_max)
         logits[:, self.k - 1] = 1.0
@@ -416,7 +429,9 @@ def test_adak_k_max_decision_and_layers(family):
     layer.train()
     assert (_counts(layer(block.router, hidden), m) == 1).all()
 
-    _, _, layer = _setup(family, AdaKConfig(k_max=block.spec.top_k + 1, decision="greedy"))
+    _, _, layer = _setup(
+        family, AdaKConfig(k_max=block.spec.top_k + 1, decision="greedy", allocator_input="hidden")
+    )
     with torch.no_grad():
         layer.allocator.weight.normal_(0.0, 1.0)
     greedy = _counts(layer(block.router, hidden), m)

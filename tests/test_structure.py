@@ -42,7 +42,7 @@ def _imports(path: Path) -> list[tuple[str, int]]:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -55,6 +55,19 @@ def _imports(path: Path) -> list[tuple[str, int]]:
         elif isinstance(node, ast.Import):
             found += [(a.name, node.lineno) for a in node.names]
     return [(name, line) for name, line in found if name.split(".")[0] == "hf_moe_routing"]
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except those under ``if TYPE_CHECKING:`` (annotations only, never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
 
 
 def _is_module(name: str) -> bool:

@@ -1,6 +1,6 @@
 """Training loops: pre-training under any routing, small MoE builders and cached reference models."""
 
-from .adak_trainer import AdaKTrainer, AdaKTrainingConfig
+from .adak import AdaKTrainer, AdaKTrainingConfig
 from .pretrain import PretrainConfig, PretrainResult, plot_max_vio, pretrain
 from .reference import (
     MOE_SHAPES,

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ...core.config import check_choice, check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
 from ..base import RoutingConfig, RoutingLayer, TopKLayer, register_routing
 from ..routing import selectable_experts
+from .allocator import ALLOCATOR_INPUTS
 from .layer import AdaKLayer
 
 DECISIONS = ("greedy", "sample")
@@ -21,31 +22,47 @@ class AdaKConfig(RoutingConfig):
     """Ada-K routing: an allocator per MoE layer picks how many experts each token gets.
 
     Args:
-        k_max: the largest k an allocator may choose, in ``1..num_experts``. Default None: in training
-            every expert the router can select, at inference at most the model's top-k (so Ada-K never
-            costs more than the model); set it to allow more at inference too.
+        k_max: the most experts a token may get (the allocator chooses k in ``1..k_max``, in training
+            and at inference). Default None: the model's top-k, so Ada-K never costs more than the
+            model. Set it above top-k to let some tokens use more experts (the paper allows all).
         decision: how k is chosen at inference (``"greedy"``: the most probable k, ``"sample"``).
             In training mode (``layer.train()``) k is always sampled.
         layers: decoder-layer indices that get allocators (default: every MoE layer); the other MoE
             layers keep the model's own Top-K routing.
-        renormalize: True divides the chosen experts' probabilities by their sum (the paper's rule);
-            False never does; None follows the family's own rule (e.g. Qwen1.5-MoE's
-            ``norm_topk_prob=False``), so that a token given the model's k is routed exactly as before.
-            The family's scaling (e.g. DeepSeek's ``routed_scaling_factor``) is kept in every case.
+        renormalize: None (default) follows the family's own weighting rule over the kept experts
+            (e.g. Mixtral renormalises, Qwen1.5-MoE's ``norm_topk_prob=False`` does not), so a token
+            given the model's k is routed exactly as before; True always divides the kept experts'
+            probabilities by their sum (the paper's rule); False never does. The family's scaling
+            (e.g. DeepSeek's ``routed_scaling_factor``) is kept in every case.
+        allocator_input: what the allocator sees: ``"hidden"`` (the paper: a linear map of the hidden
+            state the router sees) or ``"hidden+router"`` (default: also the router's k_max largest
+            log-probabilities, the confidence signal dynamic skipping uses).
+        allocator_bias: give the allocator a bias (default True; the paper's has none). K-Warm and
+            Skip-Warm then start exactly from Top-K / dynamic skipping.
+
+    Adapter configs saved before ``allocator_input`` existed describe the paper's allocator
+    (``"hidden"``, no bias) and load as such.
     """
 
     routing_type: ClassVar[str] = "adak"
     variable_k: ClassVar[bool] = True
     needs_fitting: ClassVar[bool] = True
 
-    k_max: int | None = None
-    decision: str = "greedy"
-    layers: list[int] | None = None
-    renormalize: bool | None = True
+    k_max: int | None = field(default=None, metadata={"help": "most experts per token (default: top-k)"})
+    decision: str = field(default="greedy", metadata={"help": "k at inference: greedy or sample"})
+    layers: list[int] | None = field(default=None, metadata={"help": "MoE layers with allocators"})
+    renormalize: bool | None = field(
+        default=None, metadata={"help": "None: family rule; True: paper (renormalise); False: never"}
+    )
+    allocator_input: str = field(
+        default="hidden+router", metadata={"help": "allocator input: hidden (paper) or hidden+router"}
+    )
+    allocator_bias: bool = field(default=True, metadata={"help": "allocator bias (the paper has none)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("AdaKConfig", "decision", self.decision, DECISIONS)
+        check_choice("AdaKConfig", "allocator_input", self.allocator_input, ALLOCATOR_INPUTS)
         check_range("AdaKConfig", "k_max", self.k_max, low=1)
         if self.layers is not None:
             if not self.layers or min(self.layers) < 0:
@@ -54,6 +71,25 @@ class AdaKConfig(RoutingConfig):
                     "every MoE layer)."
                 )
             self.layers = sorted(set(self.layers))
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> AdaKConfig:
+        """As :meth:`JSONConfig.from_fields`; configs without ``allocator_input`` are the paper's allocator."""
+        if isinstance(data, dict) and "allocator_input" not in data:
+            data = {**data, "allocator_input": "hidden", "allocator_bias": data.get("allocator_bias", False)}
+        return super().from_fields(data)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> AdaKConfig:
+        """The paper's allocator: bias-free, linear on the hidden state, renormalised weights.
+
+        The paper lets k range over every expert: pass ``k_max=<number of experts>`` for that.
+        """
+        return cls(**{"allocator_input": "hidden", "allocator_bias": False, "renormalize": True, **overrides})
+
+    def resolved_k_max(self, block: MoEBlock) -> int:
+        """The allocator's number of choices on ``block``: ``k_max`` or the block's top-k."""
+        return block.spec.top_k if self.k_max is None else self.k_max
 
     def validate(self, model: MoEModel) -> None:
         self.check_k("k_max", self.k_max, model, selectable=False)  # checked per block in create_layer
@@ -74,11 +110,18 @@ class AdaKConfig(RoutingConfig):
         if self.layers is not None and block.layer_index not in self.layers:
             return TopKLayer(block, context, None)
         selectable = selectable_experts(block.spec)
-        k_max = selectable if self.k_max is None else self.k_max
+        k_max = self.resolved_k_max(block)
         if k_max > selectable:
             raise ValueError(
                 f"AdaKConfig(k_max={k_max}) is larger than the {selectable} experts the router of "
                 f"{block.name} lets a token choose from (group-limited routing): use k_max <= {selectable}."
             )
-        k_cap = block.spec.top_k if self.k_max is None else self.k_max
-        return AdaKLayer(block, context, k_max, self.decision, self.renormalize, k_cap)
+        return AdaKLayer(
+            block,
+            context,
+            k_max,
+            self.decision,
+            self.renormalize,
+            allocator_input=self.allocator_input,
+            allocator_bias=self.allocator_bias,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,8 @@ class AllocatorRecord:
     All tensors have one row per token of the forward (batch-major, as the router sees them).
     """
 
-    states: torch.Tensor  # (n, hidden) float32: the allocator's input
-    ordered_probs: torch.Tensor  # (n, k_max): router probabilities in ranking order (sum over m = 1)
+    states: torch.Tensor  # (n, in_features) float32: the allocator's input (hidden [+ router log-probs])
+    ordered_probs: torch.Tensor  # (n, S): router probabilities in ranking order (sum over all m = 1)
     activated: torch.Tensor  # (n,) long: routed experts each token actually used
     actions: torch.Tensor | None = None  # (n,) long in 1..k_max: the allocator's choice (None in top-k mode)
     log_probs: torch.Tensor | None = None  # (n,) float32: log P(action | state) when it was chosen
@@ -36,22 +37,25 @@ class AllocatorRecord:
 class AdaKLayer(RoutingLayer):
     """Routes every token to its k best experts in the router's own ranking, with k from the allocator.
 
-    ``k`` is sampled in training mode and chosen by ``decision`` in eval mode, then capped at
-    ``k_cap`` (default: the model's top-k) at inference unless the config allows more. The first
-    ``top_k`` slots are the family's own top-k (its selection rule, ties included), the following
+    ``k`` in ``1..k_max`` is sampled in training mode and chosen by ``decision`` in eval mode. The
+    first ``top_k`` slots are the family's own top-k (its selection rule, ties included), the following
     ones the next best experts; a token given k experts keeps the k best of them. Unused slots hold
-    the sentinel index m and weight 0; weights are the family's (``renormalize=None``), renormalised
-    over the kept experts (True, the paper), or not renormalised (False), times the family's scaling.
-    ``use_topk = True`` switches the layer to the model's own Top-K routing (bit-exact), as the PPO
-    baseline needs. With ``record = True`` the layer keeps an :class:`AllocatorRecord` of its last
-    forward in ``self.last``.
+    the sentinel index m and weight 0; weights follow the family's rule over the kept experts
+    (``renormalize=None``), are renormalised (True, the paper) or not (False), times the family's
+    scaling. Hooks used by the trainer:
+
+    * ``use_topk = True``: the model's own Top-K routing (bit-exact), the PPO baseline;
+    * ``forced_k`` (n,) long: route with these counts instead of the allocator's (counterfactual
+      forwards replay sampled decisions);
+    * ``noise`` (n,) uniforms: sample k by inverse CDF from them (reproducible, independent of how
+      rows are split over processes) instead of ``torch.multinomial`` with ``generator``;
+    * ``record = True``: keep an :class:`AllocatorRecord` of the last forward in ``self.last``.
 
     A non-finite hidden state raises ValueError naming the layer whenever k is sampled or recorded
-    (the policy of ``methods/base.py``). Under activation checkpointing the recomputed forward
-    reuses the k of the original forward (no second draw).
+    (the policy of ``methods/base.py``); greedy inference routes it as the model would. Under
+    activation checkpointing the recomputed forward reuses the k of the original forward (no second
+    draw).
     """
-
-    display_name = "Ada-K"
 
     def __init__(
         self,
@@ -59,24 +63,41 @@ class AdaKLayer(RoutingLayer):
         context: RoutingContext,
         k_max: int,
         decision: str = "greedy",
-        renormalize: bool | None = True,
-        k_cap: int | None = None,
+        renormalize: bool | None = None,
+        *,
+        allocator_input: str = "hidden",
+        allocator_bias: bool = False,
     ) -> None:
         super().__init__(block, context)
         self.k_max = int(k_max)
         self.default_k = self.spec.top_k
         self.decision = decision
         self.renormalize = renormalize
-        self.k_cap = k_cap
-        self.allocator = Allocator(self.spec.hidden_size, self.k_max)
+        self.allocator_input = allocator_input
+        router_features = self.k_max if allocator_input == "hidden+router" else 0
+        self.allocator = Allocator(
+            self.spec.hidden_size, self.k_max, router_features=router_features, bias=allocator_bias
+        )
         self.use_topk = False
         self.record = False
         self.last: AllocatorRecord | None = None
         self.generator: torch.Generator | None = None
+        self.noise: torch.Tensor | None = None
+        self.forced_k: torch.Tensor | None = None
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @property
+    def k_cap(self) -> int:
+        """The most experts a token gets from this layer (``k_max``; the model's top-k by default)."""
+        return self.k_max
 
     def is_fitted(self) -> bool:
         return bool(self.num_updates > 0)
+
+    def features(self, hidden: torch.Tensor, ranking: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(allocator input (n, in_features), router probabilities in rank order (n, S))``."""
+        ordered = _probs_in_rank_order(ranking)
+        return self.allocator.features(hidden, ordered), ordered
 
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         spec = self.spec
@@ -86,16 +107,16 @@ class AdaKLayer(RoutingLayer):
             if self.record:
                 self.check_finite(hidden, "hidden states (recorded to train the Ada-K allocator)")
                 ranking = rank_experts(spec, router, hidden_states, self.k_max)
+                states, ordered = self.features(hidden, ranking)
                 self.last = AllocatorRecord(
-                    states=hidden.detach().float(),
-                    ordered_probs=_probs_in_rank_order(ranking).detach(),
-                    activated=torch.full(
-                        (hidden.shape[0],), self.default_k, dtype=torch.long, device=hidden.device
-                    ),
+                    states=states.detach(),
+                    ordered_probs=ordered.detach(),
+                    activated=(output.index < spec.num_experts).sum(dim=-1),
                 )
             return output
         ranking = rank_experts(spec, router, hidden_states, self.k_max)
-        allocator_logits = self.allocator(hidden)
+        states, ordered = self.features(hidden, ranking)
+        allocator_logits = self.allocator(states)
         sampling = self.training or self.decision == "sample"
         replaying = self.replaying()
         if (sampling or self.record) and not replaying:  # a NaN must not reach a draw or PPO's records
@@ -103,10 +124,17 @@ class AdaKLayer(RoutingLayer):
         if replaying and self._replay_state is not None:  # checkpoint recomputation: the same k again
             k = self._replay_state.to(allocator_logits.device)
         else:
-            decision = "sample" if self.training else self.decision  # a draw needs no graph:
-            k = choose_k(allocator_logits.detach(), decision, self.generator)  # recomputation skips it
-            if not self.training and self.k_cap is not None:
-                k = k.clamp(max=self.k_cap)
+            if self.forced_k is not None:
+                k = self.forced_k.to(allocator_logits.device)
+                if k.shape != allocator_logits.shape[:1]:
+                    raise ValueError(
+                        f"forced_k {tuple(k.shape)} must give one k per token ({hidden.shape[0]})."
+                    )
+            else:  # a draw needs no graph, so a recomputed forward saves the same tensors
+                decision = "sample" if self.training else self.decision
+                k = choose_k(
+                    allocator_logits.detach(), decision, self.generator, self.noise if self.training else None
+                )
             k = self.replay(k)
         output = keep_slots(
             spec,
@@ -117,40 +145,63 @@ class AdaKLayer(RoutingLayer):
         )
         if self.record:
             self.last = AllocatorRecord(
-                states=hidden.detach().float(),
-                ordered_probs=_probs_in_rank_order(ranking).detach(),
+                states=states.detach(),
+                ordered_probs=ordered.detach(),
                 activated=(output.index < spec.num_experts).sum(dim=-1),
                 actions=k.detach(),
                 log_probs=action_log_probs(allocator_logits.detach(), k),
             )
         return output
 
+    # ---- state ---------------------------------------------------------------------------------
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load allocator weights, with a clear error if they were trained for another model or k_max."""
-        expected = tuple(self.allocator.weight.shape)
+        """Load allocator tensors, with a clear error if they were trained for another model or k_max.
+
+        A paper-style allocator saved before k_max defaulted to the model's top-k has one row per
+        expert; its first k_max rows are kept (with a warning).
+        """
+        expected = {name: tuple(t.shape) for name, t in self.routing_state().items()}
+        state = dict(state)
         weight = state.get("allocator.weight")
-        if weight is not None and tuple(weight.shape) != expected:
-            raise ValueError(
-                f"The Ada-K allocator of layer {self.layer_index} has shape (k_max, hidden_size) = "
-                f"{expected}, but the checkpoint holds {tuple(weight.shape)}: it was trained for another model "
-                "(different hidden size or expert count) or another k_max. Use the checkpoint's base model "
-                "and AdaKConfig, or train allocators for this model."
+        legacy = (
+            weight is not None
+            and set(state) == {"allocator.weight"} == set(expected)
+            and weight.shape[0] > self.k_max
+            and tuple(weight.shape[1:]) == expected["allocator.weight"][1:]
+        )
+        if legacy:
+            warnings.warn(
+                f"Ada-K layer {self.layer_index}: the adapter's allocator chooses among {weight.shape[0]} "
+                f"expert counts; keeping k <= {self.k_max} (k_max; greedy inference was capped there before).",
+                stacklevel=2,
             )
-        missing = {"allocator.weight"} - set(state)
-        unexpected = set(state) - {"allocator.weight"}
+            state["allocator.weight"] = weight[: self.k_max]
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
         if missing or unexpected:
             raise ValueError(
-                f"Ada-K state of layer {self.layer_index} should hold exactly 'allocator.weight'; "
-                f"missing {sorted(missing)}, unexpected {sorted(unexpected)} (not an Ada-K checkpoint?)."
+                f"Ada-K state of layer {self.layer_index} should hold {sorted(expected)}; missing "
+                f"{sorted(missing)}, unexpected {sorted(unexpected)}: it was saved for another allocator "
+                "(AdaKConfig allocator_input / allocator_bias) or is not an Ada-K checkpoint."
             )
+        for name, shape in expected.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(
+                    f"The Ada-K {name} of layer {self.layer_index} has shape {shape}, but the checkpoint "
+                    f"holds {tuple(state[name].shape)}: it was trained for another model (different hidden "
+                    "size or expert count) or another k_max. Use the checkpoint's base model and AdaKConfig, "
+                    "or train allocators for this model."
+                )
         super().load_routing_state(state)
         self.num_updates.fill_(1)
 
     def routing_state(self) -> dict[str, torch.Tensor]:
-        return {"allocator.weight": self.allocator.weight.detach()}
+        return {f"allocator.{name}": p.detach() for name, p in self.allocator.named_parameters()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k_max={self.k_max}, decision={self.decision}"
+        return (
+            f"{super().extra_repr()}, k_max={self.k_max}, decision={self.decision}, "
+            f"input={self.allocator_input}"
+        )
 
 
 def _probs_in_rank_order(ranking) -> torch.Tensor:

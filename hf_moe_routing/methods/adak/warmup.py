@@ -1,21 +1,33 @@
-"""Warm-start labels for Ada-K allocators (P-Warm, K-Warm), as pure tensor functions.
+"""Warm starts for Ada-K allocators (P-Warm, K-Warm, Skip-Warm), as pure tensor functions.
 
-P-Warm (the paper's default) trains each allocator with cross-entropy on pseudo-labels
+P-Warm (the paper's default, Yue et al. 2025 Sec. 3.3) trains each allocator with cross-entropy on
 
     n_i(p) = min { n : sum_{j <= n} P_i,(j) >= p }
 
-where ``P_i,(1) >= P_i,(2) >= ...`` are token i's router probabilities in the router's own order of
-choice, normalised to sum to 1 (softmax routers already do; sigmoid routers such as DeepSeek-V3 are
-divided by their sum). The threshold p is chosen so that the mean of n_i(p) on calibration tokens is
-closest to the model's default k. K-Warm labels every token with the default k.
+where ``P_i,(1), P_i,(2), ...`` are token i's router probabilities in the router's own order of
+choice, normalised to sum to 1 (sigmoid routers such as DeepSeek-V3 are divided by their sum); p is
+chosen so that the mean of n_i(p) on calibration tokens is closest to a target (the model's k).
+
+K-Warm labels every token with the model's top-k. Skip-Warm labels token i with the experts that
+dynamic skipping (Lu et al. 2024) keeps: the leading ranks j whose log-probability gap to the best
+expert ``d_ij = log P_i,(j) - log P_i,(1)`` stays above ``log beta_l``, with ``beta_l`` calibrated per
+layer so that the mean label is the target.
+
+An allocator with a bias and router inputs (``"hidden+router"``) represents both exactly, with no
+training: :func:`k_warm_init` (``z_k = s [k = top_k]``) and :func:`skip_warm_init`
+(``z_k = s sum_{j=2..k} (d_j - log beta)``, whose argmax is the dynamic-skipping count whenever
+``d_j`` decreases along the ranking, as it does for every softmax router). The paper's bias-free
+allocator on the hidden state learns the same labels by cross-entropy (:func:`warmup_loss`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .allocator import Allocator
+
 #: Warm-start methods.
-WARMUP_METHODS = ("p-warm", "k-warm", "random")
+WARMUP_METHODS = ("k-warm", "skip-warm", "p-warm", "random")
 
 
 def ordered_probabilities(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -74,3 +86,75 @@ def warmup_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor |
         return losses.mean()
     mask = mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---- Skip-Warm -----------------------------------------------------------------------------------
+def _gaps(ordered_probs: torch.Tensor) -> torch.Tensor:
+    """(n, k - 1) running minima of ``log P_(j) - log P_(1)``, j = 2..k (label >= j iff gap >= log beta)."""
+    logp = ordered_probs.float().clamp_min(1e-9).log()
+    gaps = logp[:, 1:] - logp[:, :1]
+    return torch.cummin(gaps, dim=-1).values if gaps.shape[-1] else gaps
+
+
+def skip_labels(ordered_probs: torch.Tensor, log_beta: float) -> torch.Tensor:
+    """Dynamic-skipping counts (n,) in 1..k: the leading ranks whose gap to the best stays >= log beta."""
+    return 1 + (_gaps(ordered_probs) >= log_beta).sum(dim=-1)
+
+
+def calibrate_skip_threshold(ordered_probs: torch.Tensor, target_k: float) -> float:
+    """``log beta`` whose :func:`skip_labels` have mean ``target_k`` on these tokens (up to ties).
+
+    ``ordered_probs`` (n, k) in ranking order. ``target_k <= 1`` gives +inf-like (every label 1),
+    ``target_k >= k`` -inf-like (every label k). Raises ValueError for no tokens.
+    """
+    if ordered_probs.shape[0] == 0:
+        raise ValueError("No calibration tokens: Skip-Warm needs at least one real token.")
+    values = _gaps(ordered_probs).reshape(-1).sort(descending=True).values
+    count = int(round((target_k - 1.0) * ordered_probs.shape[0]))
+    if count <= 0 or values.numel() == 0:
+        return 1e4
+    if count >= values.numel():
+        return float(values[-1]) - 1.0
+    return float(values[count - 1] + values[count]) / 2.0
+
+
+# ---- exact closed-form starts ----------------------------------------------------------------------
+def _require_bias(allocator: Allocator, name: str) -> None:
+    if allocator.bias is None:
+        raise ValueError(
+            f"The exact {name} start needs an allocator with a bias (AdaKConfig(allocator_bias=True)); "
+            "the paper's bias-free allocator learns it by cross-entropy (warmup_steps > 0)."
+        )
+
+
+def k_warm_init(allocator: Allocator, k: int, scale: float) -> None:
+    """Set the allocator to ``z = scale * onehot(k)`` for every token: greedy k is exactly ``k``."""
+    _require_bias(allocator, "K-Warm")
+    if not 1 <= k <= allocator.k_max:
+        raise ValueError(f"k={k} is outside the allocator's choices 1..{allocator.k_max}.")
+    with torch.no_grad():
+        for param in allocator.parameters():
+            param.zero_()
+        allocator.bias[k - 1] = scale
+
+
+def skip_warm_init(allocator: Allocator, log_beta: float, scale: float) -> None:
+    """Set ``z_k = scale * sum_{j=2..k} (log P_(j) - log P_(1) - log beta)`` (z_1 = 0).
+
+    The greedy choice is then the dynamic-skipping count of :func:`skip_labels`. Needs router inputs
+    covering all k_max ranks and a bias (ValueError otherwise).
+    """
+    _require_bias(allocator, "Skip-Warm")
+    if allocator.router_features < allocator.k_max:
+        raise ValueError(
+            "The exact Skip-Warm start needs an allocator that sees the router (allocator_input="
+            "'hidden+router'); the paper's allocator learns Skip-Warm labels by cross-entropy."
+        )
+    k_max = allocator.k_max
+    with torch.no_grad():
+        for param in allocator.parameters():
+            param.zero_()
+        for k in range(2, k_max + 1):
+            allocator.router_weight[k - 1, 0] = -scale * (k - 1)
+            allocator.router_weight[k - 1, 1:k] = scale
+            allocator.bias[k - 1] = -scale * (k - 1) * log_beta
