@@ -406,3 +406,31 @@ def test_saving_a_routing_that_was_never_fitted_warns(tmp_path):
         warnings.simplefilter("error")
         folder = save_routing_adapter(model, tmp_path / "a")
     assert read_adapter_config(folder)["fitted"] is True
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(moe_shape=None), "'moe_shape' must be a JSON object"),
+        (lambda d: d.update(routing=[1]), "'routing' must be a JSON object"),
+        (lambda d: d.update(format_version="2"), "'format_version' must be a positive integer"),
+        (lambda d: d.pop("weights_sha256"), "lacks the weights' content hash"),
+    ],
+    ids=["moe-shape-null", "routing-list", "version-string", "no-hash"],
+)
+def test_a_tampered_adapter_config_is_a_clear_error(tmp_path, edit, match):
+    folder = save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "a")
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    edit(data)
+    (folder / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        load_routing_adapter(tiny_model("mixtral"), folder)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_an_adapter_refuses_a_model_whose_experts_have_another_size(tmp_path, family):
+    """gpt-oss and Llama 4 name no expert width attribute: it is read off the weights for the fingerprint."""
+    folder = save_routing_adapter(patch_model(tiny_model(family), TopKConfig()), tmp_path / "a")
+    assert json.loads((folder / CONFIG_NAME).read_text())["moe_shape"]["expert_intermediate_size"] == 96
+    with pytest.raises(ValueError, match="expert_intermediate_size"):
+        load_routing_adapter(tiny_model(family, intermediate_size=160), folder)

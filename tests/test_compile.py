@@ -58,6 +58,9 @@ def patched_model(family: str, name: str, device: str = "cpu", dtype: torch.dtyp
                 state = getattr(layer, buffer, None)
                 if isinstance(state, torch.Tensor):
                     state.copy_(0.05 * torch.randn(state.shape, generator=generator))
+            allocator = getattr(layer, "allocator", None)  # Ada-K: varied k per token (sentinel slots)
+            for param in allocator.parameters() if allocator is not None else ():
+                param.copy_(torch.randn(param.shape, generator=generator))
     return model.to(device).eval()
 
 

@@ -91,6 +91,9 @@ BAD_SETTINGS = [
     (AdaKConfig, "layers", [], ValueError, "indices >= 0"),
     (AdaKConfig, "layers", [-1], ValueError, "indices >= 0"),
     (AdaKConfig, "renormalize", "false", TypeError, "true or false"),
+    (AdaKConfig, "allocator_input", "router", ValueError, "choose one of 'hidden', 'hidden\\+router'"),
+    (AdaKConfig, "allocator_input", 1, TypeError, "string"),
+    (AdaKConfig, "allocator_bias", "no", TypeError, "true or false"),
 ]
 IDS = [f"{c.__name__}-{f}-{v!r}" for c, f, v, _, _ in BAD_SETTINGS]
 

@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             namespace.metadata = {**metadata, "data_dir": data_dir}
     elif data_dir is not None:
         raise ValueError("--data_dir only applies to `run` (evaluations).")
+    import lm_eval.evaluator  # noqa: F401 - imported before quiet_git() so that its git call is replaced too
+
     from ..metrics.quiet_git import quiet_git
 
     before = last_routing_report()

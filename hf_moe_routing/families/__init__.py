@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.registry import Registry
@@ -156,9 +157,24 @@ def _shape(model: nn.Module, family: MoEFamily, blocks: list[MoEBlock], config: 
         hidden_size=first.spec.hidden_size,
         num_experts=first.spec.num_experts,
         top_k=first.spec.top_k,
-        expert_intermediate_size=int(getattr(first.experts, "intermediate_dim", 0) or 0),
+        expert_intermediate_size=_expert_intermediate_size(first.experts, first.spec.hidden_size),
         shared_intermediate_size=family.shared_intermediate_size(first.block),
     )
+
+
+def _expert_intermediate_size(experts: nn.Module, hidden_size: int) -> int:
+    """One routed expert's FFN width: the experts module's own attribute, else read off ``down_proj``
+    ((E, hidden, inter) or (E, inter, hidden); gpt-oss, Llama 4 name no attribute). 0 if unknown."""
+    for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
+        value = getattr(experts, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    down = getattr(experts, "down_proj", None)
+    weight = getattr(down, "weight", down)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+        others = [d for d in weight.shape[1:] if d != hidden_size]
+        return int(others[0]) if others else hidden_size
+    return 0
 
 
 def _raise_no_blocks(model: nn.Module, family: MoEFamily) -> None:

@@ -203,12 +203,23 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a routing adapter config: it lacks {missing}. Save the adapter again."
         )
     version = data.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(
-            f"{path} uses adapter format version {version!r}; this hf-moe-routing reads up to "
+            f"{path}: 'format_version' must be a positive integer, got {version!r}. The adapter is corrupt."
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses adapter format version {version}; this hf-moe-routing reads up to "
             f"{FORMAT_VERSION}. Upgrade hf-moe-routing."
         )
-    for key in ("routing", "moe_shape", "training", "results", "base_model"):
+    if version >= 2 and not isinstance(data.get("weights_sha256"), str):
+        raise ValueError(
+            f"{path} lacks the weights' content hash ('weights_sha256'): save the adapter again."
+        )
+    for key in ("routing", "moe_shape"):
+        if not isinstance(data[key], dict):
+            raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(data[key]).__name__}.")
+    for key in ("training", "results", "base_model"):
         if key in data and data[key] is not None and not isinstance(data[key], dict):
             raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(data[key]).__name__}.")
     return data

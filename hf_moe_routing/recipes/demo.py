@@ -7,8 +7,8 @@ Offline by default (no download, no file from outside the package)::
     2. model     a small Mixtral-style MoE, pre-trained briefly on it (Top-K routing)
     3. BIP       BIP balancing patched into the pre-trained model: q calibrated on training batches,
                  then balance and perplexity against Top-K on held-out text; routing adapter saved
-    4. Ada-K     allocators warm-started (P-Warm) and trained with PPO on the frozen model; evaluated
-                 against Top-K (perplexity, activated experts, FLOPs); routing adapter saved
+    4. Ada-K     allocators warm-started (Skip-Warm at 75% of top-k) and trained with PPO on the frozen
+                 model; evaluated against Top-K (perplexity, activated experts, FLOPs); routing adapter saved
     5. report    where the experts go (mean k per word class), plots, report.json, model cards
 
 With ``model=`` and ``dataset=`` the same path runs on a Hub (or local) MoE checkpoint and text dataset,
@@ -33,13 +33,17 @@ from ..evaluation.evaluate import evaluate_routing
 from ..hub import save_routing_adapter
 from ..hub.json_values import to_json
 from ..methods import BIPConfig, TopKConfig
-from ..patching import fit_routing, get_patch_state, patch_model, unpatch_model
+from ..patching import describe, fit_routing, get_patch_state, patch_model, unpatch_model
 from ..training.pretrain import PretrainConfig, PretrainResult, pretrain
 from ..training.reference import build_moe_model
 from .demo_report import experts_by_word_class, format_report
 from .plots import write_demo_plots
 
 DEFAULT_OUTPUT = "hf-moe-routing-demo"
+
+
+#: The demo's Ada-K budget: mean routed experts per token as a share of the model's top-k.
+ADAK_BUDGET = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +58,7 @@ class DemoSize:
     pretrain_steps: int
     batch_size: int
     bip_batches: int  # calibration batches for BIP's q
-    warmup_steps: int  # Ada-K P-Warm steps
+    warmup_steps: int  # Ada-K warm-start steps (when the start is not exact)
     ppo_steps: int  # Ada-K PPO rollouts
     eval_rows: int  # held-out sequences
 
@@ -79,7 +83,7 @@ class DemoConfig:
     text_field: str = "text"
     size: str = "default"
     seq_len: int | None = None  # default: the size's (synthetic) or 256 (Hub)
-    k_penalty: float = 0.03  # Ada-K lambda (the paper uses 3e-3 on much larger models)
+    k_penalty: float = 0.03  # Ada-K's initial lambda (adapted to the budget ADAK_BUDGET * top-k)
     seed: int = 0
     plot: bool = True
     progress: bool = True
@@ -120,11 +124,11 @@ def prepare_output(output_dir: str | os.PathLike | None, overwrite: bool = False
     else:
         path = Path(output_dir).expanduser()
         if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a folder: choose another --output.")
+            raise FileExistsError(f"{path} exists and is not a folder: choose another --output-dir.")
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(
                 f"Output folder {path} already exists and is not empty: pass --overwrite to write into it "
-                "(the demo's files are replaced, nothing else is touched) or choose another --output."
+                "(the demo's files are replaced, nothing else is touched) or choose another --output-dir."
             )
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -246,9 +250,10 @@ def train_adak(
     if get_patch_state(model) is not None:
         unpatch_model(model)
     fields = {f.name for f in dataclasses.fields(AdaKTrainingConfig)}
-    settings: dict[str, Any] = {
+    top_k = describe(model).shape.top_k
+    settings: dict[str, Any] = {  # our defaults (Skip-Warm start, counterfactual baseline) at a budget
         "output_dir": str(output_dir),
-        "warmup": "p-warm",
+        "target_experts": ADAK_BUDGET * top_k,
         "warmup_steps": size.warmup_steps,
         "max_steps": size.ppo_steps,
         "batch_size": size.batch_size,
@@ -354,7 +359,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     )
 
     # 4. Ada-K
-    log("[3/4] training Ada-K allocators (P-Warm, then PPO) on the frozen model")
+    log("[3/4] training Ada-K allocators (Skip-Warm at 75% of top-k, then PPO) on the frozen model")
     trainer = _timed(
         timings,
         "adak",

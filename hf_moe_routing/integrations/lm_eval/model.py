@@ -271,7 +271,9 @@ def evaluate_lm_eval(
             model_args[name] = kwargs.pop(name)
     from ...metrics.quiet_git import quiet_git
 
-    manager = task_manager(data_dir=data_dir, include_defaults=include_defaults)
+    manager = kwargs.pop("task_manager", None) or task_manager(
+        data_dir=data_dir, include_defaults=include_defaults
+    )
     check_tasks(list(tasks), manager)
     lm = HFMoERoutingLM(pretrained=model, tokenizer=tokenizer, **model_args)
     with quiet_git():
