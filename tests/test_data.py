@@ -192,3 +192,14 @@ def test_chat_template_records_mask_everything_but_replies():
     trained = tok.convert_ids_to_tokens(row["input_ids"][row["labels"] != IGNORE_INDEX].tolist())
     assert words[:4] == ["<unk>", "add", "n1", "n2"]  # "user" is not a word of the language
     assert trained == ["<unk>", "is", "n3", ".", "<unk>", "to", "b", "a", ".", "</s>"]
+
+
+def test_batches_refuse_a_zero_batch_limit_and_empty_data():
+    from hf_moe_routing.core.batching import iter_batches
+
+    ids = torch.randint(3, 100, (4, 8))
+    assert len(list(iter_batches(ids, 2, max_batches=1))) == 1
+    with pytest.raises(ValueError, match="max_batches must be a positive integer"):
+        list(iter_batches(ids, 2, max_batches=0))
+    with pytest.raises(ValueError, match="data is empty"):
+        list(iter_batches([], 2))

@@ -99,12 +99,16 @@ def iter_batches(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(
+            f"max_batches must be a positive integer or None (all batches), got {max_batches!r}."
+        )
     num_rows, get = _as_rows(data)
     if num_rows == 0:
-        raise ValueError("The evaluation data is empty: pass at least one sequence.")
+        raise ValueError("The data is empty: pass at least one sequence of token ids.")
     starts = list(range(0, num_rows, batch_size))
     if max_batches is not None:
-        starts = starts[: max(1, max_batches)]
+        starts = starts[:max_batches]
     iterator: Any = starts
     if progress:
         from tqdm.auto import tqdm
