@@ -214,11 +214,11 @@ def finish(
 ) -> Path:
     """(main process) Write allocators, optimiser and state (hashes last), then rename into place."""
     hashes = {}
+    weights = save_bytes(allocator_state(model), metadata={"format": "pt"})
     config = adapter_config_dict(model, training_info={"checkpoint": True})
+    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # a routing adapter folder, as saved
     hashes[CONFIG_NAME] = write_file(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    hashes[WEIGHTS_NAME] = write_file(
-        tmp / WEIGHTS_NAME, save_bytes(allocator_state(model), metadata={"format": "pt"})
-    )
+    hashes[WEIGHTS_NAME] = write_file(tmp / WEIGHTS_NAME, weights)
     tensors, groups = optimizer_state(bank, optimizer)
     hashes[OPTIMIZER_NAME] = write_file(tmp / OPTIMIZER_NAME, save_bytes(tensors, metadata={"format": "pt"}))
     for rank in range(world):
