@@ -3,7 +3,7 @@
 Checks every Mixture-of-Experts causal-LM family of the installed transformers on a tiny random model
 (``hf_moe_routing.testing.support``: exact ``TopKConfig()`` or a refusal that says why) and writes
 
-* ``notes/families_table.md``: the table, with the transformers version and the counts;
+* ``results/families/families_table.md``: the table (the README's "Supported model families"), with the transformers version and the counts;
 * ``tests/families_expected.json`` (with ``--expected``): the statuses and router kinds that
   ``tests/test_families.py`` holds later versions of the package to (a supported family must stay
   supported) and uses to pick one family per router kind for its slower checks.
@@ -48,7 +48,7 @@ def markdown(rows: list[dict], version: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "notes" / "families_table.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "families" / "families_table.md")
     parser.add_argument(
         "--expected",
         action="store_true",

@@ -144,7 +144,7 @@ def test_bip_num_iters_tolerance_and_max_extra_iters_set_the_rounds(family):
     rounds_6, overload_6, q_6 = solve(BIPConfig(update="before", num_iters=6, max_extra_iters=0))
     assert (rounds_1, rounds_6) == (1, 6) and not torch.equal(q_1, q_6)
     if family != "deepseek_v3":  # (group-limited: more rounds on a small skewed batch can do worse;
-        assert overload_6 < overload_1  # see notes/reliability.md)
+        assert overload_6 < overload_1  # see the README's reliability section)
     spec = _setup(family, TopKConfig())[1].spec
     capacity = -(-N * spec.top_k // spec.num_experts)  # C = ceil(k n / m)
     assert 1 < overload_1 < capacity  # one round leaves overload for the extra rounds to remove

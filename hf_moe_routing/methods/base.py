@@ -10,7 +10,7 @@ hidden states to a :class:`~hf_moe_routing.families.RouterOutput` through the bl
     class BIPConfig(RoutingConfig):
         routing_type: ClassVar[str] = "bip"
 
-Non-finite values (the policy every method follows; ``notes/reliability.md`` lists the tests):
+Non-finite values (the policy every method follows; the README's reliability section lists the tests):
 
 * **Settings** are refused where they are written: config fields are type-checked (a float field
   refuses NaN and infinity, an int field refuses 2.5 and True, a bool field refuses "false") and

@@ -32,7 +32,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - the CLI reads
 class AdaKTrainingConfig(JSONConfig):
     """Hyper-parameters of the Ada-K trainer (JSON-serialisable; stored in every checkpoint).
 
-    Defaults are ours (chosen by measurement on the reference models, see ``notes/adak.md``): an exact
+    Defaults are ours (chosen by measurement on the reference models, see the README's Ada-K section): an exact
     Skip-Warm start from dynamic skipping calibrated to the budget, a per-layer counterfactual baseline,
     and lambda adapted to ``target_experts`` by dual ascent when a budget is given. The paper's settings
     (Yue et al. 2025): ``warmup="p-warm"``, ``baseline="topk"``, ``k_penalty=3e-3`` by hand,
