@@ -156,6 +156,8 @@ def test_bad_data_raises_clear_errors(bad, error, message):
 
 
 def test_parse_routing_specs(tmp_path):
+    with pytest.raises(ValueError, match="'top_k' is given twice"):
+        parse_routing("topk:top_k=1,top_k=2")
     assert parse_routing("topk") == TopKConfig()
     assert parse_routing("topk:top_k=1") == TopKConfig(top_k=1)
     assert parse_routing("top_p:p=0.6,max_k=3") == TopPConfig(p=0.6, max_k=3)

@@ -290,6 +290,8 @@ def parse_routing(spec: str) -> Any:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"Routing setting {item!r} is not key=value (e.g. 'top_p:p=0.6,max_k=4').")
+            if key.strip() in data:
+                raise ValueError(f"Routing setting {key.strip()!r} is given twice in {spec!r}: give it once.")
             try:
                 data[key.strip()] = json.loads(value, parse_constant=_no_constant)
             except ValueError:
