@@ -15,12 +15,12 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from gpu_check_sections import Context
+#: gpu_check_sections.Context (passed in; that module imports this one)
+Context = Any
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,14 +6,17 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from . import steps
 from .checkpoint import LOG_NAME
+from .data import prepare_dataset
 
-if TYPE_CHECKING:
-    from .trainer import AdaKTrainer
+#: The :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer` these functions serve (passed in, not
+#: imported: the trainer module imports this one).
+Trainer = Any
 
 
 @dataclasses.dataclass
@@ -50,7 +53,7 @@ class AdaKTrainOutput:
 
 
 class LoggingMixin:
-    """Logging methods of :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer`."""
+    """Held-out evaluation and logging methods of :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer`."""
 
     @property
     def _verbose(self) -> bool:
@@ -92,8 +95,31 @@ class LoggingMixin:
                         scalars[f"{key}/{index}"] = value
             self.accelerator.log(scalars, step=self.state.global_step)
 
+    def _evaluate_and_log(self, bar: Any = None) -> None:
+        if self.eval_dataset is not None or self.eval_fn is not None:
+            results = self.evaluate() if self.eval_dataset is not None else {}
+            if self.eval_fn is not None:
+                results.update(self.eval_fn(self))
+            self.log(results, bar)
 
-def settings_that_did_not_run(trainer: AdaKTrainer) -> list[str]:
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, dataset: Any = None, max_batches: int | None = None) -> dict[str, Any]:
+        """Held-out log-likelihood and routed experts, greedy Ada-K against the model's Top-K.
+
+        Returns ``eval_nll`` / ``eval_ppl`` (Ada-K), ``eval_nll_topk`` / ``eval_ppl_topk``,
+        ``eval_ppl_change`` (relative), ``eval_activated_mean`` (over all MoE layers),
+        ``eval_activated_per_layer`` (Ada-K layers) and ``eval_tokens``. Warns if Ada-K uses more experts
+        than the model's top-k on average. Every process must call it (FSDP forwards are collective).
+        """
+        if dataset is not None:
+            dataset = prepare_dataset(dataset, self.model, self.tokenizer, self.seq_len)
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("No evaluation data: pass eval_dataset to the trainer or dataset= here.")
+        return steps.evaluate(self, dataset, self.config.eval_batches if max_batches is None else max_batches)
+
+
+def settings_that_did_not_run(trainer: Trainer) -> list[str]:
     """Training settings with no effect on this run (left off the model card)."""
     config, skip = trainer.config, []
     if trainer.warmup_total() == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -23,21 +23,22 @@ from .update import (
     warmup_ce_loss,
 )
 
-if TYPE_CHECKING:
-    from .trainer import AdaKTrainer
+#: The :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer` these functions serve (passed in, not
+#: imported: the trainer module imports this one).
+Trainer = Any
 
 
 def _mean(dicts: list[dict[str, Any]], key: str) -> float:
     return sum(d[key] for d in dicts) / len(dicts)
 
 
-def _next(trainer: AdaKTrainer) -> tuple[list[int], dict[str, torch.Tensor]]:
+def _next(trainer: Trainer) -> tuple[list[int], dict[str, torch.Tensor]]:
     rows, batch = trainer.stream.batch(trainer.state.batches_seen, trainer.input_device)
     trainer.state.batches_seen += 1
     return rows, batch
 
 
-def calibrate(trainer: AdaKTrainer, method: str) -> dict[str, Any]:
+def calibrate(trainer: Trainer, method: str) -> dict[str, Any]:
     """Calibrate ``method``'s thresholds on ``calibration_batches`` training batches (Top-K forwards)."""
     records, masks = [], []
     for _ in range(trainer.config.calibration_batches):
@@ -52,7 +53,7 @@ def calibrate(trainer: AdaKTrainer, method: str) -> dict[str, Any]:
     return found
 
 
-def exact_start(trainer: AdaKTrainer) -> dict[str, Any]:
+def exact_start(trainer: Trainer) -> dict[str, Any]:
     """Closed-form K-Warm / Skip-Warm start (calibrating Skip-Warm's thresholds first)."""
     method, state = trainer.config.warmup, trainer.state
     if method == "skip-warm" and state.skip_log_betas is None:
@@ -69,7 +70,7 @@ def exact_start(trainer: AdaKTrainer) -> dict[str, Any]:
     }
 
 
-def warmup_step(trainer: AdaKTrainer) -> dict[str, Any]:
+def warmup_step(trainer: Trainer) -> dict[str, Any]:
     """One cross-entropy step on warm-start labels of Top-K forwards."""
     config, state = trainer.config, trainer.state
     stats: list[dict[str, float]] = []
@@ -93,7 +94,7 @@ def warmup_step(trainer: AdaKTrainer) -> dict[str, Any]:
     return {key: _mean(stats, key) for key in stats[0]}
 
 
-def ppo_step(trainer: AdaKTrainer) -> dict[str, Any]:
+def ppo_step(trainer: Trainer) -> dict[str, Any]:
     """One PPO step: rollouts of every micro-batch, ``ppo_epochs`` updates, then lambda's dual step."""
     config, state = trainer.config, trainer.state
     experiences, rollout_stats, totals = [], [], []
@@ -165,7 +166,7 @@ def ppo_step(trainer: AdaKTrainer) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def match_budget(trainer: AdaKTrainer, resolution: float = 1 / 128) -> dict[str, Any]:
+def match_budget(trainer: Trainer, resolution: float = 1 / 128) -> dict[str, Any]:
     """Tilt every allocator's bias by ``delta * k`` (one delta) so the greedy mean k is ``target_experts``.
 
     The greedy count of every token is non-decreasing in delta, so the mean over ``calibration_batches``
@@ -217,7 +218,7 @@ def match_budget(trainer: AdaKTrainer, resolution: float = 1 / 128) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(trainer: AdaKTrainer, dataset: Any, max_batches: int | None) -> dict[str, Any]:
+def evaluate(trainer: Trainer, dataset: Any, max_batches: int | None) -> dict[str, Any]:
     """Held-out NLL and experts per token with greedy Ada-K against the model's Top-K (all processes)."""
     device = trainer.device
     totals = torch.zeros(

@@ -374,29 +374,6 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         if (config.save_steps and step % config.save_steps == 0) or final:
             self.save_checkpoint()
 
-    def _evaluate_and_log(self, bar: Any = None) -> None:
-        if self.eval_dataset is not None or self.eval_fn is not None:
-            results = self.evaluate() if self.eval_dataset is not None else {}
-            if self.eval_fn is not None:
-                results.update(self.eval_fn(self))
-            self.log(results, bar)
-
-    # ---- evaluation --------------------------------------------------------------------------------------
-    def evaluate(self, dataset: Any = None, max_batches: int | None = None) -> dict[str, Any]:
-        """Held-out log-likelihood and routed experts, greedy Ada-K against the model's Top-K.
-
-        Returns ``eval_nll`` / ``eval_ppl`` (Ada-K), ``eval_nll_topk`` / ``eval_ppl_topk``,
-        ``eval_ppl_change`` (relative), ``eval_activated_mean`` (over all MoE layers),
-        ``eval_activated_per_layer`` (Ada-K layers) and ``eval_tokens``. Warns if Ada-K uses more experts
-        than the model's top-k on average. Every process must call it (FSDP forwards are collective).
-        """
-        if dataset is not None:
-            dataset = prepare_dataset(dataset, self.model, self.tokenizer, self.seq_len)
-        dataset = self.eval_dataset if dataset is None else dataset
-        if dataset is None:
-            raise ValueError("No evaluation data: pass eval_dataset to the trainer or dataset= here.")
-        return steps.evaluate(self, dataset, self.config.eval_batches if max_batches is None else max_batches)
-
 
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
