@@ -268,10 +268,15 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     of the installed transformers.
     """
     if family in TINY_CONFIGS:
-        kwargs = {**_COMMON, **TINY_CONFIGS[family], **overrides}
+        base = {**_COMMON, **TINY_CONFIGS[family]}
     else:
         causal_lm_class(family)  # ValueError for a non-MoE family
-        kwargs = {**shrunk_config_kwargs(family), **overrides}
+        base = shrunk_config_kwargs(family)
+    # an override wins over a base value of the same attribute under another name (num_experts vs
+    # num_local_experts: the config's attribute_map)
+    aliases = getattr(CONFIG_MAPPING[family], "attribute_map", {})
+    overridden = {aliases.get(key, key) for key in overrides}
+    kwargs = {k: v for k, v in base.items() if aliases.get(k, k) not in overridden} | overrides
     config = CONFIG_MAPPING[family](**kwargs)
     config._attn_implementation = "eager"  # FlopCounterMode counts eager attention's matmuls
     return config
