@@ -81,6 +81,28 @@ def routing(
     return flat_index.view(tokens, top_k).to(device), flat_weights.view(tokens, top_k).to(device, dtype)
 
 
+def sentinel_unsafe(shape: str, implementations: list[str]) -> dict[str, str]:
+    """Implementations whose experts forward raises on sentinel slots, found on a tiny float32 CPU copy.
+
+    Returns ``{implementation: error message}``; used to keep such cases off a CUDA device, where the
+    same fault is a device-side assert that ends the process's CUDA context.
+    """
+    experts, model, top_k = build_experts(shape, "cpu", torch.float32, tiny=True)
+    hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    index, weights = routing(4, experts.num_experts, top_k, 0.5, 1, "cpu", torch.float32)
+    unsafe = {}
+    for impl in implementations:
+        experts.config._experts_implementation = impl
+        try:
+            with torch.no_grad():
+                experts(hidden, index, weights)
+        except Exception as error:  # noqa: BLE001 - reported in the rows
+            unsafe[impl] = (
+                f"cannot take sentinel slots (on a tiny CPU copy: {type(error).__name__}: {str(error)[:120]})"
+            )
+    return unsafe
+
+
 def bench_experts(
     shape: str,
     tokens: list[int],
@@ -106,6 +128,9 @@ def bench_experts(
         return [dict(shape=shape, tokens=n, skipped="time budget used up") for n in tokens]
     experts, model, top_k = build_experts(shape, device, dtype, tiny)
     num_experts = experts.num_experts
+    # on CUDA an implementation that cannot take sentinel slots fails with a device-side assert, which
+    # poisons the whole process: find such implementations on a tiny CPU copy first
+    unsafe = {} if device == "cpu" else sentinel_unsafe(shape, implementations)
     rows: list[dict] = []
     for n in tokens:
         if deadline is not None and deadline.passed():
@@ -116,6 +141,9 @@ def bench_experts(
         cases, meta, errors = {}, {}, {}
         for impl in implementations:
             for share in sorted(kept, reverse=True) if impl != "grouped_mm" else [1.0]:
+                if share < 1.0 and impl in unsafe:
+                    errors[(impl, share)] = unsafe[impl]
+                    continue
                 index, weights = routing(n, num_experts, top_k, share, 1, device, dtype)
 
                 def call(impl=impl, index=index, weights=weights, hidden=hidden):
