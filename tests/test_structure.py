@@ -23,7 +23,6 @@ LAYERS = {
     "testing": 5,
     "integrations": 6,
     "recipes": 7,
-    "demo": 7,  # the old import path of recipes.demo (a re-export)
     "cli": 8,
 }
 #: Inside layer 5 the folders may use each other in this order only (data below the rest).
