@@ -223,3 +223,17 @@ def test_the_method_check_scan_finds_what_it_looks_for(tmp_path):
         "if 'topk' in results: pass\n"  # a results key, not a method check
     )
     assert [line for line, *_ in _method_checks(bad, owners)] == [1, 2, 3, 4]
+
+
+def test_layers_get_their_settings_as_arguments_never_their_config():
+    """One config -> layer convention: ``create_layer`` passes settings; no layer keeps ``self.config``."""
+    offences = []
+    for path in sorted((PACKAGE / "methods").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "config"
+                and getattr(node.value, "id", "") == "self"
+            ):
+                offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offences, f"a routing layer reads its config object: {offences}"

@@ -92,11 +92,6 @@ def command_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
 
 
-def command_modules() -> list[ModuleType]:
-    """Every subcommand module, in :data:`COMMANDS` order (imports them all)."""
-    return [command_module(name) for name in COMMANDS]
-
-
 def _requested(argv: Sequence[str]) -> str | None:
     """The command named in ``argv`` (the first word that is not an option), if it is one of ours."""
     for arg in argv:

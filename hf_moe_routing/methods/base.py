@@ -14,8 +14,12 @@ or an entry point (``core/registry.py``)::
         requires: ClassVar[Requirement] = "fitting"      # what it needs before use (one trait)
         capacity_factor: float = 2.0
 
-        def create_layer(self, block, model, context):    # settings passed as keyword arguments
+        def create_layer(self, block, model, context):    # the layer gets its settings as arguments
             return BIPLayer(block, context, capacity_factor=self.capacity_factor)
+
+One config -> layer convention for every method: ``create_layer`` passes the settings the layer
+uses as arguments, and the layer keeps them as attributes; a layer never holds its config (so a
+config changed after patching changes nothing until the model is patched again).
 
 Non-finite values (the policy every method follows; the README's reliability section lists the tests):
 

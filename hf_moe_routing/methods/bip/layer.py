@@ -57,11 +57,6 @@ class BIPLayer(RoutingLayer):
         self.last_rounds = 0
         self.last_overload = 0
 
-    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "num_updates" not in state and "q" in state:  # adapters saved before fits were counted
-            state = {**state, "num_updates": torch.tensor(int(bool(state["q"].abs().sum() > 0)))}
-        super().load_routing_state(state)
-
     def begin_fit(self) -> None:
         """Start fitting: q updates on every batch, also in eval mode."""
         self.fitting = True

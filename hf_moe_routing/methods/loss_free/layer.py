@@ -109,10 +109,6 @@ class LossFreeLayer(RoutingLayer):
         return RouterOutput(logits, weights, index)
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        state = dict(state)
-        if "e_score_correction_bias" in state:  # adapters saved before the master copy existed
-            state["bias"] = state.pop("e_score_correction_bias").float().reshape(-1)
-        state.setdefault("num_updates", torch.tensor(1))
         super().load_routing_state(state)
         if self.model_bias is not None:
             with torch.no_grad():
