@@ -115,3 +115,24 @@ def test_third_party_entry_points_are_found_on_first_use(monkeypatch):
     assert registry["topk"] is TopKConfig and seen == []  # a built-in needs no scan
     assert registry["third_party_topk"] is TopKConfig and seen == ["hf_moe_routing.methods"]
     assert "third_party_topk" in list(registry) and seen == ["hf_moe_routing.methods"]  # scanned once
+
+
+def test_fitting_follows_the_requires_trait(ids):
+    """What a routing needs before use is one trait on its config; ``fit_routing`` reads only that."""
+    from hf_moe_routing import AdaKConfig, BIPConfig, LossControlledConfig, fit_routing, patch_model
+    from hf_moe_routing.recipes.fitting import changes_weights, fit_on_data
+    from hf_moe_routing.testing import tiny_model
+
+    refused = [
+        (TopKConfig(), "no state to fit"),
+        (AdaKConfig(), "trained, not fitted.*AdaKTrainer"),
+        (LossControlledConfig(), "fine-tunes the router weights"),
+    ]
+    for config, match in refused:
+        with pytest.raises(ValueError, match=match):
+            fit_routing(patch_model(tiny_model("mixtral"), config), ids, progress=False)
+    with pytest.raises(ValueError, match="trained, not fitted"):
+        fit_on_data(tiny_model("mixtral"), AdaKConfig(), ids, ids, progress=False)
+    assert changes_weights(LossControlledConfig()) and not changes_weights(BIPConfig())
+    fitted = fit_routing(patch_model(tiny_model("mixtral"), BIPConfig()), ids, progress=False)
+    assert fitted["routing"] == "bip" and fitted["tokens"] == ids.numel()

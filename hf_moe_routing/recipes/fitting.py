@@ -145,7 +145,12 @@ def fit_on_data(
     """
     if get_patch_state(model) is not None:
         raise ValueError("fit_on_data needs an unpatched model: it measures the model's own Top-K first.")
-    if routing.requires not in ("fitting", "router_training"):
+    if routing.requires == "training":
+        raise ValueError(
+            f"The {routing.routing_type} routing is trained, not fitted: use its trainer "
+            "(Ada-K: hf_moe_routing.AdaKTrainer, or hf-moe-routing train)."
+        )
+    if routing.requires == "nothing":
         raise ValueError(
             f"The {routing.routing_type} routing has no state to fit: evaluate it directly "
             "(hf-moe-routing evaluate --routing ...)."
