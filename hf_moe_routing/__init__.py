@@ -16,7 +16,7 @@ from .core.version import __version__
 
 #: public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    # families (family adapters in earlier versions: the old names stay as aliases)
+    # families
     "FAMILIES": "families",
     "MoEFamily": "families",
     "MoEModel": "families",
@@ -27,10 +27,6 @@ _EXPORTS: dict[str, str] = {
     "describe_model": "families",
     "get_family": "families",
     "register_family": "families",
-    "ADAPTERS": "families.compat",
-    "MoEAdapter": "families.compat",
-    "get_adapter": "families.compat",
-    "register_adapter": "families.compat",
     # routing methods
     "ROUTING_METHODS": "methods",
     "RoutingConfig": "methods",
@@ -103,7 +99,6 @@ if TYPE_CHECKING:  # static analysers see the real names
         get_family,
         register_family,
     )
-    from .families.compat import ADAPTERS, MoEAdapter, get_adapter, register_adapter
     from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
     from .methods import (
         ROUTING_METHODS,

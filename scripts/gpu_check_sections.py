@@ -213,7 +213,7 @@ def section_ppo(ctx: Context) -> str:
     from datasets import Dataset
 
     from hf_moe_routing import AdaKConfig, original_routing, patch_model
-    from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+    from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
 
     shape, layers = "qwen1.5-moe-a2.7b", (2 if ctx.smoke else 4)
     batch, seq_len, steps = (2, 32, 2) if ctx.smoke else (8, 1024, 4)

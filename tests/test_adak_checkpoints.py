@@ -8,8 +8,7 @@ import torch
 from hf_moe_routing import patch_model
 from hf_moe_routing.methods.adak import AdaKConfig
 from hf_moe_routing.testing import tiny_model
-from hf_moe_routing.training.adak import checkpoint as ckpt
-from hf_moe_routing.training.adak_trainer import (
+from hf_moe_routing.training.adak import (
     AdaKTrainer,
     AdaKTrainingConfig,
     CheckpointError,
@@ -17,6 +16,7 @@ from hf_moe_routing.training.adak_trainer import (
     latest_checkpoint,
     load_allocator_state,
 )
+from hf_moe_routing.training.adak import checkpoint as ckpt
 
 
 @pytest.fixture(autouse=True, scope="module")

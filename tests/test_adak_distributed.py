@@ -35,7 +35,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     from hf_moe_routing import patch_model
     from hf_moe_routing.methods.adak import AdaKConfig, adak_layers
-    from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+    from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
 
     # a forked child inherits the single-process accelerate state of earlier tests in this pytest process
     AcceleratorState._reset_state(reset_partial_state=True)

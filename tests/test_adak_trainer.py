@@ -16,12 +16,13 @@ from hf_moe_routing.methods.adak.ppo import action_log_probs, expected_k, token_
 from hf_moe_routing.methods.routing import weights_depend_on_chosen_set
 from hf_moe_routing.patching import describe
 from hf_moe_routing.testing import tiny_model
-from hf_moe_routing.training.adak import rollout, update
-from hf_moe_routing.training.adak_trainer import (
+from hf_moe_routing.training.adak import (
     AdaKTrainer,
     AdaKTrainingConfig,
     allocator_state,
     latest_checkpoint,
+    rollout,
+    update,
 )
 
 

@@ -227,14 +227,12 @@ def test_saving_into_a_file_path_is_refused(tmp_path):
         save_routing_adapter(patch_model(tiny_model("mixtral"), TopKConfig()), tmp_path / "file")
 
 
-#: settings a built-in method needs before it can route (everything else uses its defaults)
-REQUIRED_SETTINGS = {"dynamic_skip": {"beta": 0.3}}
 BUILT_IN = sorted(name for name in ROUTING_METHODS if name != OffsetConfig.routing_type)
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_every_built_in_routing_round_trips(name, ids, tmp_path):
-    config = ROUTING_METHODS[name](**REQUIRED_SETTINGS.get(name, {}))
+    config = ROUTING_METHODS[name].example()  # settings that route without fitting
     model = patch_model(tiny_model("qwen3_moe"), config)
     gen = torch.Generator().manual_seed(5)
     for layer in routing_layers(model).values():  # non-trivial state (allocators, BIP prices, biases)

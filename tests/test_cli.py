@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_moe_routing.cli.main import ALIASES, COMMANDS, build_parser, main
+from hf_moe_routing.cli.main import COMMANDS, build_parser, main
 from hf_moe_routing.testing import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout, also from another working directory
@@ -45,7 +45,7 @@ def test_help_lists_every_command_without_importing_torch():
 
 def test_every_command_parses_its_help_and_shows_defaults(capsys):
     parser = build_parser(full=True)
-    for name in [*COMMANDS, *ALIASES]:
+    for name in COMMANDS:
         if name == "lm-eval":  # lm-eval's own parser answers its --help
             continue
         with pytest.raises(SystemExit) as exit_info:

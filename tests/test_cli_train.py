@@ -40,7 +40,7 @@ def test_fit_saves_a_fitted_routing_adapter(model_dir, tmp_path, capsys, routing
     assert {"perplexity", "perplexity_topk", "avg_max_vio", "avg_max_vio_topk"} <= set(results)
 
 
-def test_fit_bad_settings_and_the_balance_alias(model_dir, tmp_path, capsys):
+def test_fit_bad_settings_and_a_fit_that_saves_an_adapter(model_dir, tmp_path, capsys):
     argv = [
         "fit",
         str(model_dir),
@@ -67,9 +67,9 @@ def test_fit_bad_settings_and_the_balance_alias(model_dir, tmp_path, capsys):
     )
     assert "no state to fit" in capsys.readouterr().err
     old = [
-        "balance",
+        "fit",
         str(model_dir),
-        "--method",
+        "--routing",
         "bip",
         "--output-dir",
         str(tmp_path / "c"),
@@ -178,7 +178,7 @@ def test_warmup_train_resume_and_the_adapter_card(model_dir, tmp_path, capsys):
 def test_train_refuses_zero_eval_batches_and_reports_a_full_disk(model_dir, tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 
-    from hf_moe_routing.training.adak_trainer import AdaKTrainer
+    from hf_moe_routing.training.adak import AdaKTrainer
 
     common = ["train", str(model_dir), *_data(model_dir), "--output-dir", str(tmp_path / "a")]
     assert main([*common, "--eval-batches", "0"]) == 2

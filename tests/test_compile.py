@@ -15,29 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from hf_moe_routing import (
-    AdaKConfig,
-    BIPConfig,
-    DynamicSkipConfig,
-    LossControlledConfig,
-    LossFreeConfig,
-    TopKConfig,
-    TopPConfig,
-    patch_model,
-    routing_layers,
-)
+from hf_moe_routing import ROUTING_METHODS, DynamicSkipConfig, patch_model, routing_layers
 from hf_moe_routing.testing import tiny_model
 
-CONFIGS = {
-    "topk": TopKConfig(),
-    "bip": BIPConfig(),
-    "loss_free": LossFreeConfig(),
-    "loss_controlled": LossControlledConfig(),
-    "adak": AdaKConfig(),
-    "top_p": TopPConfig(p=0.6),
-    "dynamic_skip": DynamicSkipConfig(beta=0.8),
-}
-VARIABLE_K = {"adak", "top_p", "dynamic_skip"}
+#: every registered method, with the settings it routes with unfitted (``RoutingConfig.example``)
+CONFIGS = {name: ROUTING_METHODS[name].example() for name in ROUTING_METHODS}
+VARIABLE_K = {name for name, config in CONFIGS.items() if config.variable_k}
 #: one family of each router style: softmax top-k (Mixtral), softmax with shared experts and no
 #: renormalisation (Qwen2-MoE), sigmoid with group limiting and a selection bias (DeepSeek-V3)
 FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3")
@@ -54,12 +37,10 @@ def patched_model(family: str, name: str, device: str = "cpu", dtype: torch.dtyp
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in routing_layers(model).values():
-            for buffer in ("q", "bias"):
-                state = getattr(layer, buffer, None)
-                if isinstance(state, torch.Tensor):
+            for state in layer.buffers():  # unfitted state (BIP's prices, Loss-Free's bias): small values
+                if state.is_floating_point() and not state.any():
                     state.copy_(0.05 * torch.randn(state.shape, generator=generator))
-            allocator = getattr(layer, "allocator", None)  # Ada-K: varied k per token (sentinel slots)
-            for param in allocator.parameters() if allocator is not None else ():
+            for param in layer.parameters():  # learned state (Ada-K: varied k per token, sentinel slots)
                 param.copy_(torch.randn(param.shape, generator=generator))
     return model.to(device).eval()
 
@@ -103,13 +84,13 @@ def sentinel_share(model: nn.Module) -> float:
     return float(torch.cat([s.reshape(-1) for s in seen]).float().mean())
 
 
-#: every method on Mixtral; on the others the methods that take a family-specific path (DeepSeek-V3:
-#: selection bias and group limiting in the choice and the ranking; Qwen2-MoE: shared experts,
-#: weights without renormalisation)
+#: every method on Mixtral and on DeepSeek-V3 (selection bias and group limiting in the choice and
+#: the ranking); on Qwen2-MoE (shared experts, weights without renormalisation) Top-K and the
+#: variable-k methods
 CASES = (
     [("mixtral", name) for name in CONFIGS]
-    + [("deepseek_v3", name) for name in ("bip", "loss_free", "adak", "top_p", "dynamic_skip")]
-    + [("qwen2_moe", name) for name in ("topk", "adak", "top_p")]
+    + [("deepseek_v3", name) for name in CONFIGS]
+    + [("qwen2_moe", name) for name in CONFIGS if name == "topk" or name in VARIABLE_K]
 )
 
 

@@ -6,7 +6,7 @@ import torch
 from hf_moe_routing import get_patch_state, load_routing_adapter
 from hf_moe_routing.cli.main import main
 from hf_moe_routing.data import synthetic_corpus, synthetic_tokenizer
-from hf_moe_routing.demo import DemoConfig, prepare_output, run_demo
+from hf_moe_routing.recipes.demo import DemoConfig, prepare_output, run_demo
 from hf_moe_routing.testing import tiny_model
 
 

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from hf_moe_routing import DynamicSkipConfig, TopKConfig, TopPConfig, get_adapter, patch_model, unpatch_model
+from hf_moe_routing import (
+    DynamicSkipConfig,
+    TopKConfig,
+    TopPConfig,
+    describe_model,
+    patch_model,
+    unpatch_model,
+)
 from hf_moe_routing.methods import RoutingConfig
 from hf_moe_routing.methods.dynamic_skip import calibrate
 from hf_moe_routing.patching import routing_layers
@@ -81,7 +88,7 @@ def _reference_top_p(spec, gate, hidden, p, max_k):
 @torch.no_grad()
 def test_top_p_matches_direct_reference(family, overrides, p, max_k):
     model = tiny_model(family, **overrides)
-    _, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     spec = blocks[0].spec
     torch.manual_seed(1)
     hidden = {b.layer_index: torch.randn(40, spec.hidden_size) for b in blocks}
@@ -143,7 +150,7 @@ def _reference_skip(spec, gate, hidden, beta, renormalize):
 @torch.no_grad()
 def test_dynamic_skip_matches_direct_reference(family, overrides, renormalize):
     model = tiny_model(family, **overrides)
-    _, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     spec = blocks[0].spec
     torch.manual_seed(2)
     if renormalize and not (spec.renorm or spec.kind.score == "softmax_topk"):
@@ -164,7 +171,7 @@ def test_dynamic_skip_matches_direct_reference(family, overrides, renormalize):
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_calibration_sets_beta_to_the_median_ratio_and_excludes_padding(family):
     model = tiny_model(family)
-    _, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     gen = torch.Generator().manual_seed(3)
     data = torch.randint(3, 128, (6, 16), generator=gen)
     # reference ratios w_(j)/w_(1) from the unpatched routers' own top-k weights

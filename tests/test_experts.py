@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_moe_routing import get_adapter, patch_model, unpatch_model
+from hf_moe_routing import describe_model, patch_model, unpatch_model
 from hf_moe_routing.core.experts import SENTINEL_EXPERTS
 from hf_moe_routing.testing import (
     GENERIC_FAMILIES,
@@ -48,7 +48,7 @@ def _run_experts(model, experts, implementation, hidden, index, weights, probe):
 def _check_matches_eager(family: str, dtype: torch.dtype, device: str = "cpu") -> None:
     """Sentinel experts vs transformers' eager experts of ``family``: outputs and every gradient."""
     model = tiny_model(family, dtype=dtype).to(device)
-    adapter, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     experts = blocks[0].experts
     m, top_k = experts.num_experts, blocks[0].spec.top_k
     index, weights = _variable_k_routing(40, top_k, m)
@@ -100,7 +100,7 @@ def test_static_shape_path_matches_the_eager_path(family, dtype, monkeypatch):
     if family not in TINY_CONFIGS:
         pytest.skip(f"no tiny {family} model yet")
     model = tiny_model(family, dtype=dtype)
-    adapter, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     experts = blocks[0].experts
     index, weights = _variable_k_routing(40, blocks[0].spec.top_k, experts.num_experts)
     generator = torch.Generator().manual_seed(1)
@@ -125,7 +125,7 @@ def test_static_shape_path_matches_the_eager_path(family, dtype, monkeypatch):
 def test_all_sentinel_batch_gives_zeros(family):
     model = tiny_model(family)
     model.set_experts_implementation(SENTINEL_EXPERTS)
-    adapter, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     experts = blocks[0].experts
     hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
     index = torch.full((5, blocks[0].spec.top_k), experts.num_experts)

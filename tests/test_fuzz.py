@@ -16,18 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_models import make_model
 
-from hf_moe_routing import (
-    AdaKConfig,
-    BIPConfig,
-    DynamicSkipConfig,
-    LossControlledConfig,
-    LossFreeConfig,
-    TopKConfig,
-    TopPConfig,
-    patch_model,
-)
+from hf_moe_routing import ROUTING_METHODS, TopKConfig, patch_model
 from hf_moe_routing.families import describe_model
-from hf_moe_routing.methods.routing import selectable_experts, weights_depend_on_chosen_set
 
 #: softmax + renorm, softmax without renorm, sigmoid + bias grouped, softmax over chosen logits (two
 #: dtype rules), sigmoid of chosen logits, SparseMixer, softmax + bias with a clamped denominator
@@ -42,7 +32,12 @@ FAMILIES = (
     "ernie4_5_moe",
 )
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-METHODS = ("topk", "bip", "loss_free", "loss_controlled", "top_p", "dynamic_skip", "adak")
+#: every registered method (a new one is fuzzed once it lists its ``example_settings``)
+METHODS = tuple(ROUTING_METHODS)
+#: fixed-k methods that balance by moving tokens to other experts (BIP, Loss-Free)
+BALANCING = tuple(
+    n for n in METHODS if ROUTING_METHODS[n].requires == "fitting" and not ROUTING_METHODS[n].variable_k
+)
 
 
 @functools.cache
@@ -53,42 +48,10 @@ def _model(family: str, dtype: torch.dtype):
 
 
 def _config(draw, method: str, spec):
-    selectable = selectable_experts(spec)
-    if method == "topk":
-        return TopKConfig(top_k=draw(st.none() | st.integers(1, selectable)))
-    if method == "bip":
-        return BIPConfig(
-            num_iters=draw(st.integers(1, 6)),
-            capacity_factor=draw(st.floats(1.0, 3.0)),
-            update=draw(st.sampled_from(["after", "before"])),
-            update_in_eval=draw(st.booleans()),
-            top_k=draw(st.none() | st.integers(1, selectable)),
-            tolerance=draw(st.floats(0.0, 1.0)),
-            max_extra_iters=draw(st.integers(0, 8)),
-        )
-    if method == "loss_free":
-        rate = draw(st.sampled_from([1e-3, 0.1, 1.0]))  # 1.0: the bias outweighs the scores
-        return LossFreeConfig(update_rate=rate, update_in_eval=draw(st.booleans()))
-    if method == "loss_controlled":
-        return LossControlledConfig(coefficient=draw(st.floats(0.0, 1.0)))
-    if method == "top_p":
-        normalize = draw(
-            st.sampled_from([None, True] + ([False] if spec.kind.score != "softmax_topk" else []))
-        )
-        return TopPConfig(
-            p=draw(st.floats(0.01, 1.0)),
-            max_k=draw(st.none() | st.integers(1, spec.num_experts)),
-            normalize=normalize,
-        )
-    if method == "dynamic_skip":
-        renormalize = draw(st.booleans()) if weights_depend_on_chosen_set(spec) else False
-        return DynamicSkipConfig(beta=draw(st.floats(0.0, 1.0)), renormalize=renormalize)
-    no_false = spec.kind.score in ("softmax_topk", "sparsemixer")
-    return AdaKConfig(
-        k_max=draw(st.none() | st.integers(1, selectable)),
-        decision=draw(st.sampled_from(["greedy", "sample"])),
-        renormalize=draw(st.sampled_from([None, True] + ([] if no_false else [False]))),
-    )
+    """A config of ``method`` from one of its example values per field (``RoutingConfig.example_settings``)."""
+    cls = ROUTING_METHODS[method]
+    settings = cls.example_settings(spec)
+    return cls(**{name: draw(st.sampled_from(list(values)), label=name) for name, values in settings.items()})
 
 
 FUZZ = settings(
@@ -118,7 +81,7 @@ def test_balancing_never_gives_nan_weights_on_saturated_routers(data):
     _route_and_check(
         draw,
         family=draw(st.sampled_from(["mixtral", "deepseek_v3", "ernie4_5_moe"]), label="family"),
-        method=draw(st.sampled_from(["bip", "loss_free"]), label="method"),
+        method=draw(st.sampled_from(BALANCING), label="method"),
         training=True,
         logit_scale=draw(st.sampled_from([100.0, 1000.0]), label="logit scale"),
     )
@@ -142,15 +105,15 @@ def _route_and_check(draw, family: str, method: str, training: bool, logit_scale
         weight.copy_(
             (torch.randn(weight.shape, generator=gen) * logit_scale / spec.hidden_size**0.5).to(weight.dtype)
         )
-        if method == "adak":
-            layer.allocator.weight.normal_(0.0, 1.0, generator=gen)
-        if method == "dynamic_skip" and draw(st.booleans(), label="tied hidden states"):
+        for param in layer.parameters():  # learned state (Ada-K's allocators): random too
+            param.normal_(0.0, 1.0, generator=gen)
+        if draw(st.booleans(), label="tied hidden states"):  # ties in the scores (dynamic skipping)
             hidden = torch.randint(-1, 2, (n, spec.hidden_size), generator=gen).to(dtype)
         else:
             hidden = torch.randn(n, spec.hidden_size, generator=gen).to(dtype)
         torch.manual_seed(seed)
         logits, weights, index = layer(block.router, hidden)
-        if method in ("bip", "loss_free") and training:  # route again with the updated state
+        if training:  # route again with the state the first forward updated (BIP, Loss-Free)
             logits, weights, index = layer(block.router, hidden)
 
     m = spec.num_experts

@@ -13,6 +13,7 @@ from reliability_models import make_model
 from safetensors.torch import load_file, save_file
 
 from hf_moe_routing import (
+    ROUTING_METHODS,
     AdaKConfig,
     BIPConfig,
     DynamicSkipConfig,
@@ -32,68 +33,10 @@ from hf_moe_routing.core.config import MAX_JSON_DEPTH, parse_json, read_json
 
 NAN, INF = math.nan, math.inf
 
-#: (config class, field, bad value, error type, message pattern); every routing field is covered.
+#: (config class, field, bad value, error type, message pattern), from every registered method's
+#: ``RoutingConfig.bad_settings()``; every routing field is covered (the test below checks it).
 BAD_SETTINGS = [
-    (TopKConfig, "top_k", 2.5, TypeError, "integer"),
-    (TopKConfig, "top_k", True, TypeError, "integer"),
-    (TopKConfig, "top_k", "2", TypeError, "integer"),
-    (TopKConfig, "top_k", 0, ValueError, r"top_k=0\) must lie in \[1"),
-    (BIPConfig, "top_k", 2.0, TypeError, "integer"),
-    (BIPConfig, "top_k", 0, ValueError, "must lie in"),
-    (BIPConfig, "num_iters", 2.5, TypeError, "integer"),
-    (BIPConfig, "num_iters", 0, ValueError, "must lie in"),
-    (BIPConfig, "num_iters", 10_000, ValueError, "must lie in"),
-    (BIPConfig, "capacity_factor", NAN, ValueError, "finite"),
-    (BIPConfig, "capacity_factor", INF, ValueError, "finite"),
-    (BIPConfig, "capacity_factor", 0.5, ValueError, "infeasible"),
-    (BIPConfig, "capacity_factor", "1.2", TypeError, "number"),
-    (BIPConfig, "update", "sometimes", ValueError, "choose one of 'after', 'before'"),
-    (BIPConfig, "update", None, TypeError, "string"),
-    (BIPConfig, "update_in_eval", "false", TypeError, "true or false"),
-    (BIPConfig, "update_in_eval", 0, TypeError, "true or false"),
-    (BIPConfig, "tolerance", NAN, ValueError, "finite"),
-    (BIPConfig, "tolerance", 1.5, ValueError, "must lie in"),
-    (BIPConfig, "tolerance", -0.1, ValueError, "must lie in"),
-    (BIPConfig, "max_extra_iters", NAN, TypeError, "integer"),
-    (BIPConfig, "max_extra_iters", INF, TypeError, "integer"),
-    (BIPConfig, "max_extra_iters", -1, ValueError, "must lie in"),
-    (BIPConfig, "max_extra_iters", 10**6, ValueError, "must lie in"),
-    (BIPConfig, "sync_global", "false", TypeError, "true or false"),
-    (LossFreeConfig, "update_rate", NAN, ValueError, "finite"),
-    (LossFreeConfig, "update_rate", INF, ValueError, "finite"),
-    (LossFreeConfig, "update_rate", 0.0, ValueError, "must lie in"),
-    (LossFreeConfig, "update_rate", 2.0, ValueError, "must lie in"),
-    (LossFreeConfig, "update_in_eval", "false", TypeError, "true or false"),
-    (LossFreeConfig, "sync_global", "true", TypeError, "true or false"),
-    (LossControlledConfig, "coefficient", NAN, ValueError, "finite"),
-    (LossControlledConfig, "coefficient", INF, ValueError, "finite"),
-    (LossControlledConfig, "coefficient", -0.01, ValueError, "must lie in"),
-    (LossControlledConfig, "per_sequence", "false", TypeError, "true or false"),
-    (TopPConfig, "p", NAN, ValueError, "finite"),
-    (TopPConfig, "p", 0.0, ValueError, "must lie in"),
-    (TopPConfig, "p", 1.5, ValueError, "must lie in"),
-    (TopPConfig, "max_k", 2.5, TypeError, "integer"),
-    (TopPConfig, "max_k", 0, ValueError, "must lie in"),
-    (TopPConfig, "normalize", "false", TypeError, "true or false"),
-    (DynamicSkipConfig, "beta", NAN, ValueError, "finite"),
-    (DynamicSkipConfig, "beta", 1.5, ValueError, "must lie in"),
-    (DynamicSkipConfig, "beta", -0.1, ValueError, "must lie in"),
-    (DynamicSkipConfig, "quantile", 0.0, ValueError, "must lie in"),
-    (DynamicSkipConfig, "quantile", 1.0, ValueError, "must lie in"),
-    (DynamicSkipConfig, "quantile", NAN, ValueError, "finite"),
-    (DynamicSkipConfig, "renormalize", "false", TypeError, "true or false"),
-    (AdaKConfig, "k_max", 2.5, TypeError, "integer"),
-    (AdaKConfig, "k_max", True, TypeError, "integer"),
-    (AdaKConfig, "k_max", 0, ValueError, "must lie in"),
-    (AdaKConfig, "decision", "beam", ValueError, "choose one of 'greedy', 'sample'"),
-    (AdaKConfig, "layers", [1.5], TypeError, "integer"),
-    (AdaKConfig, "layers", "0", TypeError, "list"),
-    (AdaKConfig, "layers", [], ValueError, "indices >= 0"),
-    (AdaKConfig, "layers", [-1], ValueError, "indices >= 0"),
-    (AdaKConfig, "renormalize", "false", TypeError, "true or false"),
-    (AdaKConfig, "allocator_input", "router", ValueError, "choose one of 'hidden', 'hidden\\+router'"),
-    (AdaKConfig, "allocator_input", 1, TypeError, "string"),
-    (AdaKConfig, "allocator_bias", "no", TypeError, "true or false"),
+    (ROUTING_METHODS[name], *row) for name in ROUTING_METHODS for row in ROUTING_METHODS[name].bad_settings()
 ]
 IDS = [f"{c.__name__}-{f}-{v!r}" for c, f, v, _, _ in BAD_SETTINGS]
 
@@ -121,10 +64,8 @@ def test_a_setting_changed_after_construction_is_refused_by_patch_model(cls, fie
 def test_every_routing_field_is_covered_by_the_bad_settings_table():
     from dataclasses import fields
 
-    from hf_moe_routing import ROUTING_METHODS
-
     covered = {(cls.routing_type, f) for cls, f, *_ in BAD_SETTINGS}
-    for name in ("topk", "bip", "loss_free", "loss_controlled", "top_p", "dynamic_skip", "adak"):
+    for name in ROUTING_METHODS:
         for f in fields(ROUTING_METHODS[name]):
             assert (name, f.name) in covered, (name, f.name)
 
@@ -241,10 +182,10 @@ def _rewrite_weights(folder, tensors):
 def test_an_adapter_with_non_finite_tensors_is_refused_at_load(tmp_path, config, key, value, ids):
     model = make_model("mixtral")
     patch_model(model, config)
-    if isinstance(config, AdaKConfig):
+    if config.requires == "training":  # trained state: mark it trained
         for layer in routing_layers(model).values():
             layer.num_updates.fill_(1)
-    elif config.needs_fitting:
+    elif config.requires == "fitting":
         fit_routing(model, ids, progress=False)
     folder = save_routing_adapter(model, tmp_path / "adapter", model_card=False)
     path = folder / "routing_adapter.safetensors"

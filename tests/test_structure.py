@@ -23,7 +23,6 @@ LAYERS = {
     "testing": 5,
     "integrations": 6,
     "recipes": 7,
-    "demo": 7,  # the old import path of recipes.demo (a re-export)
     "cli": 8,
 }
 #: Inside layer 5 the folders may use each other in this order only (data below the rest).
@@ -140,3 +139,101 @@ def test_there_are_no_import_cycles():
 def test_modules_stay_small(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines; split it (limit ~400)"
+
+
+# ---- method knowledge stays in methods/<name>/ (issue 21) -------------------------------------------
+#: Ada-K's trainer is Ada-K's own code outside its method folder (the loop; the math is in methods/adak).
+METHOD_HOMES = {"adak": ("methods/adak/", "training/adak/")}
+FIT_HOOKS = {"begin_fit", "end_fit", "abort_fit"}
+
+
+def _method_names() -> dict[str, str]:
+    """Every registered method name and config / layer class name -> the method it belongs to."""
+    from hf_moe_routing import ROUTING_METHODS
+
+    owners = {}
+    for name in ROUTING_METHODS.builtin():
+        owners[name] = name
+        for path in (PACKAGE / "methods" / name).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    owners[node.name] = name
+    return owners
+
+
+def _method_checks(path: Path, owners: dict[str, str]) -> list[tuple[int, str, str]]:
+    """(line, method, what) of each name or type check of a specific method in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            text = " ".join(ast.unparse(o) for o in operands)
+            if "routing_type" in text or "method" in text:
+                for operand in operands:
+                    for const in ast.walk(operand):
+                        if isinstance(const, ast.Constant) and const.value in owners:
+                            found.append((node.lineno, owners[const.value], ast.unparse(node)))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+            for name in ast.walk(node.args[1]) if len(node.args) > 1 else ():
+                if isinstance(name, ast.Name | ast.Attribute):
+                    label = name.id if isinstance(name, ast.Name) else name.attr
+                    if label in owners:
+                        found.append((node.lineno, owners[label], ast.unparse(node)))
+        elif (
+            isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr" and len(node.args) == 2
+        ):
+            attr = node.args[1]
+            if isinstance(attr, ast.Constant) and attr.value in FIT_HOOKS:
+                found.append((node.lineno, "", ast.unparse(node)))
+        elif isinstance(node, ast.Dict) and all(isinstance(v, ast.Constant) for v in node.values):
+            # a lookup table keyed by method names (e.g. display names by routing type)
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+            methods = {owners[k] for k in keys if k in owners and owners[k] == k}
+            if len(methods) >= 2:
+                found.append((node.lineno, sorted(methods)[0], ast.unparse(node)[:80]))
+    return found
+
+
+def test_no_name_or_type_check_of_a_method_outside_its_folder():
+    """``routing_type == "adak"``, ``isinstance(routing, LossControlledConfig)``, ``hasattr(layer,
+    "begin_fit")``, tables keyed by method names: what a method needs is a trait on its config
+    (``RoutingConfig.requires``, ``variable_k``, ``display_name``) and a hook on its layer."""
+    owners = _method_names()
+    offences = []
+    for path in SOURCES:
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative == "methods/base.py":  # the registry's table of built-in methods
+            continue
+        for line, method, what in _method_checks(path, owners):
+            homes = METHOD_HOMES.get(method, (f"methods/{method}/",)) if method else ()
+            if method and any(relative.startswith(home) for home in homes):
+                continue
+            offences.append(f"{relative}:{line}: {what}")
+    assert not offences, "method knowledge outside its method's folder:\n" + "\n".join(offences)
+
+
+def test_the_method_check_scan_finds_what_it_looks_for(tmp_path):
+    owners = {"adak": "adak", "LossControlledConfig": "loss_controlled", "bip": "bip", "topk": "topk"}
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "if config.routing_type == 'adak': pass\n"
+        "if isinstance(routing, LossControlledConfig): pass\n"
+        "if hasattr(layer, 'begin_fit'): pass\n"
+        "names = {'bip': 'BIP', 'topk': 'top-k'}\n"
+        "if 'topk' in results: pass\n"  # a results key, not a method check
+    )
+    assert [line for line, *_ in _method_checks(bad, owners)] == [1, 2, 3, 4]
+
+
+def test_layers_get_their_settings_as_arguments_never_their_config():
+    """One config -> layer convention: ``create_layer`` passes settings; no layer keeps ``self.config``."""
+    offences = []
+    for path in sorted((PACKAGE / "methods").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "config"
+                and getattr(node.value, "id", "") == "self"
+            ):
+                offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offences, f"a routing layer reads its config object: {offences}"

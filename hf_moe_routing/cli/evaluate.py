@@ -143,11 +143,10 @@ def _tasks(text: str) -> list[str]:
 
 def _patch_and_fit(model, routing, tokenizer, args: argparse.Namespace) -> None:
     """Patch with ``routing``; fit it on --fit-dataset first if it has state that can be fitted."""
-    from ..patching import fit_routing, patch_model, routing_layers
+    from ..patching import fit_routing, patch_model
 
     patch_model(model, routing)
-    fittable = routing.needs_fitting and all(hasattr(x, "begin_fit") for x in routing_layers(model).values())
-    if fittable:
+    if routing.requires == "fitting":
         rows = args.fit_steps * args.batch_size
         fit_data = load_data(args, model, tokenizer, args.fit_dataset, args.fit_split, max_rows=rows)
         fitted = fit_routing(

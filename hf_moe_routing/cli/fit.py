@@ -23,8 +23,6 @@ from .options import add_output_arguments, prepare_output_dir
 #: what ``fit`` writes into --output-dir: a routing adapter (replaced atomically), or a whole model
 ADAPTER_FILES = ("routing_config.json", "routing_adapter.safetensors")
 MODEL_FILES = ("config.json", "model*.safetensors*", "fit_results.json")
-#: ``--method`` names of the former ``balance`` command
-_METHODS = {"bip": "bip", "loss-free": "loss_free", "loss-controlled": "loss_controlled"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +30,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers,
         "fit",
-        aliases=["balance"],
         help="fit a routing's state (BIP, Loss-Free, dynamic skipping) on text and save a routing adapter",
         description=(
             "Fit the state of a routing on text, with the model frozen (no gradients), and save it as a\n"
@@ -54,9 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_routing_arguments(parser, adapter=False)
-    parser.add_argument(
-        "--method", choices=sorted(_METHODS), default=None, help=argparse.SUPPRESS
-    )  # `balance`
     add_data_arguments(parser, dataset="wikitext-2/valid", split="train", eval_dataset=True)
     run_group = parser.add_argument_group("fitting")
     run_group.add_argument(
@@ -83,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes.fitting import changes_weights, fit_on_data, save_fit
 
     setup_logging(args.quiet)
-    if args.method is not None and args.routing is None:
-        args.routing = _METHODS[args.method]
     if args.routing is None:
         raise ValueError(
             "Pass --routing, e.g. --routing bip (or bip:capacity_factor=1.25, loss_free, dynamic_skip)."

@@ -51,8 +51,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "push": ("push", "upload a routing adapter (only its files, with a model card) to the Hugging Face Hub"),
 }
-#: other names of commands (kept working)
-ALIASES: dict[str, str] = {"balance": "fit"}
 
 #: Exceptions that mean "the user asked for something that cannot be done", not a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -90,20 +88,15 @@ def _version() -> str:
 
 
 def command_module(name: str) -> ModuleType:
-    """The module of command (or alias) ``name``."""
-    return importlib.import_module(f"{__package__}.{COMMANDS[ALIASES.get(name, name)][0]}")
-
-
-def command_modules() -> list[ModuleType]:
-    """Every subcommand module, in :data:`COMMANDS` order (imports them all)."""
-    return [command_module(name) for name in COMMANDS]
+    """The module of command ``name``."""
+    return importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
 
 
 def _requested(argv: Sequence[str]) -> str | None:
     """The command named in ``argv`` (the first word that is not an option), if it is one of ours."""
     for arg in argv:
         if not arg.startswith("-"):
-            return arg if arg in COMMANDS or arg in ALIASES else None
+            return arg if arg in COMMANDS else None
     return None
 
 
@@ -124,8 +117,7 @@ def build_parser(argv: Sequence[str] | None = None, *, full: bool = False) -> ar
         "--traceback", action="store_true", help="show the full traceback of errors (for bug reports)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    requested = _requested(argv or [])
-    wanted = ALIASES.get(requested, requested)
+    wanted = _requested(argv or [])
     for name, (_, help_text) in COMMANDS.items():
         if full or name == wanted:
             module = command_module(name)

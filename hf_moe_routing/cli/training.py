@@ -41,7 +41,7 @@ INTERRUPT_HINT = "run the same command again with --resume to continue from the 
 
 def _configs() -> tuple[type, type]:
     from ..methods.adak import AdaKConfig
-    from ..training.adak_trainer import AdaKTrainingConfig
+    from ..training.adak import AdaKTrainingConfig
 
     return AdaKTrainingConfig, AdaKConfig
 
@@ -76,7 +76,7 @@ def run_training(args: argparse.Namespace) -> int:
     """Train (or warm-start) Ada-K allocators as the parsed options say, then save the routing adapter."""
     from ..hub import load_routing_adapter
     from ..patching import patch_model
-    from ..training.adak_trainer import AdaKTrainer
+    from ..training.adak import AdaKTrainer
 
     setup_logging(args.quiet)
     training, allocators = _configs()

@@ -19,7 +19,6 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from .context import check_context_length  # noqa: F401  (re-exported: the old import path)
 from .corpora import CORPORA, read_corpus
 
 #: label value ignored by the loss (transformers / PyTorch convention)

@@ -2,9 +2,10 @@
 
 One small module per family that needs its own knowledge (``families/<model_type>.py``, a
 subclass of :class:`MoEFamily` with a :class:`RouterKind`); any other transformers MoE family is
-served by :class:`GenericFamily`, which detects its router kind by probing. Families register by
-``model_type`` in :data:`FAMILIES` (a lazy registry: a family module is imported when a model of
-that type is described). :func:`describe_model` returns everything the layers above need.
+served by :class:`GenericFamily`, which detects its router kind by probing. A built-in family is
+one line in :data:`_BUILTIN` below (the module is imported when a model of that type is described;
+see ``core/registry.py`` for the one way to register, and for third parties). :func:`describe_model`
+returns everything the layers above need.
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ from .generic import GenericFamily
 from .kinds import RouterKind
 from .spec import RouterOutput, RouterSpec, TensorSlot
 
-#: Built-in family modules, by ``config.model_type`` (imported on first use).
+#: Built-in family modules, by ``config.model_type`` (imported on first use): the only list of them.
 _BUILTIN = {
     "mixtral": "mixtral:MixtralFamily",
     "qwen2_moe": "qwen2_moe:Qwen2MoeFamily",
     "qwen3_moe": "qwen3_moe:Qwen3MoeFamily",
     "deepseek_v2": "deepseek:DeepseekV2Family",
     "deepseek_v3": "deepseek:DeepseekV3Family",
-    "glm4_moe": "glm4_moe:Glm4MoeFamily",
     "gpt_oss": "gpt_oss:GptOssFamily",
     "llama4_text": "llama4:Llama4Family",
     "llama4": "llama4:Llama4Family",
     "granitemoe": "granitemoe:GraniteMoeFamily",
+    "granitemoeshared": "granitemoe:GraniteMoeFamily",
+    "granitemoehybrid": "granitemoe:GraniteMoeFamily",
+    "granitemoe_swa": "granitemoe:GraniteMoeFamily",
     "ernie4_5_moe": "ernie4_5_moe:Ernie45MoeFamily",
     "minimax_m2": "minimax_m2:MiniMaxM2Family",
     "phimoe": "phimoe:PhimoeFamily",
@@ -56,16 +59,21 @@ _BUILTIN = {
     "inkling_text": "refused:InklingFamily",
 }
 
-#: ``model_type`` -> family class (register yours with :func:`register_family`).
+#: ``model_type`` -> family class (register yours with :func:`register_family` or an entry point).
 FAMILIES: Registry[type[MoEFamily]] = Registry(
-    "model family", {name: f"{__name__}.{path}" for name, path in _BUILTIN.items()}
+    "model family",
+    MoEFamily,
+    {name: f"{__name__}.{path}" for name, path in _BUILTIN.items()},
+    entry_point_group="hf_moe_routing.families",
 )
 
 
 def register_family(cls: type[MoEFamily]) -> type[MoEFamily]:
-    """Class decorator: serve the ``config.model_type`` values in ``cls.model_types`` with ``cls``.
+    """Class decorator for third-party families: serve the ``config.model_type`` values in
+    ``cls.model_types`` with ``cls`` (built-ins are listed in :data:`_BUILTIN` instead).
 
-    Raises ValueError if one of them is already served by another family.
+    Raises ValueError if one of them is already served by another family, TypeError if ``cls`` is
+    not a :class:`MoEFamily` subclass.
     """
     for model_type in cls.model_types:
         FAMILIES.register(model_type, cls)

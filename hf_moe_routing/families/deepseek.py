@@ -2,12 +2,10 @@
 selection bias ``e_score_correction_bias``, group-limited by the sum of the top two scores);
 float32 logits, unsorted top-k, routed scaling factor."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class DeepseekV2Family(MoEFamily):
     name = "deepseek_v2"
     model_types = ("deepseek_v2",)
@@ -27,7 +25,6 @@ class DeepseekV2Family(MoEFamily):
         return super().groups(router, block, config)
 
 
-@register_family
 class DeepseekV3Family(MoEFamily):
     name = "deepseek_v3"
     model_types = ("deepseek_v3",)

@@ -1,12 +1,10 @@
 """ERNIE 4.5 MoE: float32 softmax with autocast disabled, a selection bias in ``gate.moe_statics``,
 weights renormalised by ``max(sum, norm_min)`` and cast to the hidden states' dtype."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class Ernie45MoeFamily(MoEFamily):
     name = "ernie4_5_moe"
     model_types = ("ernie4_5_moe",)

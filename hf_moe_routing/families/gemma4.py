@@ -3,12 +3,10 @@ its input (no learned weight) and multiplies it by ``scale * d**-0.5`` before it
 softmax, top-k, always renormalised, then each weight times a learned ``per_expert_scale``. It returns
 the softmax scores (not the logits) first."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class Gemma4Family(MoEFamily):
     name = "gemma4_text"
     model_types = ("gemma4_text", "gemma4")

@@ -250,12 +250,6 @@ def _is_softmax_output(values: torch.Tensor) -> bool:
     return bool((values >= 0).all() and torch.allclose(values.sum(-1), torch.ones(()), atol=1e-3))
 
 
-def eval_path(module: nn.Module, path: str) -> Any:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def _describe_output(output: object) -> str:
     if isinstance(output, tuple):
         return "(" + ", ".join(type(t).__name__ for t in output) + ")"

@@ -1,11 +1,9 @@
 """gpt-oss: top-k of the logits (with a router bias), weights a softmax over the chosen logits."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class GptOssFamily(MoEFamily):
     name = "gpt_oss"
     model_types = ("gpt_oss",)

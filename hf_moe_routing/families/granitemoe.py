@@ -1,12 +1,10 @@
 """Granite MoE (GraniteMoE, -Shared, -Hybrid / Granite 4): float32 logits, top-k of the logits,
 weights a softmax over the chosen logits cast to the hidden states' dtype."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class GraniteMoeFamily(MoEFamily):
     name = "granitemoe"
     model_types = ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa")

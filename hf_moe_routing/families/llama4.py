@@ -1,12 +1,10 @@
 """Llama 4: top-k of the logits, each chosen expert weighted by ``sigmoid(logit)``; the router
 returns dense ``(scores (n, m), logits)`` and the block scales the experts' inputs by the scores."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class Llama4Family(MoEFamily):
     name = "llama4"
     model_types = ("llama4_text", "llama4")

@@ -1,11 +1,9 @@
 """MiniMax-M2: sigmoid scores, a selection bias the block holds and passes to its router."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class MiniMaxM2Family(MoEFamily):
     name = "minimax_m2"
     model_types = ("minimax_m2",)

@@ -1,11 +1,9 @@
 """Mixtral: softmax over the logits, top-k always renormalised, float32 weights."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class MixtralFamily(MoEFamily):
     name = "mixtral"
     model_types = ("mixtral",)

@@ -2,12 +2,10 @@
 are the two best logits, each weighted by a softmax over the logits within ``2 eps`` (relative) of
 it; in training the family samples experts, so Top-K routing defers to the family's own forward."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class PhimoeFamily(MoEFamily):
     name = "phimoe"
     model_types = ("phimoe",)

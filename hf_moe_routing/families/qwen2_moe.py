@@ -1,11 +1,9 @@
 """Qwen2-MoE / Qwen1.5-MoE: softmax top-k, optional renormalisation, a sigmoid-gated shared expert."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class Qwen2MoeFamily(MoEFamily):
     name = "qwen2_moe"
     model_types = ("qwen2_moe",)

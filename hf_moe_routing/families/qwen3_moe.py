@@ -1,11 +1,9 @@
 """Qwen3-MoE: softmax top-k with ``norm_topk_prob``, no shared expert."""
 
-from . import register_family
 from .base import MoEFamily
 from .kinds import RouterKind
 
 
-@register_family
 class Qwen3MoeFamily(MoEFamily):
     name = "qwen3_moe"
     model_types = ("qwen3_moe",)

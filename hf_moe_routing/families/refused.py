@@ -4,11 +4,9 @@
 listed are probed; a router that no kind reproduces is refused with the step that failed.)
 """
 
-from . import register_family
 from .base import MoEFamily
 
 
-@register_family
 class DeepseekV4Family(MoEFamily):
     name = "deepseek_v4"
     model_types = ("deepseek_v4",)
@@ -18,7 +16,6 @@ class DeepseekV4Family(MoEFamily):
     )
 
 
-@register_family
 class DogeFamily(MoEFamily):
     name = "doge"
     model_types = ("doge",)
@@ -28,7 +25,6 @@ class DogeFamily(MoEFamily):
     )
 
 
-@register_family
 class JetMoeFamily(MoEFamily):
     name = "jetmoe"
     model_types = ("jetmoe",)
@@ -38,7 +34,6 @@ class JetMoeFamily(MoEFamily):
     )
 
 
-@register_family
 class ZayaFamily(MoEFamily):
     name = "zaya"
     model_types = ("zaya",)
@@ -48,7 +43,6 @@ class ZayaFamily(MoEFamily):
     )
 
 
-@register_family
 class DbrxFamily(MoEFamily):
     name = "dbrx"
     model_types = ("dbrx",)
@@ -58,7 +52,6 @@ class DbrxFamily(MoEFamily):
     )
 
 
-@register_family
 class InklingFamily(MoEFamily):
     name = "inkling_text"
     model_types = ("inkling_text",)

@@ -67,11 +67,6 @@ def decoder_layers_name(block_name: str) -> str:
     return match.group(1)
 
 
-def decoder_layers(model: nn.Module, block_name: str) -> nn.ModuleList:
-    """The decoder layer list holding the MoE block ``block_name`` (ValueError if there is none)."""
-    return model.get_submodule(decoder_layers_name(block_name))
-
-
 def attention_of(
     layer: nn.Module, config: Any, index: int, exclude: tuple[nn.Module, ...] = ()
 ) -> AttentionInfo:

@@ -317,9 +317,7 @@ def build_model_card(
         base_model=base_id,
         adapter_id=repo_id or "path/to/this/folder",
         routing_type=routing_type,
-        routing_name={"topk": "top-k", "bip": "BIP-balanced", "adak": "Ada-K adaptive"}.get(
-            routing_type, routing_type
-        ),
+        routing_name=_display_name(routing_type),
         routing_settings=_rows(routing),
         shape=shape,
         shape_rows=_rows(shape),
@@ -371,3 +369,12 @@ def check_model_card(card: ModelCard | str) -> ModelCard:
         if len(results) != expected or not all(isinstance(r.metric_value, (int, float)) for r in results):
             raise ValueError("The model card's model-index does not parse into numeric evaluation results.")
     return parsed
+
+
+def _display_name(routing_type: str) -> str:
+    """The method's name in prose (``RoutingConfig.display_name``); the type itself if unknown."""
+    from ..methods import ROUTING_METHODS
+
+    if routing_type not in ROUTING_METHODS:
+        return routing_type
+    return ROUTING_METHODS[routing_type].display_name or routing_type

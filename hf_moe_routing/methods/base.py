@@ -3,12 +3,23 @@
 A method is a config dataclass (strict types, JSON round trip) plus a per-block
 :class:`RoutingLayer`: an ``nn.Module`` stored as ``router.routing`` that maps the router's
 hidden states to a :class:`~hf_moe_routing.families.RouterOutput` through the block's
-:class:`~hf_moe_routing.families.RouterSpec`. Methods register where they are defined::
+:class:`~hf_moe_routing.families.RouterSpec`. A built-in method is one folder
+``methods/<name>/`` (``__init__.py``, ``config.py``, ``layer.py``) plus one line in the
+:data:`ROUTING_METHODS` table below; a third-party method registers with :func:`register_routing`
+or an entry point (``core/registry.py``)::
 
-    @register_routing
     @dataclass
     class BIPConfig(RoutingConfig):
         routing_type: ClassVar[str] = "bip"
+        requires: ClassVar[Requirement] = "fitting"      # what it needs before use (one trait)
+        capacity_factor: float = 2.0
+
+        def create_layer(self, block, model, context):    # the layer gets its settings as arguments
+            return BIPLayer(block, context, capacity_factor=self.capacity_factor)
+
+One config -> layer convention for every method: ``create_layer`` passes the settings the layer
+uses as arguments, and the layer keeps them as attributes; a layer never holds its config (so a
+config changed after patching changes nothing until the model is patched again).
 
 Non-finite values (the policy every method follows; the README's reliability section lists the tests):
 
@@ -36,7 +47,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -44,12 +56,21 @@ from torch import nn
 from ..core.config import JSONConfig
 from ..core.context import RoutingContext, is_recomputing
 from ..core.registry import Registry
-from ..families import MoEBlock, MoEModel, RouterOutput
+from ..families import MoEBlock, MoEModel, RouterOutput, RouterSpec
 from .routing import original_router_output, selectable_experts
 
-#: routing_type -> config class; the built-ins load on first lookup.
+#: What a routing needs before its results mean anything (:attr:`RoutingConfig.requires`):
+#: ``"nothing"`` (routes by fixed rules: Top-K, top-p), ``"fitting"`` (state fitted on data without
+#: gradients by ``fit_routing``: BIP, Loss-Free, dynamic skipping), ``"training"`` (state trained by
+#: its own trainer: Ada-K's allocators) or ``"router_training"`` (the router weights themselves are
+#: fine-tuned: Loss-Controlled).
+Requirement = Literal["nothing", "fitting", "training", "router_training"]
+
+#: routing_type -> config class; the built-ins (this table is the only list of them) load on first
+#: lookup. A new built-in method adds one line here (see ``core/registry.py``).
 ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
     "routing method",
+    None,  # the base, RoutingConfig, is set below (it is defined after this table)
     {
         "topk": "hf_moe_routing.methods.topk.config:TopKConfig",
         "top_p": "hf_moe_routing.methods.top_p.config:TopPConfig",
@@ -59,13 +80,16 @@ ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
         "loss_controlled": "hf_moe_routing.methods.loss_controlled.config:LossControlledConfig",
         "adak": "hf_moe_routing.methods.adak.config:AdaKConfig",
     },
+    entry_point_group="hf_moe_routing.methods",
 )
 
 
 def register_routing(cls: type[RoutingConfig]) -> type[RoutingConfig]:
-    """Class decorator: make a routing config available by its ``routing_type`` name.
+    """Class decorator for third-party methods: make a routing config available by its ``routing_type``
+    name (built-ins are listed in :data:`ROUTING_METHODS`' table instead).
 
-    Raises ValueError if another config already has that name.
+    Raises ValueError if another config already has that name, TypeError if ``cls`` is not a
+    :class:`RoutingConfig` subclass.
     """
     ROUTING_METHODS.register(cls.routing_type, cls)
     return cls
@@ -85,10 +109,12 @@ class RoutingConfig(JSONConfig, abc.ABC):
     """
 
     routing_type: ClassVar[str] = ""
+    #: The method's name in prose (model cards), e.g. ``"BIP-balanced"``; empty: ``routing_type``.
+    display_name: ClassVar[str] = ""
     #: True if tokens may use fewer experts than the model's top-k (needs sentinel-safe experts).
     variable_k: ClassVar[bool] = False
-    #: True if the routing has state to fit on data (BIP's q, dynamic skipping's beta) or to train.
-    needs_fitting: ClassVar[bool] = False
+    #: What the routing needs before use (see :data:`Requirement`); the one trait callers read.
+    requires: ClassVar[Requirement] = "nothing"
 
     def validate(self, model: MoEModel) -> None:
         """Raise ValueError if the config cannot be applied to this model (e.g. k out of range)."""
@@ -117,6 +143,31 @@ class RoutingConfig(JSONConfig, abc.ABC):
         if not isinstance(name, str):
             raise TypeError(f"routing_type must be a string, got {name!r}.")
         return get_routing_class(name).from_fields(data)
+
+    # ---- test hooks: every registered method is run by the method-parametrised tests -------------
+    @classmethod
+    def example(cls) -> RoutingConfig:
+        """A config that routes right after ``patch_model`` (no fitting needed to run a forward).
+
+        Tests patch every registered method with it (compile, adapters); override when the defaults
+        cannot route unfitted (e.g. dynamic skipping without a ``beta``).
+        """
+        return cls()
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        """Valid values per field on a router of ``spec``, for the fuzz test (``tests/test_fuzz.py``).
+
+        It builds configs from one value of each listed field (others keep their defaults) and checks
+        the routing's invariants on random routers. List the values that reach different code paths.
+        """
+        return {}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        """``(field, value, error type, message regex)`` rows: values the config must refuse, with the
+        error it raises (``tests/test_reliability_configs.py``; every field needs a row)."""
+        return ()
 
     def check_k(self, name: str, k: int | None, model: MoEModel, *, selectable: bool = True) -> None:
         """ValueError unless ``k`` (a setting named ``name``) is None or in ``1..num_experts``.
@@ -246,6 +297,17 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         """False if the layer's state was never fitted or trained (evaluating it would be misleading)."""
         return True
 
+    # ---- fitting (``fit_routing``; layers of configs with ``requires = "fitting"`` override) -------
+    def begin_fit(self) -> None:
+        """Start fitting: the next forwards (model in eval mode, no gradients) fit the layer's state."""
+
+    def end_fit(self) -> Any:
+        """Finish fitting and return a JSON-able summary of what was fitted (default: ``{}``)."""
+        return {}
+
+    def abort_fit(self) -> None:
+        """Fitting failed part way: leave the layer as it was before :meth:`begin_fit` (or usable)."""
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         """``module._apply`` with float32 tensors kept float32: a dtype cast is refused, a move kept.
 
@@ -262,6 +324,9 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, router={self.spec.kind.describe()}"
+
+
+ROUTING_METHODS.base = RoutingConfig
 
 
 def _clone(value: Any) -> Any:

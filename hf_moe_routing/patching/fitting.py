@@ -7,7 +7,8 @@ seen data. ``fit_routing`` is that step, next to ``patch_model``::
     fit_routing(model, calibration_data)        # q fitted on the data, model unchanged
     save_routing_adapter(model, "bip-adapter")
 
-Each routing layer takes part through ``begin_fit()`` / ``end_fit()``: BIP and Loss-Free update
+Routings whose config declares ``requires = "fitting"`` are fitted; each routing layer takes part
+through ``begin_fit()`` / ``end_fit()`` (no-ops on the base layer): BIP and Loss-Free update
 their state on every batch (as in training, but the model stays in eval mode: no dropout, no
 gradients), dynamic skipping collects score ratios and sets its thresholds at the end.
 """
@@ -52,18 +53,9 @@ def fit_routing(
     """
     state = _require_state(model)
     config = state.config
-    if config.routing_type == "adak":
-        raise ValueError(
-            "Ada-K allocators are trained with PPO, not fitted: use hf_moe_routing.AdaKTrainer "
-            "(or `hf-moe-routing train`)."
-        )
-    if not config.needs_fitting:
-        raise ValueError(
-            f"{type(config).__name__} has no state to fit: it routes by fixed rules. Fitting applies to "
-            "BIPConfig, LossFreeConfig and DynamicSkipConfig."
-        )
-    layers = routing_layers(model)
-    fittable = {i: layer for i, layer in layers.items() if hasattr(layer, "begin_fit")}
+    if config.requires != "fitting":
+        raise ValueError(f"{type(config).__name__} cannot be fitted: {_NOT_FITTED[config.requires]}")
+    fittable = routing_layers(model)
     for layer in fittable.values():
         layer.begin_fit()
     try:
@@ -81,6 +73,17 @@ def fit_routing(
             layer.abort_fit()
         raise
     return {"routing": config.routing_type, "batches": batches, "tokens": tokens, "layers": summaries}
+
+
+#: Why ``fit_routing`` refuses a routing, by :attr:`RoutingConfig.requires`.
+_NOT_FITTED = {
+    "nothing": "it has no state to fit: it routes by fixed rules. Fitting applies to routings with "
+    "state fitted on data (BIPConfig, LossFreeConfig, DynamicSkipConfig).",
+    "training": "its state is trained, not fitted: use its trainer (Ada-K: hf_moe_routing.AdaKTrainer, "
+    "or `hf-moe-routing train`).",
+    "router_training": "it fine-tunes the router weights with the training loss: train the model with it, "
+    "or use `hf-moe-routing fit`, which fine-tunes the routers and saves the model.",
+}
 
 
 def unfitted_layers(model: nn.Module) -> list[int]:
@@ -102,7 +105,7 @@ def warn_if_unfitted(model: nn.Module, consequence: str, *, stacklevel: int = 2)
     if not layers:
         return False
     config = get_patch_state(model).config
-    fittable = all(hasattr(layer, "begin_fit") for layer in routing_layers(model).values())
+    fittable = config.requires == "fitting"
     how = (
         "fit it first: hf_moe_routing.fit_routing(model, data) (command line: hf-moe-routing fit)"
         if fittable

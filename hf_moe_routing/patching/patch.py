@@ -76,11 +76,6 @@ class PatchState:
         return self.model.family
 
     @property
-    def adapter(self) -> MoEFamily:  # the name of earlier versions
-        """Deprecated name of :attr:`family`."""
-        return self.model.family
-
-    @property
     def blocks(self) -> tuple[MoEBlock, ...]:
         """The patched MoE blocks, in layer order."""
         return self.model.blocks
@@ -182,7 +177,6 @@ def patch_model(
     config: RoutingConfig,
     *,
     family: str | MoEFamily | None = None,
-    adapter: str | MoEFamily | None = None,
     replace: bool = False,
 ) -> nn.Module:
     """Replace the routing of every MoE block of ``model`` by the one ``config`` chooses.
@@ -191,7 +185,6 @@ def patch_model(
         model: a transformers MoE model (``*ForCausalLM``, the bare ``*Model``, or a PEFT wrapper).
         config: a routing config, e.g. ``TopKConfig()``, ``BIPConfig()``, ``AdaKConfig()``.
         family: force a model family by name (``"generic"`` detects the router kind) or instance.
-        adapter: the name of ``family`` in earlier versions.
         replace: if the model is already patched, unpatch it first instead of raising.
 
     Returns the same model, patched in place. Everything is checked before anything changes: on
@@ -217,11 +210,7 @@ def patch_model(
     if state is None and stray:
         raise ValueError(f"{stray[0]} is already a patched router (patched through another model object).")
 
-    described = (
-        state.model
-        if state is not None and family is None and adapter is None
-        else describe_model(model, family if family is not None else adapter)
-    )
+    described = state.model if state is not None and family is None else describe_model(model, family)
     config.validate_settings()  # a field may have been changed since construction
     config.validate(described)
     context = RoutingContext()

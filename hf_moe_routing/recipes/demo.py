@@ -186,7 +186,7 @@ def train_adak(
 ) -> Any:
     """Warm-start and PPO-train Ada-K allocators on the frozen ``model`` (patched with AdaKConfig)."""
     from ..methods.adak import AdaKConfig
-    from ..training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+    from ..training.adak import AdaKTrainer, AdaKTrainingConfig
 
     if get_patch_state(model) is not None:
         unpatch_model(model)

@@ -20,7 +20,7 @@ from torch import nn
 from ..core.batching import iter_batches, model_device
 from ..evaluation.evaluate import evaluate_routing
 from ..hub import save_routing_adapter
-from ..methods import LossControlledConfig, RoutingConfig
+from ..methods import RoutingConfig
 from ..patching import fit_routing, get_patch_state, patch_model, routing_aux_loss, unpatch_model
 
 
@@ -80,7 +80,7 @@ def finetune_routers(
 
 def changes_weights(routing: RoutingConfig) -> bool:
     """Whether fitting ``routing`` trains router weights (then the whole model is saved, not an adapter)."""
-    return isinstance(routing, LossControlledConfig)
+    return routing.requires == "router_training"
 
 
 @dataclass
@@ -131,7 +131,8 @@ def fit_on_data(
 
     Args:
         model: an unpatched MoE causal LM.
-        routing: a routing with state to fit (``needs_fitting``), or ``LossControlledConfig``.
+        routing: a routing with state to fit (``requires == "fitting"``), or one that fine-tunes the
+            router weights (``requires == "router_training"``, e.g. ``LossControlledConfig``).
         fit_data, eval_data: token ids (packed datasets, tensors, lists; see ``iter_batches``).
         batch_size: sequences per forward (BIP balances each batch: use the size you will serve with).
         max_steps: fit on at most this many batches (None: all of ``fit_data``).
@@ -144,7 +145,12 @@ def fit_on_data(
     """
     if get_patch_state(model) is not None:
         raise ValueError("fit_on_data needs an unpatched model: it measures the model's own Top-K first.")
-    if not changes_weights(routing) and not routing.needs_fitting:
+    if routing.requires == "training":
+        raise ValueError(
+            f"The {routing.routing_type} routing is trained, not fitted: use its trainer "
+            "(Ada-K: hf_moe_routing.AdaKTrainer, or hf-moe-routing train)."
+        )
+    if routing.requires == "nothing":
         raise ValueError(
             f"The {routing.routing_type} routing has no state to fit: evaluate it directly "
             "(hf-moe-routing evaluate --routing ...)."

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from ..core.batching import iter_batches, model_device
-from ..data.datasets import check_context_length
+from ..data.context import check_context_length
 from ..evaluation.evaluate import evaluate_routing
 from ..evaluation.stats import RoutingStats
 from ..methods import RoutingConfig, TopKConfig

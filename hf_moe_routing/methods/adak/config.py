@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.config import check_choice, check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, RoutingLayer, TopKLayer, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import Requirement, RoutingConfig, RoutingLayer, TopKLayer
 from ..routing import selectable_experts
 from .allocator import ALLOCATOR_INPUTS
 from .layer import AdaKLayer
@@ -16,7 +17,6 @@ from .layer import AdaKLayer
 DECISIONS = ("greedy", "sample")
 
 
-@register_routing
 @dataclass
 class AdaKConfig(RoutingConfig):
     """Ada-K routing: an allocator per MoE layer picks how many experts each token gets.
@@ -45,8 +45,9 @@ class AdaKConfig(RoutingConfig):
     """
 
     routing_type: ClassVar[str] = "adak"
+    display_name: ClassVar[str] = "Ada-K adaptive"
     variable_k: ClassVar[bool] = True
-    needs_fitting: ClassVar[bool] = True
+    requires: ClassVar[Requirement] = "training"
 
     k_max: int | None = field(default=None, metadata={"help": "most experts per token (default: top-k)"})
     decision: str = field(default="greedy", metadata={"help": "k at inference: greedy or sample"})
@@ -125,3 +126,29 @@ class AdaKConfig(RoutingConfig):
             allocator_input=self.allocator_input,
             allocator_bias=self.allocator_bias,
         )
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        no_false = spec.kind.score in ("softmax_topk", "sparsemixer")
+        return {
+            "k_max": (None, 1, selectable_experts(spec)),
+            "decision": ("greedy", "sample"),
+            "renormalize": (None, True) if no_false else (None, True, False),
+        }
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("k_max", 2.5, TypeError, "integer"),
+            ("k_max", True, TypeError, "integer"),
+            ("k_max", 0, ValueError, "must lie in"),
+            ("decision", "beam", ValueError, "choose one of 'greedy', 'sample'"),
+            ("layers", [1.5], TypeError, "integer"),
+            ("layers", "0", TypeError, "list"),
+            ("layers", [], ValueError, "indices >= 0"),
+            ("layers", [-1], ValueError, "indices >= 0"),
+            ("renormalize", "false", TypeError, "true or false"),
+            ("allocator_input", "router", ValueError, "choose one of 'hidden', 'hidden\\+router'"),
+            ("allocator_input", 1, TypeError, "string"),
+            ("allocator_bias", "no", TypeError, "true or false"),
+        ]

@@ -86,11 +86,6 @@ class AdaKLayer(RoutingLayer):
         self.forced_k: torch.Tensor | None = None
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=False)
 
-    @property
-    def k_cap(self) -> int:
-        """The most experts a token gets from this layer (``k_max``; the model's top-k by default)."""
-        return self.k_max
-
     def is_fitted(self) -> bool:
         return bool(self.num_updates > 0)
 

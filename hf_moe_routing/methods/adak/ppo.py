@@ -195,14 +195,6 @@ def expected_k_penalty(
     return lam * torch.stack(terms).mean()
 
 
-def entropy_bonus(
-    logits_per_layer: list[torch.Tensor], masks: list[torch.Tensor], beta: float
-) -> torch.Tensor:
-    """``- beta * (1/L) sum_l mean_i H(P_l(. | s_il))`` (a loss term: negative entropy)."""
-    terms = [masked_mean(entropy(logits), mask) for logits, mask in zip(logits_per_layer, masks)]
-    return -beta * torch.stack(terms).mean()
-
-
 def policy_gradient_snr(
     features: torch.Tensor,
     logits: torch.Tensor,

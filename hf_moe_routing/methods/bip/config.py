@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_choice, check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import Requirement, RoutingConfig
+from ..routing import selectable_experts
 from .layer import BIPLayer
 
 UPDATE_MODES = ("after", "before")
 
 
-@register_routing
 @dataclass
 class BIPConfig(RoutingConfig):
     """BIP-Based Balancing (Sun, arXiv 2502.15451): per-layer expert prices q from an LP dual.
@@ -48,7 +50,8 @@ class BIPConfig(RoutingConfig):
     """
 
     routing_type: ClassVar[str] = "bip"
-    needs_fitting: ClassVar[bool] = True
+    display_name: ClassVar[str] = "BIP-balanced"
+    requires: ClassVar[Requirement] = "fitting"
 
     num_iters: int = 4
     capacity_factor: float = 1.0
@@ -82,4 +85,53 @@ class BIPConfig(RoutingConfig):
         self.check_k("top_k", self.top_k, model)
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> BIPLayer:
-        return BIPLayer(block, context, self, self.top_k or block.spec.top_k)
+        return BIPLayer(
+            block,
+            context,
+            top_k=self.top_k or block.spec.top_k,
+            num_iters=self.num_iters,
+            capacity_factor=self.capacity_factor,
+            update=self.update,
+            update_in_eval=self.update_in_eval,
+            tolerance=self.tolerance,
+            max_extra_iters=self.max_extra_iters,
+            sync_global=self.sync_global,
+        )
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        return {
+            "num_iters": (1, 2, 6),
+            "capacity_factor": (1.0, 1.37, 3.0),
+            "update": UPDATE_MODES,
+            "update_in_eval": (False, True),
+            "top_k": (None, 1, selectable_experts(spec)),
+            "tolerance": (0.0, 0.05, 1.0),
+            "max_extra_iters": (0, 3, 8),
+        }
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("top_k", 2.0, TypeError, "integer"),
+            ("top_k", 0, ValueError, "must lie in"),
+            ("num_iters", 2.5, TypeError, "integer"),
+            ("num_iters", 0, ValueError, "must lie in"),
+            ("num_iters", 10_000, ValueError, "must lie in"),
+            ("capacity_factor", math.nan, ValueError, "finite"),
+            ("capacity_factor", math.inf, ValueError, "finite"),
+            ("capacity_factor", 0.5, ValueError, "infeasible"),
+            ("capacity_factor", "1.2", TypeError, "number"),
+            ("update", "sometimes", ValueError, "choose one of 'after', 'before'"),
+            ("update", None, TypeError, "string"),
+            ("update_in_eval", "false", TypeError, "true or false"),
+            ("update_in_eval", 0, TypeError, "true or false"),
+            ("tolerance", math.nan, ValueError, "finite"),
+            ("tolerance", 1.5, ValueError, "must lie in"),
+            ("tolerance", -0.1, ValueError, "must lie in"),
+            ("max_extra_iters", math.nan, TypeError, "integer"),
+            ("max_extra_iters", math.inf, TypeError, "integer"),
+            ("max_extra_iters", -1, ValueError, "must lie in"),
+            ("max_extra_iters", 10**6, ValueError, "must lie in"),
+            ("sync_global", "false", TypeError, "true or false"),
+        ]

@@ -11,7 +11,7 @@ from torch import nn
 from ...core.context import RoutingContext
 from ...core.distributed import gather_rows
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingConfig, RoutingLayer
+from ..base import RoutingLayer
 from .solver import check_k, expert_capacity, solve_duals
 
 
@@ -26,22 +26,36 @@ class BIPLayer(RoutingLayer):
 
     display_name = "BIP"
 
-    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig, top_k: int) -> None:
+    def __init__(
+        self,
+        block: MoEBlock,
+        context: RoutingContext,
+        *,
+        top_k: int,
+        num_iters: int,
+        capacity_factor: float,
+        update: str,
+        update_in_eval: bool,
+        tolerance: float,
+        max_extra_iters: int,
+        sync_global: bool,
+    ) -> None:
         super().__init__(block, context)
         check_k(top_k, self.spec.num_experts)
-        self.config = config
         self.top_k = top_k
+        self.num_iters = num_iters
+        self.capacity_factor = capacity_factor
+        self.update = update
+        self.update_in_eval = update_in_eval
+        self.tolerance = tolerance
+        self.max_extra_iters = max_extra_iters
+        self.sync_global = sync_global
         self.register_buffer("q", torch.zeros(self.spec.num_experts, dtype=torch.float32), persistent=True)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
         self.fitting = False
         #: rounds run by the last update (T plus extra ones), and its overload (max load - C), in tokens
         self.last_rounds = 0
         self.last_overload = 0
-
-    def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "num_updates" not in state and "q" in state:  # adapters saved before fits were counted
-            state = {**state, "num_updates": torch.tensor(int(bool(state["q"].abs().sum() > 0)))}
-        super().load_routing_state(state)
 
     def begin_fit(self) -> None:
         """Start fitting: q updates on every batch, also in eval mode."""
@@ -58,7 +72,7 @@ class BIPLayer(RoutingLayer):
 
     def updates_now(self) -> bool:
         """Whether this forward updates the state: in training mode, while fitting, or with ``update_in_eval``."""
-        return self.training or self.fitting or self.config.update_in_eval
+        return self.training or self.fitting or self.update_in_eval
 
     def is_fitted(self) -> bool:
         return bool(self.num_updates > 0)
@@ -74,25 +88,25 @@ class BIPLayer(RoutingLayer):
         if mask is not None:
             real = real[mask.to(real.device)]
         self.check_finite(real, "router scores (BIP updates its expert prices q from them)")
-        if self.config.sync_global:
+        if self.sync_global:
             real = gather_rows(real)
         n = real.shape[0]
         if n == 0:
             return
         spec = self.spec
         scores_of = self._selection_scores(spec, real)
-        capacity = expert_capacity(n, spec.num_experts, self.top_k, self.config.capacity_factor)
+        capacity = expert_capacity(n, spec.num_experts, self.top_k, self.capacity_factor)
         demand = functools.partial(scores_of, limit_groups=False) if spec.limits_groups else None
         result = solve_duals(
             real,
             self.q,
             self.top_k,
             capacity,
-            self.config.num_iters,
+            self.num_iters,
             selection=scores_of,
             demand=demand,
-            tolerance=max(1, int(self.config.tolerance * capacity)),
-            max_extra_iters=self.config.max_extra_iters,
+            tolerance=max(1, int(self.tolerance * capacity)),
+            max_extra_iters=self.max_extra_iters,
         )
         self.q.copy_(result.q)
         self.num_updates += 1
@@ -114,16 +128,15 @@ class BIPLayer(RoutingLayer):
         base = logits if spec.kind.selects_on_logits else scores
         update = self.updates_now() and not self.replaying()
         mask = self.context.mask_for(scores.shape[0]) if update else None
-        if update and self.config.update == "before":
+        if update and self.update == "before":
             self.update_duals(base, mask)
         q = self.replay(self.q)
         choice = spec.choice(logits, scores, -q.to(device=scores.device, dtype=torch.float32))
         index = spec.topk(choice, self.top_k)
         weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
-        if update and self.config.update == "after":
+        if update and self.update == "after":
             self.update_duals(base, mask)
         return RouterOutput(logits, weights, index)
 
     def extra_repr(self) -> str:
-        c = self.config
-        return f"{super().extra_repr()}, top_k={self.top_k}, T={c.num_iters}, update={c.update!r}"
+        return f"{super().extra_repr()}, top_k={self.top_k}, T={self.num_iters}, update={self.update!r}"

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import Requirement, RoutingConfig
 from ..routing import weights_depend_on_chosen_set
 from .layer import DynamicSkipLayer
 
 
-@register_routing
 @dataclass
 class DynamicSkipConfig(RoutingConfig):
     """Dynamic skipping of Lu et al. 2024: a token skips its j-th expert (j > 1) when that expert's
@@ -32,7 +33,7 @@ class DynamicSkipConfig(RoutingConfig):
 
     routing_type: ClassVar[str] = "dynamic_skip"
     variable_k: ClassVar[bool] = True
-    needs_fitting: ClassVar[bool] = True
+    requires: ClassVar[Requirement] = "fitting"
     beta: float | None = None
     quantile: float = 0.5
     renormalize: bool = False
@@ -73,3 +74,24 @@ class DynamicSkipConfig(RoutingConfig):
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> DynamicSkipLayer:
         return DynamicSkipLayer(block, context, self.beta, self.quantile, self.renormalize)
+
+    @classmethod
+    def example(cls) -> DynamicSkipConfig:
+        return cls(beta=0.8)  # routes without calibration
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        renormalize = (False, True) if weights_depend_on_chosen_set(spec) else (False,)
+        return {"beta": (0.0, 0.3, 0.8, 1.0), "renormalize": renormalize}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("beta", math.nan, ValueError, "finite"),
+            ("beta", 1.5, ValueError, "must lie in"),
+            ("beta", -0.1, ValueError, "must lie in"),
+            ("quantile", 0.0, ValueError, "must lie in"),
+            ("quantile", 1.0, ValueError, "must lie in"),
+            ("quantile", math.nan, ValueError, "finite"),
+            ("renormalize", "false", TypeError, "true or false"),
+        ]

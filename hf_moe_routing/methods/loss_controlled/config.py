@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import Requirement, RoutingConfig
 from .layer import LossControlledLayer
 
 
-@register_routing
 @dataclass
 class LossControlledConfig(RoutingConfig):
     """The auxiliary load-balancing loss (Switch Transformer, Mixtral) as a routing config.
@@ -29,6 +30,7 @@ class LossControlledConfig(RoutingConfig):
     """
 
     routing_type: ClassVar[str] = "loss_controlled"
+    requires: ClassVar[Requirement] = "router_training"
 
     coefficient: float = 0.01
     per_sequence: bool = False
@@ -38,4 +40,19 @@ class LossControlledConfig(RoutingConfig):
         check_range("LossControlledConfig", "coefficient", self.coefficient, low=0.0, hint="Default 0.01.")
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> LossControlledLayer:
-        return LossControlledLayer(block, context, self)
+        return LossControlledLayer(
+            block, context, coefficient=self.coefficient, per_sequence=self.per_sequence
+        )
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        return {"coefficient": (0.0, 0.01, 1.0)}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("coefficient", math.nan, ValueError, "finite"),
+            ("coefficient", math.inf, ValueError, "finite"),
+            ("coefficient", -0.01, ValueError, "must lie in"),
+            ("per_sequence", "false", TypeError, "true or false"),
+        ]

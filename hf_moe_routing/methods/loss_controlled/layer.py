@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.context import RoutingContext
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingConfig, RoutingLayer
+from ..base import RoutingLayer
 from .loss import AuxLossScaler, load_balancing_loss
 
 
@@ -32,12 +32,15 @@ class LossControlledLayer(RoutingLayer):
 
     display_name = "Loss-Controlled"
 
-    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
+    def __init__(
+        self, block: MoEBlock, context: RoutingContext, *, coefficient: float, per_sequence: bool
+    ) -> None:
         super().__init__(block, context)
-        self.config = config
+        self.coefficient = coefficient
+        self.per_sequence = per_sequence
         self.num_sequences = 1
         self._hook = None
-        if config.per_sequence:
+        if per_sequence:
             self._hook = block.block.register_forward_pre_hook(_record_batch_shape(self, block))
 
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
@@ -48,10 +51,8 @@ class LossControlledLayer(RoutingLayer):
         weights = spec.weights(logits, scores, index, hidden_dtype=hidden_states.dtype)
         if self.training:
             n = scores.shape[0]
-            sequences = self.num_sequences if self.config.per_sequence and n % self.num_sequences == 0 else 1
-            loss = self.config.coefficient * load_balancing_loss(
-                scores, index, self.context.mask_for(n), sequences
-            )
+            sequences = self.num_sequences if self.per_sequence and n % self.num_sequences == 0 else 1
+            loss = self.coefficient * load_balancing_loss(scores, index, self.context.mask_for(n), sequences)
             # Did the original forward record the loss with its graph? (replayed when recomputing)
             recorded_with_graph = self.replay(torch.is_grad_enabled())
             if not self.replaying():
@@ -63,8 +64,7 @@ class LossControlledLayer(RoutingLayer):
         return RouterOutput(logits, weights, index)
 
     def extra_repr(self) -> str:
-        c = self.config
-        return f"{super().extra_repr()}, coefficient={c.coefficient}, per_sequence={c.per_sequence}"
+        return f"{super().extra_repr()}, coefficient={self.coefficient}, per_sequence={self.per_sequence}"
 
 
 def _record_batch_shape(layer: LossControlledLayer, block: MoEBlock):

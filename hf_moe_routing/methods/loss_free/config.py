@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import Requirement, RoutingConfig
 from .layer import LossFreeLayer
 
 
-@register_routing
 @dataclass
 class LossFreeConfig(RoutingConfig):
     """Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664), the DeepSeek-V3 method.
@@ -31,7 +32,7 @@ class LossFreeConfig(RoutingConfig):
     """
 
     routing_type: ClassVar[str] = "loss_free"
-    needs_fitting: ClassVar[bool] = True
+    requires: ClassVar[Requirement] = "fitting"
 
     update_rate: float = 1e-3
     update_in_eval: bool = False
@@ -50,4 +51,26 @@ class LossFreeConfig(RoutingConfig):
         )
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> LossFreeLayer:
-        return LossFreeLayer(block, context, self)
+        return LossFreeLayer(
+            block,
+            context,
+            update_rate=self.update_rate,
+            update_in_eval=self.update_in_eval,
+            sync_global=self.sync_global,
+        )
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        # 1.0: the bias outweighs the scores
+        return {"update_rate": (1e-3, 0.1, 1.0), "update_in_eval": (False, True)}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("update_rate", math.nan, ValueError, "finite"),
+            ("update_rate", math.inf, ValueError, "finite"),
+            ("update_rate", 0.0, ValueError, "must lie in"),
+            ("update_rate", 2.0, ValueError, "must lie in"),
+            ("update_in_eval", "false", TypeError, "true or false"),
+            ("sync_global", "true", TypeError, "true or false"),
+        ]

@@ -11,7 +11,7 @@ from ...core.context import RoutingContext
 from ...core.distributed import all_reduce_sum
 from ...core.ops import tokens_per_expert
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingConfig, RoutingLayer
+from ..base import RoutingLayer
 from .bias import bias_update
 
 
@@ -26,9 +26,19 @@ class LossFreeLayer(RoutingLayer):
 
     display_name = "Loss-Free"
 
-    def __init__(self, block: MoEBlock, context: RoutingContext, config: RoutingConfig) -> None:
+    def __init__(
+        self,
+        block: MoEBlock,
+        context: RoutingContext,
+        *,
+        update_rate: float,
+        update_in_eval: bool,
+        sync_global: bool,
+    ) -> None:
         super().__init__(block, context)
-        self.config = config
+        self.update_rate = update_rate
+        self.update_in_eval = update_in_eval
+        self.sync_global = sync_global
         self.model_bias = self.spec.selection_bias  # a TensorSlot, or None
         self.register_buffer("bias", torch.zeros(self.spec.num_experts, dtype=torch.float32), persistent=True)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
@@ -61,7 +71,7 @@ class LossFreeLayer(RoutingLayer):
 
     def updates_now(self) -> bool:
         """Whether this forward updates the state: in training mode, while fitting, or with ``update_in_eval``."""
-        return self.training or self.fitting or self.config.update_in_eval
+        return self.training or self.fitting or self.update_in_eval
 
     def is_fitted(self) -> bool:
         return bool(self.num_updates > 0) or self.model_bias is not None
@@ -70,11 +80,11 @@ class LossFreeLayer(RoutingLayer):
     def update_bias(self, index: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``b_j += u * sign(mean load - load_j)`` with loads over real tokens (all ranks under DDP)."""
         loads = tokens_per_expert(index, self.spec.num_experts, mask)
-        if self.config.sync_global:
+        if self.sync_global:
             all_reduce_sum(loads)
         if loads.sum() == 0:  # no real token: nothing to learn from
             return
-        self.bias.add_(bias_update(loads, self.config.update_rate).to(self.bias.device))
+        self.bias.add_(bias_update(loads, self.update_rate).to(self.bias.device))
         self.num_updates += 1
         if self.model_bias is not None:
             target = self.model_bias.get()
@@ -99,10 +109,6 @@ class LossFreeLayer(RoutingLayer):
         return RouterOutput(logits, weights, index)
 
     def load_routing_state(self, state: dict[str, torch.Tensor]) -> None:
-        state = dict(state)
-        if "e_score_correction_bias" in state:  # adapters saved before the master copy existed
-            state["bias"] = state.pop("e_score_correction_bias").float().reshape(-1)
-        state.setdefault("num_updates", torch.tensor(1))
         super().load_routing_state(state)
         if self.model_bias is not None:
             with torch.no_grad():
@@ -111,4 +117,4 @@ class LossFreeLayer(RoutingLayer):
 
     def extra_repr(self) -> str:
         where = self.model_bias.path if self.model_bias is not None else "own bias"
-        return f"{super().extra_repr()}, u={self.config.update_rate}, {where}"
+        return f"{super().extra_repr()}, u={self.update_rate}, {where}"

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import RoutingConfig
 from .layer import TopPLayer
 
 
-@register_routing
 @dataclass
 class TopPConfig(RoutingConfig):
     """Top-p (nucleus) routing of Huang et al. 2024: each token takes the fewest experts whose
@@ -60,3 +61,23 @@ class TopPConfig(RoutingConfig):
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> TopPLayer:
         return TopPLayer(block, context, self.p, self.max_k or block.spec.num_experts, self.normalize)
+
+    @classmethod
+    def example(cls) -> TopPConfig:
+        return cls(p=0.6)
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        normalize = (None, True) if spec.kind.score == "softmax_topk" else (None, True, False)
+        return {"p": (0.01, 0.3, 0.6, 1.0), "max_k": (None, 1, spec.num_experts), "normalize": normalize}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("p", math.nan, ValueError, "finite"),
+            ("p", 0.0, ValueError, "must lie in"),
+            ("p", 1.5, ValueError, "must lie in"),
+            ("max_k", 2.5, TypeError, "integer"),
+            ("max_k", 0, ValueError, "must lie in"),
+            ("normalize", "false", TypeError, "true or false"),
+        ]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
-from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ...families import MoEBlock, MoEModel, RouterSpec
+from ..base import RoutingConfig
+from ..routing import selectable_experts
 from .layer import TopKLayer
 
 
-@register_routing
 @dataclass
 class TopKConfig(RoutingConfig):
     """Static top-k routing.
@@ -26,6 +27,7 @@ class TopKConfig(RoutingConfig):
     """
 
     routing_type: ClassVar[str] = "topk"
+    display_name: ClassVar[str] = "top-k"
     top_k: int | None = None
 
     def __post_init__(self) -> None:
@@ -37,3 +39,16 @@ class TopKConfig(RoutingConfig):
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> TopKLayer:
         return TopKLayer(block, context, self.top_k)
+
+    @classmethod
+    def example_settings(cls, spec: RouterSpec) -> dict[str, Sequence[Any]]:
+        return {"top_k": (None, 1, selectable_experts(spec))}
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("top_k", 2.5, TypeError, "integer"),
+            ("top_k", True, TypeError, "integer"),
+            ("top_k", "2", TypeError, "integer"),
+            ("top_k", 0, ValueError, r"top_k=0\) must lie in \[1"),
+        ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,9 +23,45 @@ from .update import (
     warmup_ce_loss,
 )
 
-#: The :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer` these functions serve (passed in, not
-#: imported: the trainer module imports this one).
-Trainer = Any
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ...families import MoEShape
+    from ...methods.adak import AdaKLayer
+    from .config import AdaKTrainingConfig, TrainerState
+    from .data import TrainingStream
+    from .update import AllocatorBank
+
+
+class Trainer(Protocol):
+    """What the step functions read and call on the trainer: exactly these attributes.
+
+    :class:`~hf_moe_routing.training.adak.trainer.AdaKTrainer` implements it (passed in, not
+    imported: the trainer module imports this one).
+    """
+
+    config: AdaKTrainingConfig
+    state: TrainerState  # run state: step counters, k-penalty, warm-start thresholds (updated here)
+    layers: dict[int, AdaKLayer]  # MoE layer index -> Ada-K routing layer
+    shape: MoEShape
+    layer_target: float | None  # mean experts per Ada-K layer that the budget asks for
+    bank: AllocatorBank  # the allocators' parameters, as one optimised group
+    stream: TrainingStream  # training batches by index
+    accelerator: Accelerator
+
+    @property
+    def device(self) -> torch.device: ...  # where the allocators live
+
+    @property
+    def input_device(self) -> torch.device: ...  # where the model takes its inputs
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...  # frozen model: (B, T, V) logits
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...  # sum over data-parallel ranks
+
+    def moe_mean(self, per_adak_layer: list[float]) -> float: ...  # mean experts over all MoE layers
+
+    def step_optimizer(self) -> float: ...  # sum gradients over ranks, clip, step; the gradient norm
 
 
 def _mean(dicts: list[dict[str, Any]], key: str) -> float:
