@@ -49,7 +49,9 @@ def _is_main_process() -> bool:
 
 
 @contextlib.contextmanager
-def output_dir_lock(path: str | os.PathLike, *, main_process: bool | None = None) -> Iterator[Path]:
+def output_dir_lock(
+    path: str | os.PathLike, *, main_process: bool | None = None, created: bool = False
+) -> Iterator[Path]:
     """Hold an exclusive lock on the output folder ``path`` (created if missing) while the block runs.
 
     Args:
@@ -57,6 +59,8 @@ def output_dir_lock(path: str | os.PathLike, *, main_process: bool | None = None
         main_process: whether this process writes (default: rank 0 of a distributed job, from the
             ``RANK`` / ``LOCAL_RANK`` environment). Other ranks of the same job do not lock: they write
             what the main process asks them to, inside its lock.
+        created: the caller has just created ``path`` (e.g. a fresh default folder): it is removed
+            at the end if it is empty, as a folder created here would be.
 
     Re-entrant within a process (the CLI locks, then ``AdaKTrainer`` locks the same folder). On exit
     a folder this call created is removed if only the lock file is left in it.
@@ -88,14 +92,14 @@ def output_dir_lock(path: str | os.PathLike, *, main_process: bool | None = None
         return
     from filelock import FileLock, Timeout
 
-    created = _make_folders(folder)
+    made = _make_folders(folder) or ([folder] if created else [])
     lock = FileLock(str(folder / LOCK_NAME), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise OutputDirBusyError(_busy_message(folder)) from None
     except BaseException:
-        _remove_if_empty(folder, created)
+        _remove_if_empty(folder, made)
         raise
     _HELD[key] = [lock, 1, os.getpid()]
     try:
@@ -105,7 +109,7 @@ def output_dir_lock(path: str | os.PathLike, *, main_process: bool | None = None
         _HELD.pop(key, None)
         with contextlib.suppress(OSError):
             (folder / OWNER_NAME).unlink()
-        _remove_if_empty(folder, created)  # still holding the lock: no one else can be inside
+        _remove_if_empty(folder, made)  # still holding the lock: no one else can be inside
         lock.release()
 
 
