@@ -147,7 +147,13 @@ def test_fit_overwrite_into_a_train_folder_removes_our_checkpoints_only(model_di
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # the train's adapter is there
     assert main([*argv, "--overwrite"]) == 0
     left = sorted(p.name for p in run.iterdir() if p.name not in (LOCK_NAME,))
-    assert left == ["README.md", "checkpoint-7", "notes.txt", "routing_adapter.safetensors", "routing_config.json"]
+    assert left == [
+        "README.md",
+        "checkpoint-7",
+        "notes.txt",
+        "routing_adapter.safetensors",
+        "routing_config.json",
+    ]
     assert (foreign / "adapter_model.safetensors").read_text() == "lora"
     config = json.loads((run / "routing_config.json").read_text())
     assert config["routing"]["routing_type"] == "bip"
