@@ -185,3 +185,12 @@ def test_adak_trainer_refuses_a_previous_run_unless_overwrite_output_dir(model_d
     temp = {p.parent.name for p in written if p.parent.name.startswith(".tmp-")}
     assert temp and all(re.fullmatch(rf"\.tmp-checkpoint-1-{os.getpid()}-[0-9a-f]+", n) for n in temp)
     trainer.train()  # the same trainer again continues in its own folder
+
+
+def test_a_failed_demo_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-such-model")
+    assert main(["demo", "--model", missing, "--dataset", "x.txt", "--output-dir", "new/run", "--quiet"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["demo", "--model", missing, "--dataset", "x.txt", "--quiet"]) == 2  # the default folder
+    assert list(tmp_path.iterdir()) == []
