@@ -17,16 +17,16 @@ from . import checkpoint as ckpt
 from .config import TrainerState
 from .reporting import _finite, settings_that_did_not_run
 
-#: what a previous run wrote into output_dir (refused without overwrite_output_dir)
-PREVIOUS_OUTPUT = (
-    "checkpoint-*",
-    f"{ckpt.TMP_PREFIX}{ckpt.CHECKPOINT_PREFIX}*",
-    ckpt.LOG_NAME,
-    ckpt.CONFIG_NAME,
-    ckpt.WEIGHTS_NAME,
-)
+#: what a previous run wrote into output_dir (refused without overwrite_output_dir; a stale temporary
+#: folder of a run that died does not count: the next save removes it)
+PREVIOUS_OUTPUT = ("checkpoint-*", ckpt.LOG_NAME, ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME)
 #: what overwrite_output_dir removes first (the adapter files are replaced atomically by the save)
-REMOVE_ON_OVERWRITE = PREVIOUS_OUTPUT[:3] + (f"{ckpt.TMP_PREFIX}old-{ckpt.CHECKPOINT_PREFIX}*",)
+REMOVE_ON_OVERWRITE = (
+    "checkpoint-*",
+    ckpt.LOG_NAME,
+    f"{ckpt.TMP_PREFIX}{ckpt.CHECKPOINT_PREFIX}*",
+    f"{ckpt.TMP_PREFIX}old-{ckpt.CHECKPOINT_PREFIX}*",
+)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
