@@ -127,7 +127,10 @@ def test_train_options_come_from_the_configs(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for config, skip in ((AdaKTrainingConfig, {"output_dir", "progress_bar"}), (AdaKConfig, set())):
+    for config, skip in (
+        (AdaKTrainingConfig, {"output_dir", "overwrite_output_dir", "progress_bar"}),
+        (AdaKConfig, set()),
+    ):
         for f in dataclasses.fields(config):
             if f.name in skip:
                 continue

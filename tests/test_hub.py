@@ -446,12 +446,15 @@ def test_pushing_a_routing_that_was_never_fitted_warns(tmp_path):
     from hf_moe_routing import BIPConfig
 
     model = patch_model(tiny_model("mixtral"), BIPConfig())
-    with pytest.warns(UserWarning, match="never fitted"):
+    with pytest.warns(UserWarning, match="never fitted") as pushed:
         push_to_hub(model, "me/bip", api=FakeHfApi())
+    message = str(pushed[0].message)  # the model, not the temporary staging folder
+    assert "MixtralForCausalLM being pushed" in message and "hf-moe-routing-push-" not in message
     with pytest.warns(UserWarning, match="never fitted"):
         folder = save_routing_adapter(model, tmp_path / "bip")
-    with pytest.warns(UserWarning, match="never fitted"):
+    with pytest.warns(UserWarning, match="never fitted") as uploaded:
         upload_adapter_folder(folder, "me/bip", api=FakeHfApi())
+    assert f"in {folder} was never fitted" in str(uploaded[0].message)  # the user's folder
 
 
 # ---- loading: the adapter repo first, old records, combined folders --------------------------------

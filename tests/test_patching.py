@@ -185,3 +185,28 @@ def test_token_mask_reaches_the_routing_layers():
         model(torch.randint(3, 128, (2, 3)), attention_mask=mask)
     assert seen[0].tolist() == [False, True, True, True, True, True]
     assert context.token_mask is None  # cleared after the forward
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tensor", ["e_score_correction_bias", "weight"])
+def test_a_non_finite_router_tensor_of_the_checkpoint_is_refused_at_patch_time(family, bad, tensor, ids):
+    from hf_moe_routing import BIPConfig, LossFreeConfig
+
+    model = tiny_model(family)
+    block = next(
+        m for m in model.modules() if hasattr(m, "gate") and hasattr(m.gate, "e_score_correction_bias")
+    )
+    layer = next(i for i, lay in enumerate(model.model.layers) if lay.mlp is block)
+    with torch.no_grad():
+        getattr(block.gate, tensor)[1] = bad
+    classes = {name: type(m) for name, m in model.named_modules()}
+    for config in (TopKConfig(), BIPConfig(), LossFreeConfig()):
+        with pytest.raises(ValueError, match=rf"Layer {layer}: .*gate\.{tensor} holds") as info:
+            patch_model(model, config)
+        assert ("NaN" if bad != bad else "infinite") in str(info.value) and "unpatched" in str(info.value)
+        assert not is_patched(model) and {n: type(m) for n, m in model.named_modules()} == classes
+    with torch.no_grad():  # repaired: patches
+        getattr(block.gate, tensor)[1] = 0.0
+    patch_model(model, LossFreeConfig())
+    assert is_patched(model)

@@ -10,8 +10,10 @@ at once. One name per concept across commands and the Python configs (transforme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,37 @@ def setup_logging(quiet: bool) -> None:
         datasets.logging.set_verbosity_error()
     except (ImportError, AttributeError):  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def quiet_lm_eval(quiet: bool) -> Iterator[None]:
+    """With ``quiet``: no lm-eval log lines or progress bars inside the block.
+
+    lm-eval passes ``disable=`` to its tqdm bars itself (so ``TQDM_DISABLE`` does not reach them) and
+    logs through its own handlers: its loggers are set to ERROR and ``sys.stderr`` is captured
+    meanwhile (errors still propagate as exceptions and are printed by the command).
+    """
+    if not quiet:
+        yield
+        return
+    import io
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    loggers += [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("lm_eval.", "lm-eval."))
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # ---- model ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .common import (
     load_model,
     load_tokenizer,
     parse_routing,
+    quiet_lm_eval,
     setup_logging,
 )
 from .options import check_output_file
@@ -50,6 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--eval-batches", type=int, default=None, help="evaluate on at most N batches (default: all)"
     )
     group.add_argument("--no-topk-reference", action="store_true", help="skip the Top-K reference pass")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="transformers.set_seed before patching: the allocators of an untrained Ada-K (and any "
+        "sampled routing decision) are the same for the same seed",
+    )
     group.add_argument(
         "--fit-dataset",
         default="wikitext-2/valid",
@@ -94,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     tokenizer = load_tokenizer(args)
     data = load_data(args, model, tokenizer, args.dataset, args.split)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # an untrained routing's random initialisation (Ada-K) is reproducible
     if args.adapter:
         from ..hub import load_routing_adapter
 
@@ -162,9 +173,15 @@ def _run_lm_eval(model, tokenizer, tasks: list[str], args: argparse.Namespace) -
     from ..integrations.lm_eval import evaluate_lm_eval, is_ours
 
     ours = all(map(is_ours, tasks))
-    output = evaluate_lm_eval(
-        model, tasks, tokenizer=tokenizer, data_dir=args.data_dir, include_defaults=not ours, limit=args.limit
-    )
+    with quiet_lm_eval(args.quiet):  # lm-eval's own bars and log lines too
+        output = evaluate_lm_eval(
+            model,
+            tasks,
+            tokenizer=tokenizer,
+            data_dir=args.data_dir,
+            include_defaults=not ours,
+            limit=args.limit,
+        )
     scores = {
         task: {
             k.split(",")[0]: v

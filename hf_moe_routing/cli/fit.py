@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .common import (
     add_command,
@@ -23,6 +24,9 @@ from .options import add_output_arguments, prepare_output_dir
 #: what ``fit`` writes into --output-dir: a routing adapter (replaced atomically), or a whole model
 ADAPTER_FILES = ("routing_config.json", "routing_adapter.safetensors")
 MODEL_FILES = ("config.json", "model*.safetensors*", "fit_results.json")
+#: what --overwrite removes first: a previous training run of ours in the folder (its checkpoints would
+#: sit beside the new adapter, and `train --resume` would continue them)
+PREVIOUS_RUN = ("checkpoint-*", ".checkpoint-*", ".tmp-checkpoint-*", ".tmp-old-checkpoint-*", "log.jsonl")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +78,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hf-moe-routing fit`` with the parsed ``args``; returns the exit code (0 = success)."""
-    from ..recipes.fitting import changes_weights, fit_on_data, save_fit
+    from ..hub.output_dir import output_dir_lock
+    from ..recipes.fitting import changes_weights
 
     setup_logging(args.quiet)
     if args.routing is None:
@@ -84,8 +89,18 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args, "batch_size", "max_steps", "eval_batches", "seq_len")
     routing = parse_routing(args.routing)  # bad settings fail before the model is loaded
     model_out = changes_weights(routing)  # router weights change: the whole model is saved
+    with output_dir_lock(args.output_dir):  # one writer per folder; a failed run leaves no empty folder
+        return _fit(args, routing, model_out)
+
+
+def _fit(args: argparse.Namespace, routing: Any, model_out: bool) -> int:
+    from ..recipes.fitting import fit_on_data, save_fit
+
     output = prepare_output_dir(
-        args.output_dir, ours=MODEL_FILES if model_out else ADAPTER_FILES, overwrite=args.overwrite
+        args.output_dir,
+        ours=MODEL_FILES if model_out else ADAPTER_FILES,
+        overwrite=args.overwrite,
+        remove=PREVIOUS_RUN,
     )
     model = load_model(args)
     tokenizer = load_tokenizer(args)

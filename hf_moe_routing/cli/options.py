@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import fnmatch
 import os
-import shutil
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -47,8 +46,10 @@ def prepare_output_dir(
     (and without ``resume``) a folder that already holds any of them is refused. With ``overwrite``
     the command replaces them: files it rewrites atomically (adapters) are left for the save to
     swap, and only what matches ``remove`` (e.g. a previous run's ``checkpoint-*`` and
-    ``log.jsonl``) is deleted first. Files that match nothing (your notes, a LoRA adapter, a model)
-    never block and are never deleted.
+    ``log.jsonl``) is deleted first, and only if a run of ours wrote it
+    (:func:`hf_moe_routing.hub.output_dir.written_by_us`: a transformers ``Trainer`` checkpoint is
+    kept). Files that match nothing (your notes, a LoRA adapter, a model) never block and are never
+    deleted. Run it inside :func:`~hf_moe_routing.hub.output_dir.output_dir_lock`.
 
     Raises:
         FileExistsError: the path is a file, or holds our files and neither ``overwrite`` nor ``resume``.
@@ -67,7 +68,7 @@ def prepare_output_dir(
         return folder
     patterns = tuple(ours)
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
-    found = [p for p in entries if _matches(p.name, patterns)]
+    found = [p for p in entries if _matches(p.name, patterns) and _ours(p)]
     if found and not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
         resume_hint = (
@@ -77,13 +78,18 @@ def prepare_output_dir(
             f"{folder} already holds output of this command ({names}): pass --overwrite to replace it "
             f"(other files in the folder are kept){resume_hint}, or choose another --output-dir."
         )
-    for entry in (p for p in entries if _matches(p.name, tuple(remove))):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    if overwrite:
+        from ..hub.output_dir import remove_previous_run  # (lazy: hub imports torch)
+
+        remove_previous_run(folder, remove)  # only what a run of ours wrote: never a file of yours
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _ours(entry: Path) -> bool:
+    from ..hub.output_dir import written_by_us
+
+    return written_by_us(entry)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -33,9 +33,15 @@ OUTPUT_FILES = (
     "routing_adapter.safetensors",
 )
 #: what --overwrite removes first (the adapter itself is replaced atomically at the end)
-REMOVE_ON_OVERWRITE = ("checkpoint-*", ".checkpoint-*", "log.jsonl")
+REMOVE_ON_OVERWRITE = (
+    "checkpoint-*",
+    ".checkpoint-*",
+    ".tmp-checkpoint-*",
+    ".tmp-old-checkpoint-*",
+    "log.jsonl",
+)
 #: the run's own options (not generated from the config)
-_HANDLED = {"output_dir", "progress_bar"}
+_HANDLED = {"output_dir", "overwrite_output_dir", "progress_bar"}
 INTERRUPT_HINT = "run the same command again with --resume to continue from the last checkpoint"
 
 
@@ -74,15 +80,22 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, warmup_only: bool
 
 def run_training(args: argparse.Namespace) -> int:
     """Train (or warm-start) Ada-K allocators as the parsed options say, then save the routing adapter."""
-    from ..hub import load_routing_adapter
-    from ..patching import patch_model
-    from ..training.adak import AdaKTrainer
+    from ..hub.output_dir import output_dir_lock
 
     setup_logging(args.quiet)
     training, allocators = _configs()
     config = training(**_training_kwargs(args, training))  # bad settings fail before the model loads
     routing = _routing_config(args, allocators)
     check_positive(args, "eval_batches")  # evaluating 0 batches would report a perplexity of nothing
+    with output_dir_lock(args.output_dir):  # one writer per folder; a failed run leaves no empty folder
+        return _train(args, config, routing)
+
+
+def _train(args: argparse.Namespace, config: Any, routing: Any) -> int:
+    from ..hub import load_routing_adapter
+    from ..patching import patch_model
+    from ..training.adak_trainer import AdaKTrainer
+
     output = prepare_output_dir(
         args.output_dir,
         ours=OUTPUT_FILES,
@@ -97,9 +110,13 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         patch_model(model, routing)
     train_data = load_data(args, model, tokenizer, args.dataset, args.split)
-    eval_data = (
-        load_data(args, model, tokenizer, args.eval_dataset, args.eval_split) if args.eval_dataset else None
-    )
+    eval_data, eval_name = None, None
+    if args.eval_dataset:
+        eval_data = load_data(args, model, tokenizer, args.eval_dataset, args.eval_split)
+        eval_name = dataset_label(args.eval_dataset, args.eval_split)
+    elif args.eval_batches is not None:  # as `fit`: the end of --dataset is held out
+        train_data, eval_data = _hold_out_end(train_data, args.eval_batches * config.batch_size, args)
+        eval_name = f"{dataset_label(args.dataset, args.split)} (held-out end)"
     trainer = AdaKTrainer(model, config, train_data, eval_data, tokenizer=tokenizer)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     info = {
@@ -110,17 +127,30 @@ def run_training(args: argparse.Namespace) -> int:
     if args.init_adapter:
         info["init_adapter"] = args.init_adapter
     results = _last_evaluation(trainer)
-    if results and args.eval_dataset:
-        results = {dataset_label(args.eval_dataset, args.eval_split): results}
+    if results and eval_name:
+        results = {eval_name: results}
     trainer.save_adapter(output, training_info=info, results=results)
     if trainer.accelerator.is_main_process:
         print(_summary(trainer, output))
     return 0
 
 
+def _hold_out_end(rows: Any, wanted: int, args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(train, held-out)``: the last ``wanted`` rows (at most half) of ``rows`` are held out."""
+    if len(rows) < 2:
+        raise ValueError(
+            f"--eval-batches without --eval-dataset holds out the end of --dataset, but {args.dataset!r} gives "
+            f"only {len(rows)} row of {args.seq_len} tokens. Use more text, a smaller --seq-len, or --eval-dataset."
+        )
+    held = min(wanted, len(rows) // 2)
+    return rows.select(range(len(rows) - held)), rows.select(range(len(rows) - held, len(rows)))
+
+
 def _training_kwargs(args: argparse.Namespace, training: type) -> dict[str, Any]:
     kwargs = dataclass_kwargs(args, args._training_fields)
     kwargs["output_dir"] = str(args.output_dir)
+    if "overwrite_output_dir" in {f.name for f in dataclasses.fields(training)}:
+        kwargs["overwrite_output_dir"] = bool(args.overwrite)  # prepare_output_dir already cleared the folder
     fields = {f.name for f in dataclasses.fields(training)}
     if args.quiet:
         kwargs["progress_bar"] = False

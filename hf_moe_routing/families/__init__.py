@@ -119,7 +119,8 @@ def describe_model(
         verify: check every router against its spec bit for bit (see ``families/verify.py``).
 
     Raises:
-        ValueError: the model has no MoE block.
+        ValueError: the model has no MoE block, or (``verify``) a router tensor the routing reads
+            holds NaN or infinity (:meth:`RouterSpec.check_finite`).
         TypeError: it has MoE blocks, but a router cannot be reproduced exactly (the message says
             which router, and why).
     """
@@ -143,7 +144,8 @@ def describe_model(
             router = peft_base_layer(getattr(module, attr))
             chosen.check_router(f"{name}.{attr}", router)
             block = MoEBlock(name, layer_index, module, attr, chosen.spec(name, module, attr, config))
-            if verify:
+            if verify:  # a NaN / inf in the checkpoint's router tensors is named, not a failed verification
+                block.spec.check_finite(block.router, block.router_name, layer_index)
                 chosen.verify(block.spec, block)
             blocks.append(block)
     except TypeError as error:

@@ -229,6 +229,57 @@ class RouterSpec:
         index = self.topk(self.choice(logits, scores), self.top_k if k is None else k)
         return RouterOutput(logits, self.weights(logits, scores, index, hidden_dtype=hidden.dtype), index)
 
+    # ---- the checkpoint's own routing state ----------------------------------------------------------
+    def read_tensors(self, router: nn.Module, router_name: str = "router") -> dict[str, torch.Tensor]:
+        """Every tensor the routing steps read from the checkpoint, by module path.
+
+        The router's weight and linear bias, its input norm's parameters and input scales (Gemma 4),
+        the selection bias (DeepSeek-V3's ``e_score_correction_bias``, wherever it lives) and the
+        per-expert scale. Numbers that are not tensors are left out.
+        """
+        found: dict[str, torch.Tensor] = {f"{router_name}.{self.weight_name}": self.weight(router)}
+        if self.bias_name:
+            found[f"{router_name}.{self.bias_name}"] = _get_path(router, self.bias_name)
+        if self.kind.input_norm and self.input_norm_name:
+            norm = _get_path(router, self.input_norm_name)
+            for name, tensor in [*norm.named_parameters(), *norm.named_buffers()]:
+                found[f"{router_name}.{self.input_norm_name}.{name}"] = tensor
+            for name in self.input_scale_names:
+                found[f"{router_name}.{name}"] = _get_path(router, name)
+        for slot in (self.selection_bias, self.expert_scale):
+            if slot is not None:
+                found[slot.path] = slot.get()
+        return {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+
+    def check_finite(self, router: nn.Module, router_name: str, layer_index: int) -> None:
+        """Refuse a checkpoint whose routing state (see :meth:`read_tensors`) holds NaN or infinity.
+
+        Tensors offloaded to the meta device are not checked (their values are not here).
+
+        Raises:
+            ValueError: naming the tensor, the layer and how many values are bad.
+        """
+        for path, tensor in self.read_tensors(router, router_name).items():
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue
+            finite = torch.isfinite(tensor.detach())
+            if bool(finite.all()):
+                continue
+            bad = int((~finite).sum())
+            kinds = " and ".join(
+                word
+                for word, present in (
+                    ("NaN", bool(torch.isnan(tensor).any())),
+                    ("infinite", bool(torch.isinf(tensor).any())),
+                )
+                if present
+            )
+            raise ValueError(
+                f"Layer {layer_index}: the checkpoint's {path} holds {kinds} values ({bad} of "
+                f"{tensor.numel()}); routing with it would route on garbage (and fitting would save a "
+                "corrupt adapter). The model was left unpatched: repair or reload the checkpoint."
+            )
+
     # ---- the router's interface ------------------------------------------------------------------
     def encode(self, output: RouterOutput) -> tuple[torch.Tensor, ...]:
         """Our decision in the format the original router returns (its block consumes this)."""

@@ -20,6 +20,7 @@ from .model_card import (
     results_from_lm_eval,
     template_path,
 )
+from .output_dir import OutputDirBusyError, output_dir_lock
 from .paths import safe_relative_path
 from .push import push_to_hub, stage_adapter_files, upload_adapter_folder
 
@@ -28,6 +29,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "AutoRoutedModelForCausalLM",
+    "OutputDirBusyError",
     "adapter_config_dict",
     "adapter_state_dict",
     "base_model_record",
@@ -37,6 +39,7 @@ __all__ = [
     "is_hub_id",
     "load_routing_adapter",
     "normalize_results",
+    "output_dir_lock",
     "push_to_hub",
     "read_adapter",
     "read_adapter_config",

@@ -80,6 +80,7 @@ def push_to_hub(
             path_in_repo=path_in_repo,
             api=api,
             _stacklevel=3,
+            _source=f"of the {type(model).__name__} being pushed (not saved in a folder)",
         )
 
 
@@ -129,6 +130,7 @@ def upload_adapter_folder(
     base_model: str | None = None,
     api: Any = None,
     _stacklevel: int = 2,
+    _source: str | None = None,
 ) -> Any:
     """Upload the routing adapter in ``folder`` (checked first) to ``repo_id``; see :func:`push_to_hub`.
 
@@ -147,8 +149,8 @@ def upload_adapter_folder(
     with tempfile.TemporaryDirectory(prefix="hf-moe-routing-push-") as tmp:
         if config.get("fitted") is False:
             warnings.warn(
-                f"The {config['routing'].get('routing_type')} routing adapter in {folder} was never fitted "
-                "or trained: it holds its initial state (fit it with hf_moe_routing.fit_routing / "
+                f"The {config['routing'].get('routing_type')} routing adapter {_source or f'in {folder}'} was "
+                "never fitted or trained: it holds its initial state (fit it with hf_moe_routing.fit_routing / "
                 "`hf-moe-routing fit`, or train it).",
                 UserWarning,
                 stacklevel=_stacklevel,

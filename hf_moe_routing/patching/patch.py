@@ -192,7 +192,9 @@ def patch_model(
 
     Raises:
         TypeError: ``config`` is not a routing config, or a router cannot be reproduced exactly.
-        ValueError: the model has no MoE block, is already patched, or ``config`` does not fit it.
+        ValueError: the model has no MoE block, is already patched, ``config`` does not fit it, or
+            a router tensor the routing reads (weight, selection bias such as DeepSeek-V3's
+            ``e_score_correction_bias``, ...) holds NaN or infinity (the message names it and the layer).
     """
     wrapper, model = model, unwrap_model(model)
     if not isinstance(config, RoutingConfig):
@@ -213,6 +215,8 @@ def patch_model(
     described = state.model if state is not None and family is None else describe_model(model, family)
     config.validate_settings()  # a field may have been changed since construction
     config.validate(described)
+    for block in described.blocks:  # the checkpoint's own routing state: NaN / inf refused before training
+        block.spec.check_finite(block.router, block.router_name, block.layer_index)
     context = RoutingContext()
     layers = [config.create_layer(block, described, context) for block in described.blocks]
     if state is not None:

@@ -32,6 +32,7 @@ from ..data import load_text_dataset, pack_dataset, synthetic_corpus, synthetic_
 from ..evaluation.evaluate import evaluate_routing
 from ..hub import save_routing_adapter
 from ..hub.json_values import to_json
+from ..hub.output_dir import LOCK_FILES, output_dir_lock
 from ..methods import BIPConfig, TopKConfig
 from ..patching import describe, fit_routing, get_patch_state, patch_model, unpatch_model
 from ..training.pretrain import PretrainConfig, PretrainResult, pretrain
@@ -59,14 +60,18 @@ def prepare_output(output_dir: str | os.PathLike | None, overwrite: bool = False
     if output_dir is None:
         base = Path.cwd() / DEFAULT_OUTPUT
         path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{DEFAULT_OUTPUT}-{n}")
+        while True:  # mkdir without exist_ok: two demos started at once get two folders
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{DEFAULT_OUTPUT}-{n}")
     else:
         path = Path(output_dir).expanduser()
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} exists and is not a folder: choose another --output-dir.")
-        if path.exists() and any(path.iterdir()) and not overwrite:
+        if path.exists() and any(p.name not in LOCK_FILES for p in path.iterdir()) and not overwrite:
             raise FileExistsError(
                 f"Output folder {path} already exists and is not empty: pass --overwrite to write into it "
                 "(the demo's files are replaced, nothing else is touched) or choose another --output-dir."
@@ -183,6 +188,7 @@ def train_adak(
     k_penalty: float,
     seed: int,
     progress: bool,
+    overwrite: bool = False,
 ) -> Any:
     """Warm-start and PPO-train Ada-K allocators on the frozen ``model`` (patched with AdaKConfig)."""
     from ..methods.adak import AdaKConfig
@@ -194,6 +200,7 @@ def train_adak(
     top_k = describe(model).shape.top_k
     settings: dict[str, Any] = {  # our defaults (Skip-Warm start, counterfactual baseline) at a budget
         "output_dir": str(output_dir),
+        "overwrite_output_dir": overwrite,
         "target_experts": ADAK_BUDGET * top_k,
         "warmup_steps": size.warmup_steps,
         "max_steps": size.ppo_steps,
@@ -242,8 +249,15 @@ def _balance_summary(ev: dict[str, Any], fit: dict[str, Any]) -> dict[str, Any]:
 def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole path (see the module docstring); returns the report (also in ``report.json``)."""
     config = config or DemoConfig()
+    out = prepare_output(config.output_dir, config.overwrite) if config.output_dir is None else None
+    with output_dir_lock(
+        out or config.output_dir, created=out is not None
+    ) as folder:  # one writer; no empty folder left on failure
+        return _run_demo(config, out or prepare_output(folder, config.overwrite), log)
+
+
+def _run_demo(config: DemoConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     size = SIZES[config.size]
-    out = prepare_output(config.output_dir, config.overwrite)
     log(f"hf-moe-routing demo -> {out}")
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
@@ -305,7 +319,14 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         timings,
         "adak",
         lambda: train_adak(
-            model, data, size, out / "adak-training", config.k_penalty, config.seed, config.progress
+            model,
+            data,
+            size,
+            out / "adak-training",
+            config.k_penalty,
+            config.seed,
+            config.progress,
+            config.overwrite,
         ),
     )
     adak_eval = _timed(timings, "adak_eval", lambda: _evaluation(model, data, size, config.progress))

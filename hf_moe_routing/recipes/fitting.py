@@ -20,6 +20,7 @@ from torch import nn
 from ..core.batching import iter_batches, model_device
 from ..evaluation.evaluate import evaluate_routing
 from ..hub import save_routing_adapter
+from ..hub.output_dir import output_dir_lock
 from ..methods import RoutingConfig
 from ..patching import fit_routing, get_patch_state, patch_model, routing_aux_loss, unpatch_model
 
@@ -207,7 +208,9 @@ def save_fit(
     """Save what :func:`fit_on_data` produced: a routing adapter, or the whole model if weights changed.
 
     A model whose router weights were fine-tuned is unpatched and saved with ``save_pretrained``
-    (plus its tokenizer and ``fit_results.json``): the routing is the model's own again.
+    (plus its tokenizer and ``fit_results.json``): the routing is the model's own again. The folder
+    is locked meanwhile (:func:`~hf_moe_routing.hub.output_dir.output_dir_lock`): a second process
+    writing it gets ``OutputDirBusyError``.
     """
     from ..core.config import write_json
     from ..hub.json_values import to_json
@@ -215,13 +218,14 @@ def save_fit(
     output = Path(output_dir)
     info = {**(training_info or {}), **result.info}
     results = {dataset_name: result.results()}
-    if not result.changed_weights:
-        return save_routing_adapter(
-            model, output, base_model_id=base_model_id, training_info=info, results=results
-        )
-    unpatch_model(model)
-    model.save_pretrained(output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output)
-    write_json(output / "fit_results.json", to_json({"training": info, "results": results}))
-    return output
+    with output_dir_lock(output):  # one writer per folder (re-entrant under the fit command's lock)
+        if not result.changed_weights:
+            return save_routing_adapter(
+                model, output, base_model_id=base_model_id, training_info=info, results=results
+            )
+        unpatch_model(model)
+        model.save_pretrained(output)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output)
+        write_json(output / "fit_results.json", to_json({"training": info, "results": results}))
+        return output

@@ -44,47 +44,65 @@ def plot_evaluation(results: dict[str, Any], path: str | Path) -> Path:
 
     Takes :func:`~hf_moe_routing.evaluation.evaluate.evaluate_routing` output. Both panels matter: a
     balancing routing (BIP) keeps every token at k experts, so its change shows in the MaxVio panel.
+    Long routing names are wrapped; the legend sits below the panels, apart from titles and bars.
     """
+    plt = _pyplot()
+    fig = evaluation_figure(results)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluation_figure(results: dict[str, Any]) -> Any:
+    """The matplotlib figure of :func:`plot_evaluation` (the caller closes it)."""
+    import textwrap
+
     plt = _pyplot()
     layers = list(results["activated_per_layer"])
     x = list(range(len(layers)))
     topk_vio = (results.get("topk") or {}).get("max_vio_per_layer") or {}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(7.0, 0.7 * len(layers) + 4), 3.4))
-    left.bar(
-        x, [results["activated_per_layer"][i] for i in layers], color="tab:blue", label=results["routing"]
+    width_in = max(7.0, 0.7 * len(layers) + 4)
+    chars = int(width_in * 11)  # characters of 9-point text per line of the figure's width
+    name = textwrap.fill(str(results["routing"]), chars, break_long_words=True, break_on_hyphens=False)
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(width_in, 3.6 + 0.15 * name.count("\n")), layout="constrained"
     )
+    label = textwrap.fill(str(results["routing"]), chars // 2, break_long_words=True, break_on_hyphens=False)
+    left.bar(x, [results["activated_per_layer"][i] for i in layers], color="tab:blue", label=label)
     left.axhline(results["top_k"], color="tab:red", linestyle="--", label=f"Top-K (k={results['top_k']})")
-    left.set_ylim(0, results["top_k"] * 1.35)
+    left.set_ylim(0, results["top_k"] * 1.15)
     left.set_ylabel("mean activated routed experts")
-    left.set_title(f"experts: {results['mean_activated']:.2f} of {results['top_k']}")
+    left.set_title(f"experts: {results['mean_activated']:.2f} of {results['top_k']}", fontsize=10)
     width = 0.4 if topk_vio else 0.8
     right.bar(
         [i - width / 2 if topk_vio else i for i in x],
         [results["max_vio_per_layer"][i] for i in layers],
         width,
         color="tab:blue",
-        label=results["routing"],
     )
     if topk_vio:
         right.bar(
-            [i + width / 2 for i in x], [topk_vio[i] for i in layers], width, color="tab:gray", label="Top-K"
+            [i + width / 2 for i in x],
+            [topk_vio[i] for i in layers],
+            width,
+            color="tab:gray",
+            label="Top-K (MaxVio)",
         )
     top = max([*results["max_vio_per_layer"].values(), *topk_vio.values(), 0.1])
-    right.set_ylim(0, top * 1.35)
+    right.set_ylim(0, top * 1.15)
     right.set_ylabel("MaxVio (load imbalance)")
-    right.set_title(f"balance: AvgMaxVio {results['avg_max_vio']:.3f}")
+    right.set_title(f"balance: AvgMaxVio {results['avg_max_vio']:.3f}", fontsize=10)
     for ax in (left, right):
         ax.set_xticks(x, layers)
         ax.set_xlabel("MoE layer")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"{results['routing']}: perplexity {results['perplexity']:.3f}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    handles = [*left.get_legend_handles_labels()[0], *right.get_legend_handles_labels()[0]]
+    labels = [*left.get_legend_handles_labels()[1], *right.get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8)
+    fig.suptitle(f"{name}\nperplexity {results['perplexity']:.3f}", fontsize=9)
+    return fig
 
 
 def write_demo_plots(out: Path, report: dict[str, Any], pretrain_result: Any = None) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -182,16 +183,33 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def temp_folder(output_dir: Path, step: int) -> Path:
-    return output_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+def run_token(accelerator: Any = None) -> str:
+    """``<pid>-<random>`` of the main process, the same on every process of the run (broadcast)."""
+    token = [f"{os.getpid()}-{secrets.token_hex(4)}"]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token)
+    return token[0]
 
 
-def begin(output_dir: Path, step: int) -> Path:
-    """(main process) A fresh temporary folder for the checkpoint of ``step``; stale ones are removed."""
+def temp_folder(output_dir: Path, step: int, token: str = "") -> Path:
+    """``.tmp-checkpoint-<step>-<pid>-<random>``: unique to one run, so two runs never share one."""
+    return output_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}{'-' + token if token else ''}"
+
+
+def begin(output_dir: Path, step: int, token: str = "") -> Path:
+    """(main process) A fresh temporary folder for the checkpoint of ``step``.
+
+    Temporary folders of other runs are removed: the caller holds the output folder's lock
+    (:func:`hf_moe_routing.hub.output_dir.output_dir_lock`), so they were left by a process that died.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder(output_dir, step, token)
     for stale in output_dir.glob(f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = temp_folder(output_dir, step)
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
 
@@ -231,7 +249,7 @@ def finish(
     write_file(tmp / STATE_NAME, text.encode())
     _fsync_dir(tmp)
     if target.exists():  # e.g. saved again at the same step after a Ctrl-C: swap, then drop the old one
-        aside = target.with_name(f"{TMP_PREFIX}old-{target.name}")
+        aside = target.with_name(f"{TMP_PREFIX}old-{target.name}-{os.getpid()}")
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(target, aside)
         os.rename(tmp, target)

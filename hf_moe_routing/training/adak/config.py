@@ -43,6 +43,11 @@ class AdaKTrainingConfig(JSONConfig):
     """
 
     output_dir: str = _f("adak-output", "checkpoints, log.jsonl and the routing adapter go here")
+    overwrite_output_dir: bool = _f(
+        False,
+        "replace a previous run's adapter, checkpoints and log.jsonl in output_dir (other files are "
+        "kept); without it such a folder is refused unless resuming",
+    )
     # ---- warm start
     warmup: str = _f(
         "skip-warm",
@@ -106,7 +111,11 @@ class AdaKTrainingConfig(JSONConfig):
         "info", "info prints log lines and the summary; warning and above stay quiet", choices=LOG_LEVELS
     )
     eval_steps: int = _f(0, "evaluate every N steps (0: only at the end)")
-    eval_batches: int | None = _f(None, "evaluate on at most N batches per process (None: all)")
+    eval_batches: int | None = _f(
+        None,
+        "evaluate on at most N batches per process (None: all); `train` without --eval-dataset "
+        "holds out the last N batches of --dataset",
+    )
     save_steps: int = _f(50, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
     save_total_limit: int | None = _f(2, "keep the newest N checkpoints (None: all)")
     report_to: list[str] | None = _f(None, "accelerate trackers, e.g. tensorboard wandb")

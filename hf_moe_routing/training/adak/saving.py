@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import os
 import shutil
 from pathlib import Path
@@ -11,9 +12,25 @@ from typing import Any
 
 import torch
 
+from ...hub.output_dir import output_dir_lock, remove_previous_run, written_by_us
 from . import checkpoint as ckpt
 from .config import TrainerState
 from .reporting import _finite, settings_that_did_not_run
+
+#: what a previous run wrote into output_dir (refused without overwrite_output_dir; a stale temporary
+#: folder of a run that died does not count: the next save removes it)
+PREVIOUS_OUTPUT = ("checkpoint-*", ckpt.LOG_NAME, ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME)
+#: what overwrite_output_dir removes first (the adapter files are replaced atomically by the save)
+REMOVE_ON_OVERWRITE = (
+    "checkpoint-*",
+    ckpt.LOG_NAME,
+    f"{ckpt.TMP_PREFIX}{ckpt.CHECKPOINT_PREFIX}*",
+    f"{ckpt.TMP_PREFIX}old-{ckpt.CHECKPOINT_PREFIX}*",
+)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 class SavingMixin:
@@ -41,7 +58,7 @@ class SavingMixin:
         acc = self.accelerator
         output = Path(self.config.output_dir)
         folder = Path(path) if path is not None else output / self._checkpoint_name()
-        tmp = ckpt.temp_folder(folder.parent, self.state.global_step)
+        tmp = ckpt.temp_folder(folder.parent, self.state.global_step, self._run_token)
         main = acc.is_main_process
 
         def write_main() -> None:
@@ -58,8 +75,13 @@ class SavingMixin:
                 ckpt.rotate(output, self.config.save_total_limit)
 
         acc.wait_for_everyone()
+        with output_dir_lock(folder.parent, main_process=main):  # re-entrant inside train()
+            return self._save_checkpoint_stages(folder, tmp, write_main)
+
+    def _save_checkpoint_stages(self, folder: Path, tmp: Path, write_main: Any) -> Path:
+        acc, main = self.accelerator, self.accelerator.is_main_process
         stages = [
-            lambda: ckpt.begin(folder.parent, self.state.global_step) if main else None,
+            lambda: ckpt.begin(folder.parent, self.state.global_step, self._run_token) if main else None,
             lambda: ckpt.write_rng(tmp, acc.process_index),
             lambda: write_main() if main else None,
         ]
@@ -76,6 +98,34 @@ class SavingMixin:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return folder
+
+    def _check_output_dir(self, resuming: bool) -> None:
+        """Refuse to replace a previous run's output in ``output_dir`` unless ``overwrite_output_dir``.
+
+        With ``overwrite_output_dir`` the previous run's checkpoints and ``log.jsonl`` are removed first
+        (only what a run of ours wrote; the adapter is replaced atomically at the end). Resuming, and a
+        second ``train()`` of this trainer, continue in the folder. Raises FileExistsError on every process.
+        """
+        error: BaseException | None = None
+        folder = Path(self.config.output_dir)
+        if self.accelerator.is_main_process and not resuming and not self._wrote_output and folder.is_dir():
+            try:
+                found = [
+                    p.name for p in folder.iterdir() if _matches(p.name, PREVIOUS_OUTPUT) and written_by_us(p)
+                ]
+                if found and not self.config.overwrite_output_dir:
+                    names = ", ".join(sorted(found)[:4]) + (", ..." if len(found) > 4 else "")
+                    raise FileExistsError(
+                        f"{folder} already holds the output of an earlier run ({names}): pass "
+                        "AdaKTrainingConfig(overwrite_output_dir=True) to replace it (other files are kept), "
+                        "train(resume_from_checkpoint=True) to continue it, or choose another output_dir."
+                    )
+                if found:
+                    remove_previous_run(folder, REMOVE_ON_OVERWRITE)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on every process
+                error = exc
+        self._agree(error)
+        self._wrote_output = True
 
     def _agree(self, error: BaseException | None) -> None:
         """Raise on every process if any process failed (so none waits forever at the next barrier)."""
@@ -131,6 +181,7 @@ class SavingMixin:
         self.accelerator.wait_for_everyone()
         skip = (
             "output_dir",
+            "overwrite_output_dir",
             "report_to",
             "progress_bar",
             "log_level",

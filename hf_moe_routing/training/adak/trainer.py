@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...core.batching import model_device
+from ...hub.output_dir import output_dir_lock
 from ...methods.adak import AdaKConfig, adak_layers
 from ...patching import get_patch_state, patch_model, unwrap_model
 from . import checkpoint as ckpt
@@ -156,6 +157,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             and exact_start_available(config.warmup, self.layers)
         )
         self.state = TrainerState(k_penalty=config.k_penalty)
+        self._run_token = ckpt.run_token(self.accelerator)  # temporary checkpoint folders of this run only
+        self._wrote_output = False
         self.optimizer: torch.optim.Optimizer | None = None
         self._phase: str | None = None
         self._trackers_started = False
@@ -246,9 +249,22 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         (KeyboardInterrupt) a checkpoint of the last finished step is saved before the exception
         propagates.
 
+        The main process holds ``output_dir``'s lock meanwhile (one writer per folder). An
+        ``output_dir`` that already holds a previous run's adapter, checkpoints or log is refused
+        unless ``config.overwrite_output_dir`` (which removes that run's checkpoints and log first) or
+        resuming.
+
         Raises FileNotFoundError if there is no checkpoint to resume from, CheckpointError (a
-        ValueError naming the file) for a damaged explicit checkpoint, OSError for a full disk.
+        ValueError naming the file) for a damaged explicit checkpoint, OSError for a full disk,
+        FileExistsError for a previous run's output, OutputDirBusyError (an OSError naming the PID)
+        if another process is writing ``output_dir``.
         """
+        main = self.accelerator.is_main_process
+        with output_dir_lock(self.config.output_dir, main_process=main):
+            self._check_output_dir(bool(resume_from_checkpoint))
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | os.PathLike | bool | None) -> AdaKTrainOutput:
         if resume_from_checkpoint:
             if resume_from_checkpoint is True:
                 found = ckpt.find_checkpoint(self.config.output_dir, self.accelerator.process_index)
