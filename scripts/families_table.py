@@ -6,10 +6,16 @@ Checks every Mixture-of-Experts causal-LM family of the installed transformers o
 * ``results/families/families_table.md``: the table (the README's "Supported model families"), with the transformers version and the counts;
 * ``tests/families_expected.json`` (with ``--expected``): the statuses and router kinds that
   ``tests/test_families.py`` holds later versions of the package to (a supported family must stay
-  supported) and uses to pick one family per router kind for its slower checks.
+  supported) and uses to pick one family per router kind for its slower checks;
+* ``tests/families_kinds.json`` (with ``--kinds``): every supported family's full detected router kinds
+  (``testing.support.router_kinds``), which ``tests/test_family_kinds.py`` compares with what the
+  families layer detects. Running it on another transformers version merges: families it does not
+  have are kept, and a kind that differs on this version is recorded under ``by_version`` (``null``:
+  refused there).
 
     python scripts/families_table.py                 # the markdown table
     python scripts/families_table.py --expected      # also refresh the test expectations
+    python scripts/families_table.py --kinds-only    # only refresh tests/families_kinds.json (fast)
 """
 
 from __future__ import annotations
@@ -54,7 +60,13 @@ def main() -> int:
         action="store_true",
         help="also write tests/families_expected.json (the test expectations)",
     )
+    parser.add_argument(
+        "--kinds", action="store_true", help="also write tests/families_kinds.json (detected router kinds)"
+    )
+    parser.add_argument("--kinds-only", action="store_true", help="only write tests/families_kinds.json")
     args = parser.parse_args()
+    if args.kinds_only:
+        return write_kinds()
 
     import torch
     import transformers
@@ -85,7 +97,47 @@ def main() -> int:
         path = ROOT / "tests" / "families_expected.json"
         path.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path}")
+    if args.kinds:
+        write_kinds()
     return 1 if bad else 0
+
+
+def write_kinds(path: Path = ROOT / "tests" / "families_kinds.json") -> int:
+    """Merge this transformers version's detected router kinds into ``path`` (see the module docstring)."""
+    import torch
+    import transformers
+
+    from hf_moe_routing.testing import moe_families
+    from hf_moe_routing.testing.support import router_kinds
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    version = transformers.__version__
+    old = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {"kinds": {}, "by_version": {}, "recorded_with": []}
+    )
+    kinds, by_version = old["kinds"], old.get("by_version", {})
+    here = {}
+    for entry in moe_families():
+        try:
+            here[entry.model_type] = router_kinds(entry.model_type)
+        except Exception as error:  # noqa: BLE001 - an unbuildable family is reported, not recorded
+            print(f"WARNING {entry.model_type}: no tiny model: {type(error).__name__}: {error}")
+    by_version.pop(version, None)
+    for name, found in sorted(here.items()):
+        if name not in kinds and found is not None:
+            kinds[name] = found
+        elif name in kinds and found != kinds[name]:
+            by_version.setdefault(version, {})[name] = found
+    recorded = sorted(set(old.get("recorded_with", [])) | {version})
+    out = {"recorded_with": recorded, "kinds": kinds, "by_version": by_version}
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(
+        f"wrote {path}: {sum(f is not None for f in here.values())} supported families on transformers {version}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from hf_moe_routing.core.ops import max_vio, tokens_per_expert
 from hf_moe_routing.families.kinds import limit_to_groups
 from hf_moe_routing.methods.bip.solver import (
     assign,
+    bip_round,
     expert_capacity,
     expert_prices,
     solve_duals,
@@ -205,3 +206,86 @@ def test_cuda_matches_cpu():
     cpu = solve_duals(scores, torch.zeros(16), 2, capacity, 4)
     gpu = solve_duals(scores.cuda(), torch.zeros(16, device="cuda"), 2, capacity, 4)
     torch.testing.assert_close(gpu.q.cpu(), cpu.q, atol=1e-5, rtol=0)
+
+
+# ---- one round by hand, and the price shift ------------------------------------------------------
+def _mid_of_ranks(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """Per row: the midpoint of the ``rank``-th and ``rank + 1``-th largest entries (1-based), by sorting."""
+    ordered = values.sort(dim=1, descending=True).values
+    return (ordered[:, rank - 1] + ordered[:, rank]) / 2
+
+
+def _one_round_by_hand(scores, q, k, capacity, selection, demand):
+    """One BIP round written from the paper's rules (not the solver's helpers): token prices from the
+    selection scores s - q, expert prices from the demand scores (every token) minus p, clamped at 0,
+    shifted so the smallest is 0."""
+    reduced = selection(-q)
+    p = _mid_of_ranks(reduced, k)
+    wanted = (demand(-q) + q) - p[:, None]  # s_ij - p_i over every token
+    raw = _mid_of_ranks(wanted.T, capacity).clamp_min(0.0)
+    return raw - raw.min()
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["plain", "group-limited"])
+def test_one_round_of_the_solve_is_one_bip_round_by_hand(groups):
+    """With T = 1 and no extra rounds, the solve is exactly one BIP round: for group-limited selection,
+    the round that prices experts by the demand of every token (rounds 1, 3, ... use the demand scores)."""
+    n, m, k = 40, 8, 2
+    scores = skewed_scores(n, m, seed=3)
+    q0 = torch.rand(m, generator=torch.Generator().manual_seed(4)) * 0.05
+    capacity = expert_capacity(n, m, k)
+    if groups:
+        selection = lambda offset: limit_to_groups(scores + offset, 4, 2, "top2")  # noqa: E731
+    else:
+        selection = lambda offset: scores + offset  # noqa: E731
+    demand = lambda offset: scores + offset  # noqa: E731
+    expected = _one_round_by_hand(scores, q0, k, capacity, selection, demand)
+    result = solve_duals(
+        scores, q0, k, capacity, 1, selection=selection, demand=demand if groups else None, max_extra_iters=0
+    )
+    torch.testing.assert_close(result.q, expected, rtol=0, atol=1e-6)
+    assert result.rounds == 1
+    assert torch.equal(result.index, selection(-result.q).topk(k, dim=1).indices)
+    if groups:  # the exact (group-counting) update differs here, so the test sees which one ran
+        exact = _one_round_by_hand(scores, q0, k, capacity, selection, selection)
+        assert (exact - expected).abs().max() > 1e-3
+    # and with T = 2 the second round is the exact update for the groups then chosen
+    two = solve_duals(
+        scores, q0, k, capacity, 2, selection=selection, demand=demand if groups else None, max_extra_iters=0
+    )
+    by_hand = _one_round_by_hand(scores, expected, k, capacity, selection, selection)
+    torch.testing.assert_close(two.q, by_hand, rtol=0, atol=1e-6)
+
+
+def test_prices_are_shifted_so_the_smallest_is_exactly_zero_when_every_expert_is_over_demanded():
+    """Every expert wanted by more than C tokens (each column's C-th and (C+1)-th values positive):
+    every clamped price is positive, and the shift brings the smallest to exactly 0, the rest by as much."""
+    n, m, capacity = 12, 4, 3
+    g = torch.Generator().manual_seed(0)
+    adjusted = 0.1 + torch.rand(n, m, generator=g)  # every token wants every expert: all over-demanded
+    raw = _mid_of_ranks(adjusted.T, capacity)
+    assert (raw > 0.1).all()
+    q = expert_prices(adjusted, capacity)
+    assert q.min().item() == 0.0
+    torch.testing.assert_close(q, raw - raw.min(), rtol=0, atol=1e-7)
+
+
+def test_a_demand_round_that_over_demands_every_expert_still_leaves_a_zero_price():
+    """Under group-limited selection, the demand round prices experts by every token's wish: a token's
+    price comes from its few allowed experts, so experts outside its groups look over-demanded. Here every
+    expert is (each clamped price positive), and the shift still brings the smallest price to exactly 0."""
+    n, m, k = 32, 8, 2
+    scores = (torch.randn(n, m, generator=torch.Generator().manual_seed(69)) * 2).softmax(-1)
+    capacity = expert_capacity(n, m, k)
+    selection = lambda offset: limit_to_groups(scores + offset, 4, 2, "top2")  # noqa: E731
+    demand = lambda offset: scores + offset  # noqa: E731
+    q = torch.zeros(m)
+    p = token_prices(selection(-q), k)
+    raw = _mid_of_ranks((demand(-q) - p[:, None]).T, capacity)
+    assert (raw > 0).all()  # over-demanded everywhere: the clamp alone leaves no price at 0
+    new = bip_round(scores, q, k, capacity, selection, demand)
+    assert new.min().item() == 0.0
+    torch.testing.assert_close(new, raw - raw.min(), rtol=0, atol=1e-7)
+    for _ in range(5):  # a stream of the same batch: prices do not drift upwards
+        new = solve_duals(scores, new, k, capacity, 1, selection=selection, demand=demand).q
+        assert new.min().item() == 0.0

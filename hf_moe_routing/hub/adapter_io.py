@@ -226,8 +226,12 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_adapter_weights(folder: str | os.PathLike) -> dict[int, dict[str, torch.Tensor]]:
-    """The routing state of a local adapter folder, grouped by layer index (not hash-checked)."""
-    return _parse_weights(Path(folder) / WEIGHTS_NAME, _read_weight_bytes(Path(folder)))
+    """The routing state of a local adapter folder, grouped by layer index.
+
+    Checked against the content hash in its config, like :func:`read_adapter` (which it calls), so a
+    folder being replaced by a writer yields one whole save. Raises as :func:`read_adapter`.
+    """
+    return read_adapter(folder)[1]
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:

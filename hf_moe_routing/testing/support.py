@@ -119,5 +119,18 @@ def kind_key(block: MoEBlock) -> str:
     return json.dumps({**dataclasses.asdict(spec.kind), **extra}, sort_keys=True)
 
 
+def router_kinds(model_type: str, seed: int = 0) -> list[dict] | None:
+    """Every distinct full router kind (see :func:`kind_key`) of a tiny ``model_type`` model, in block order.
+
+    Returns None if ``describe_model`` refuses the family. Raises whatever building its tiny model raises.
+    """
+    try:
+        described = describe_model(tiny_model(model_type, seed=seed))
+    except UnsupportedFamilyError:
+        return None
+    keys = list(dict.fromkeys(kind_key(block) for block in described.blocks))
+    return [json.loads(key) for key in keys]
+
+
 def _replace(row: FamilySupport, **changes: str) -> FamilySupport:
     return FamilySupport(**{**asdict(row), **changes})

@@ -1,0 +1,86 @@
+"""Ada-K's budget calibration (``training/adak/steps.match_budget``) lands on ``target_experts``.
+
+On a fixed allocator (no learning loop), the bisection of the common bias tilt must bring the greedy
+mean number of experts on the calibration batches to the target, whether the allocator starts above the
+budget (it must tilt towards fewer experts) or below it (towards more). The mean is recomputed here from
+the model's own recorded expert counts, not read from the function's report. Seconds per case.
+"""
+
+import pytest
+import torch
+
+from hf_moe_routing.methods.adak import adak_layers, recording
+from hf_moe_routing.testing import tiny_model
+from hf_moe_routing.training.adak import steps
+from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(n: int = 24, length: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, 128, (length,), generator=g)} for _ in range(n)]
+
+
+def _trainer(tmp_path, family: str, target: float) -> AdaKTrainer:
+    config = AdaKTrainingConfig(
+        output_dir=str(tmp_path / "run"),
+        warmup="random",
+        max_steps=0,
+        batch_size=8,
+        calibration_batches=2,
+        target_experts=target,
+        progress_bar=False,
+        log_level="warning",
+    )
+    return AdaKTrainer(tiny_model(family), config, _data())
+
+
+def _greedy_mean_k(trainer: AdaKTrainer, first_batch: int) -> float:
+    """Mean over MoE layers of the greedy expert count per real token, on the calibration batches."""
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    for b in range(first_batch, first_batch + trainer.config.calibration_batches):
+        batch = trainer.stream.batch(b, "cpu")[1]
+        mask = batch["attention_mask"].reshape(-1).bool()
+        with torch.no_grad(), recording(trainer.model) as layers:
+            trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for i, layer in layers.items():
+                per_layer.setdefault(i, []).append(layer.last.activated[mask].double())
+    return float(torch.stack([torch.cat(v).mean() for v in per_layer.values()]).mean())
+
+
+@pytest.mark.parametrize(
+    ("family", "target", "start"),
+    [
+        ("mixtral", 1.4, "above"),
+        ("mixtral", 1.4, "below"),
+        ("qwen2_moe", 1.7, "above"),
+        ("qwen2_moe", 1.25, "below"),
+    ],
+)
+def test_budget_calibration_lands_on_target_experts_from_either_side(tmp_path, family, target, start):
+    trainer = _trainer(tmp_path, family, target)
+    g = torch.Generator().manual_seed(1)
+    for layer in adak_layers(trainer.model).values():
+        allocator = layer.allocator
+        k_max = allocator.bias.numel()
+        with torch.no_grad():
+            allocator.weight.copy_(torch.randn(allocator.weight.shape, generator=g) * 0.1)
+            # above: the most probable k is k_max for most tokens; below: k = 1
+            ramp = torch.linspace(-3.0, 3.0, k_max) * (1.0 if start == "above" else -1.0)
+            allocator.bias.copy_(ramp)
+    first = trainer.state.batches_seen
+    before = _greedy_mean_k(trainer, first)
+    assert (before > target + 0.2) if start == "above" else (before < target - 0.2), before
+    found = steps.match_budget(trainer)
+    after = _greedy_mean_k(trainer, first)
+    assert after == pytest.approx(target, abs=0.02), (before, found)
+    assert found["budget_greedy_k_mean"] == pytest.approx(after, abs=1e-6)
+    assert found["budget_greedy_k_before"] == pytest.approx(before, abs=1e-6)
+    assert (found["budget_tilt"] < 0) if start == "above" else (found["budget_tilt"] > 0)
