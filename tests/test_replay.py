@@ -18,7 +18,6 @@ import torch
 
 from hf_moe_routing import (
     RoutedExperts,
-    TopKConfig,
     describe_model,
     get_patch_state,
     patch_model,
@@ -108,7 +107,9 @@ def test_replay_forces_the_recorded_experts_with_weights_from_the_current_router
     blocks = describe_model(model).blocks
     with torch.no_grad(), replay_routing(model, routed):
         handles = [
-            b.router.register_forward_hook(lambda m, a, out, b=b: seen.__setitem__(b.layer_index, (a[0], out)))
+            b.router.register_forward_hook(
+                lambda m, a, out, b=b: seen.__setitem__(b.layer_index, (a[0], out))
+            )
             for b in blocks
         ]
         out = model(ids, attention_mask=mask).logits
@@ -142,7 +143,9 @@ def test_a_patched_model_keeps_its_routing_and_its_state():
     with torch.no_grad(), replay_routing(model, routed):
         assert all(type(x).__name__ == "ReplayLayer" for x in routing_layers(model).values())
         real = mask.bool()  # padding: see the test above
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], reference[real], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits[real], reference[real], rtol=1e-5, atol=1e-6
+        )
     assert get_patch_state(model).config == OffsetConfig(top_k=2)
     for i, layer in routing_layers(model).items():
         assert layer is layers[i]
@@ -175,7 +178,12 @@ def test_generate_records_prefill_and_every_decode_step_and_replays_onto_the_ful
     new = 5
     with torch.no_grad(), record_routing(model) as routed:
         sequences = model.generate(
-            prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            prompts,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
         )
     full_mask = torch.cat([mask, torch.ones(3, new, dtype=mask.dtype)], dim=1)
     # prompt tokens + one per decode step; the last sampled token is never forwarded
@@ -185,9 +193,9 @@ def test_generate_records_prefill_and_every_decode_step_and_replays_onto_the_ful
     assert training.lengths == [n + 1 for n in routed.lengths]
     recorded = routed.compare(training.select(range(3)))  # over the recorded tokens; hashes must agree
     assert recorded.num_tokens == sum(routed.lengths) and recorded.decision_share == 0.0
-    with pytest.raises(ValueError, match="real tokens, its record"):
-        with torch.no_grad(), replay_routing(model, routed, max_unrecorded=0):
-            model(sequences, attention_mask=full_mask)
+    refused = pytest.raises(ValueError, match="real tokens, its record")
+    with refused, torch.no_grad(), replay_routing(model, routed, max_unrecorded=0):
+        model(sequences, attention_mask=full_mask)
 
 
 # ---- refused batches -----------------------------------------------------------------------------
@@ -203,9 +211,11 @@ def recorded():
 def test_a_batch_in_another_order_is_refused(recorded):
     model, ids, mask, routed = recorded
     order = [1, 0, 2]
-    with pytest.raises(ValueError, match=r"batch row 0 .* tokens of record row 1: the batch is in another order"):
-        with torch.no_grad(), replay_routing(model, routed):
-            model(ids[order], attention_mask=mask[order])
+    refused = pytest.raises(
+        ValueError, match=r"batch row 0 .* tokens of record row 1: the batch is in another order"
+    )
+    with refused, torch.no_grad(), replay_routing(model, routed):
+        model(ids[order], attention_mask=mask[order])
     assert not is_patched(model)
     with torch.no_grad(), replay_routing(model, routed.select(order)):  # the remedy the message names
         model(ids[order], attention_mask=mask[order])
@@ -219,9 +229,12 @@ def test_other_padding_or_tokens_or_rows_are_refused(recorded):
         "other rows": (ids[:2], mask[:2]),
     }
     for what, (bad_ids, bad_mask) in cases.items():
-        with pytest.raises(ValueError, match="replay_routing"), torch.no_grad():
-            with replay_routing(model, routed):
-                model(bad_ids, attention_mask=bad_mask)
+        with (
+            pytest.raises(ValueError, match="replay_routing"),
+            torch.no_grad(),
+            replay_routing(model, routed),
+        ):
+            model(bad_ids, attention_mask=bad_mask)
         assert not is_patched(model), what
 
 
@@ -230,7 +243,7 @@ def test_a_shorter_row_replays_a_prefix(recorded):
     model, ids, mask, routed = recorded
     short = mask.clone()
     short[0, -3:] = 0
-    with torch.no_grad(), record_routing(model) as reference:
+    with torch.no_grad():
         expected = model(ids, attention_mask=short).logits
     with torch.no_grad(), replay_routing(model, routed):
         assert torch.equal(model(ids, attention_mask=short).logits, expected)
@@ -239,11 +252,11 @@ def test_a_shorter_row_replays_a_prefix(recorded):
 # ---- records that do not fit ---------------------------------------------------------------------
 def test_records_that_do_not_fit_the_model_are_refused(recorded):
     model, ids, mask, routed = recorded
-    with pytest.raises(ValueError, match=r"layer 7 is not an MoE layer"):
-        with replay_routing(model, RoutedExperts([0, 7], routed.num_experts)):
-            pass
-    with pytest.raises(ValueError, match=r"16 experts per layer, the model has 8"):
-        with replay_routing(model, RoutedExperts(routed.layers, 16)):
+    for record, message in [
+        (RoutedExperts([0, 7], routed.num_experts), r"layer 7 is not an MoE layer"),
+        (RoutedExperts(routed.layers, 16), r"16 experts per layer, the model has 8"),
+    ]:
+        with pytest.raises(ValueError, match=message), replay_routing(model, record):
             pass
     bad = routed.experts(0).clone()
     bad[2, 1, 0] = 8 + 3
@@ -294,7 +307,9 @@ def _engine_sample(family: str):
 def test_vllm_routed_experts_are_read_at_the_moe_layers():
     model, ids, reference, routed, arrays = _engine_sample("deepseek_v3")
     shape = describe_model(model).shape
-    assert shape.num_hidden_layers > len(routed.layers)  # a dense first layer: the layer axis is decoder layers
+    assert shape.num_hidden_layers > len(
+        routed.layers
+    )  # a dense first layer: the layer axis is decoder layers
     prompt_len = 4
     outputs = [
         SimpleNamespace(
@@ -327,8 +342,18 @@ def test_sglang_base64_routed_experts_are_read():
     imported = RoutedExperts.from_sglang(responses, model)
     with torch.no_grad(), replay_routing(model, imported):
         assert torch.equal(model(ids).logits, reference)
-    narrow = [(i, {"meta_info": {"routed_experts": base64.b64encode(a.astype(np.uint8).tobytes()).decode(),
-                                  "routed_experts_dtype": "uint8"}}) for (i, _), a in zip(responses, arrays)]
+    narrow = [
+        (
+            i,
+            {
+                "meta_info": {
+                    "routed_experts": base64.b64encode(a.astype(np.uint8).tobytes()).decode(),
+                    "routed_experts_dtype": "uint8",
+                }
+            },
+        )
+        for (i, _), a in zip(responses, arrays)
+    ]
     assert RoutedExperts.from_sglang(narrow, model).lengths == imported.lengths
 
 

@@ -115,4 +115,3 @@ def test_grpo_importance_ratios_are_one_with_replay_at_the_first_step(family):
     for block in describe_model(model).blocks:
         grad = block.spec.weight(block.router).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
-

@@ -36,7 +36,9 @@ def forward_tokens(args: tuple, kwargs: dict, where: str) -> tuple[torch.Tensor,
         real = mask[:, -ids.shape[1] :].bool()
     else:
         real = torch.ones_like(ids, dtype=torch.bool)
-    cache = next((kwargs[k] for k in ("cache", "past_key_values", "cache_params") if kwargs.get(k) is not None), None)
+    cache = next(
+        (kwargs[k] for k in ("cache", "past_key_values", "cache_params") if kwargs.get(k) is not None), None
+    )
     length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     return ids, real, int(length) > 0
 
