@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "LossFreeConfig": "methods",
     "LossControlledConfig": "methods",
     "AdaKConfig": "methods",
+    "ReplayConfig": "methods",
+    "RoutedExperts": "methods",
     # patching
     "patch_model": "patching",
     "unpatch_model": "patching",
@@ -48,6 +50,9 @@ _EXPORTS: dict[str, str] = {
     "routing_aux_loss": "patching",
     "original_routing": "patching",
     "fit_routing": "patching.fitting",
+    # routing replay (RL)
+    "record_routing": "patching.replay",
+    "replay_routing": "patching.replay",
     # evaluation
     "RoutingStats": "evaluation",
     "FlopsBreakdown": "evaluation",
@@ -107,6 +112,8 @@ if TYPE_CHECKING:  # static analysers see the real names
         DynamicSkipConfig,
         LossControlledConfig,
         LossFreeConfig,
+        ReplayConfig,
+        RoutedExperts,
         RoutingConfig,
         RoutingLayer,
         TopKConfig,
@@ -123,4 +130,5 @@ if TYPE_CHECKING:  # static analysers see the real names
         unpatch_model,
     )
     from .patching.fitting import fit_routing
+    from .patching.replay import record_routing, replay_routing
     from .training.adak import AdaKTrainer, AdaKTrainingConfig

@@ -99,6 +99,10 @@ class RoutingStats:
     def reset(self) -> None:
         """Forget everything recorded so far."""
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending_replay: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._replay = torch.zeros(
+            len(self.layers) + 2, dtype=torch.float64
+        )  # per-layer changed, tokens, changed tokens
         self._last: BatchStats | None = None
         self._total_loads: torch.Tensor | None = None
         self._total_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
@@ -137,11 +141,53 @@ class RoutingStats:
                 # a device-side fill, not torch.tensor(n, device=...): no host-to-device copy per layer
                 tokens = mask.sum() if mask is not None else index.new_full((), index.shape[0])
             self._pending[row] = (loads, tokens)
+            replay = getattr(getattr(module, "routing", None), "last_replay", None)
+            if (
+                replay is not None
+            ):  # routing replay: replayed tokens, and those the router would route elsewhere
+                self._pending_replay[row] = replay
 
         return hook
 
+    def _finalize_replay(self) -> None:
+        """Add the forward's replay disagreements: per layer, and per token over all layers."""
+        if not self._pending_replay:
+            return
+        pending, self._pending_replay = self._pending_replay, {}
+        replayed = next(iter(pending.values()))[0]
+        changed_any = torch.zeros_like(replayed)
+        zero = replayed.new_zeros((), dtype=torch.long)
+        sums = [zero] * len(self.layers)
+        for row, (_, changed) in pending.items():
+            sums[row] = changed.sum().to(replayed.device)
+            changed_any = changed_any | changed.to(replayed.device)
+        counts = torch.stack([*sums, replayed.sum(), changed_any.sum()])
+        self._replay += counts.double().cpu()  # one sync per forward
+
+    @property
+    def replay_changes(self) -> dict[str, Any] | None:
+        """Under ``replay_routing``: how often the router's own choice differs from the replayed experts.
+
+        Keys: ``num_tokens`` (replayed real tokens), ``token_share`` (share of them whose experts
+        would change in at least one MoE layer), ``decision_share`` (share of (token, layer)
+        decisions that would change), ``per_layer`` (that share per MoE layer). None if no
+        replayed forward was seen.
+        """
+        self._finalize()
+        tokens = float(self._replay[-2])
+        if tokens == 0:
+            return None
+        per_layer = (self._replay[:-2] / tokens).tolist()
+        return {
+            "num_tokens": int(tokens),
+            "token_share": float(self._replay[-1]) / tokens,
+            "decision_share": float(self._replay[:-2].sum()) / (tokens * len(self.layers)),
+            "per_layer": per_layer,
+        }
+
     def _finalize(self) -> None:
         """Turn the per-layer tensors of the forward that just ran into a :class:`BatchStats`."""
+        self._finalize_replay()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -187,7 +233,8 @@ class RoutingStats:
 
         Keys: ``layers``, ``loads`` (L x m totals), ``max_vio_global`` (per layer, over all tokens),
         ``avg_max_vio`` / ``sup_max_vio`` (mean / max over batches of the layer-averaged batch MaxVio),
-        ``mean_activated``, ``activated_per_layer``, ``num_tokens``, ``num_batches``.
+        ``mean_activated``, ``activated_per_layer``, ``num_tokens``, ``num_batches``, ``replay_changes``
+        (see :attr:`replay_changes`; None without routing replay).
         """
         loads = self.total_loads.cpu()
         per_batch = (
@@ -207,6 +254,7 @@ class RoutingStats:
             "activated_per_layer": activated.tolist(),
             "num_tokens": self.num_tokens,
             "num_batches": self.num_batches,
+            "replay_changes": self.replay_changes,
         }
 
     def __repr__(self) -> str:

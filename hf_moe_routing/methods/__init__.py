@@ -8,6 +8,7 @@ from .bip import BIPConfig
 from .dynamic_skip import DynamicSkipConfig
 from .loss_controlled import LossControlledConfig
 from .loss_free import LossFreeConfig
+from .replay import ReplayConfig, RoutedExperts
 from .top_p import TopPConfig
 from .topk import TopKConfig
 
@@ -18,7 +19,9 @@ __all__ = [
     "DynamicSkipConfig",
     "LossControlledConfig",
     "LossFreeConfig",
+    "ReplayConfig",
     "RoutingConfig",
+    "RoutedExperts",
     "RoutingLayer",
     "TopKConfig",
     "TopPConfig",

@@ -79,6 +79,7 @@ ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
         "loss_free": "hf_moe_routing.methods.loss_free.config:LossFreeConfig",
         "loss_controlled": "hf_moe_routing.methods.loss_controlled.config:LossControlledConfig",
         "adak": "hf_moe_routing.methods.adak.config:AdaKConfig",
+        "replay": "hf_moe_routing.methods.replay.config:ReplayConfig",
     },
     entry_point_group="hf_moe_routing.methods",
 )
