@@ -72,10 +72,35 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
+#: names of earlier versions (families were called "adapters"): importable, with a FutureWarning that
+#: names the replacement (CHANGELOG.md). ``get_adapter(model)`` returned ``(family, blocks)``.
+_RENAMED: dict[str, str] = {
+    "ADAPTERS": "FAMILIES",
+    "MoEAdapter": "MoEFamily",
+    "register_adapter": "register_family",
+    "get_adapter": "describe_model",
+}
+
+
+def _get_adapter(model: Any, adapter: Any = None) -> tuple[Any, list[Any]]:
+    """``(family, blocks)`` of ``model``: what ``describe_model(model)`` returns, as a pair."""
+    described = __getattr__("describe_model")(model, adapter)
+    return described.family, list(described.blocks)
+
+
 from . import integrations  # noqa: E402,F401  (registers --model hf-moe-routing with lm-eval, lazily and cheaply)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(
+            f"hf_moe_routing.{name} is renamed: use hf_moe_routing.{_RENAMED[name]} (see CHANGELOG.md).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return _get_adapter if name == "get_adapter" else __getattr__(_RENAMED[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hf_moe_routing' has no attribute {name!r}")

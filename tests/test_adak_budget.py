@@ -11,8 +11,7 @@ import torch
 
 from hf_moe_routing.methods.adak import adak_layers, recording
 from hf_moe_routing.testing import tiny_model
-from hf_moe_routing.training.adak import steps
-from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig
+from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig, steps
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,9 @@ from hf_moe_routing import patch_model, save_routing_adapter
 from hf_moe_routing.hub import adapter_io
 from hf_moe_routing.patching import routing_layers
 from hf_moe_routing.testing import OffsetConfig, tiny_model
+from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig, allocator_state
 from hf_moe_routing.training.adak import checkpoint as ckpt
 from hf_moe_routing.training.adak.checkpoint import load_allocator_state
-from hf_moe_routing.training.adak_trainer import AdaKTrainer, AdaKTrainingConfig, allocator_state
 
 
 class Crash(OSError):

@@ -136,3 +136,22 @@ def test_fitting_follows_the_requires_trait(ids):
     assert changes_weights(LossControlledConfig()) and not changes_weights(BIPConfig())
     fitted = fit_routing(patch_model(tiny_model("mixtral"), BIPConfig()), ids, progress=False)
     assert fitted["routing"] == "bip" and fitted["tokens"] == ids.numel()
+
+
+def test_names_of_earlier_versions_still_import_and_name_their_replacement():
+    import hf_moe_routing
+    from hf_moe_routing.testing import tiny_model
+
+    with pytest.warns(FutureWarning, match="use hf_moe_routing.FAMILIES"):
+        from hf_moe_routing import ADAPTERS
+    assert ADAPTERS is hf_moe_routing.FAMILIES
+    with pytest.warns(FutureWarning, match="MoEFamily"):
+        assert hf_moe_routing.MoEAdapter is hf_moe_routing.MoEFamily
+    with pytest.warns(FutureWarning, match="register_family"):
+        assert hf_moe_routing.register_adapter is hf_moe_routing.register_family
+    model = tiny_model("mixtral")
+    with pytest.warns(FutureWarning, match="describe_model"):
+        family, blocks = hf_moe_routing.get_adapter(model)
+    described = hf_moe_routing.describe_model(model)
+    assert type(family) is type(described.family)
+    assert len(blocks) == len(described.blocks) == model.config.num_hidden_layers

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_moe_routing import TopKConfig, get_adapter, patch_model, unpatch_model
+from hf_moe_routing import TopKConfig, describe_model, patch_model, unpatch_model
 from hf_moe_routing.evaluation import RoutingStats, max_vio, tokens_per_expert
 from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, DropSlotsConfig, tiny_model
 
@@ -21,7 +21,7 @@ def _batch():
 
 def _capture_indices(model):
     """Router indices of every MoE layer, captured independently of RoutingStats."""
-    _, blocks = get_adapter(model)
+    blocks = describe_model(model).blocks
     captured: dict[int, torch.Tensor] = {}
     handles = [
         b.router.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out[2]))
@@ -55,7 +55,7 @@ def test_stats_match_router_outputs_and_exclude_padding(family):
         h.remove()
     batch = stats.last
     m = stats.num_experts
-    top_k = get_adapter(model)[1][0].spec.top_k
+    top_k = describe_model(model).blocks[0].spec.top_k
     assert batch.num_tokens == int(mask.sum()) == 23
     assert batch.loads.shape == (len(stats.layers), m)
     for row in range(len(stats.layers)):
@@ -91,7 +91,9 @@ def test_static_top1_versus_default(family):
         model(ids, attention_mask=mask)
         top1 = stats.last
         unpatch_model(model)
-    assert default.activated.tolist() == [float(get_adapter(model)[1][0].spec.top_k)] * len(stats.layers)
+    assert default.activated.tolist() == [float(describe_model(model).blocks[0].spec.top_k)] * len(
+        stats.layers
+    )
     assert top1.activated.tolist() == [1.0] * len(stats.layers)
     assert top1.loads.sum().item() == 23 * len(stats.layers)
     summary = stats.summary()

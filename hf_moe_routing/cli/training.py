@@ -94,7 +94,7 @@ def run_training(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config: Any, routing: Any) -> int:
     from ..hub import load_routing_adapter
     from ..patching import patch_model
-    from ..training.adak_trainer import AdaKTrainer
+    from ..training.adak import AdaKTrainer
 
     output = prepare_output_dir(
         args.output_dir,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from ...core.config import check_range
 from ...core.context import RoutingContext
 from ...families import MoEBlock, MoEModel
-from ..base import RoutingConfig, register_routing
+from ..base import RoutingConfig
 from .layer import ReplayLayer
 
 
-@register_routing
 @dataclass
 class ReplayConfig(RoutingConfig):
     """Routing replay: each real token uses the experts a recorded rollout chose for it.
@@ -44,3 +44,12 @@ class ReplayConfig(RoutingConfig):
 
     def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> ReplayLayer:
         return ReplayLayer(block, context)
+
+    @classmethod
+    def bad_settings(cls) -> Sequence[tuple[str, Any, type[Exception], str]]:
+        return [
+            ("max_unrecorded", -1, ValueError, r"must lie in \[0"),
+            ("max_unrecorded", 1.5, TypeError, "integer"),
+            ("max_unrecorded", True, TypeError, "integer"),
+            ("sentinel_slots", "false", TypeError, "bool"),
+        ]
