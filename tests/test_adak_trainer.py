@@ -244,15 +244,25 @@ def test_ppo_update_respects_the_lower_clip_bound():
         assert (allocator.weight.grad.abs().sum() == 0) == clipped
 
 
-@pytest.fixture(scope="module")
-def synthetic_model():
-    """A tiny Mixtral pre-trained briefly on the synthetic language (predictable vs. computed words)."""
+#: Each learning test runs on these seeds: the synthetic model's pre-training (initialisation and batch
+#: order) and the Ada-K trainer (allocator initialisation, k sampling, data order). A single draw is not
+#: evidence: on one pre-trained model whose second expert matters little, the expected k of
+#: ``test_ppo_follows_the_reward`` fell for 1 of 8 trainer seeds (results in the closing note of issue 17).
+LEARNING_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module", params=LEARNING_SEEDS, ids=lambda seed: f"seed{seed}")
+def synthetic_model(request):
+    """A tiny Mixtral pre-trained briefly on the synthetic language (predictable vs. computed words),
+    and the seed it was pre-trained with."""
+    seed = request.param
     tokenizer = synthetic_tokenizer()
     data = pack_dataset(synthetic_corpus(300, 4, seed=0), tokenizer, 32)
     train, held_out = data.select(range(200)), data.select(range(200, len(data)))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = tiny_model(
         "mixtral",
+        seed=seed,
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=48,
@@ -262,7 +272,7 @@ def synthetic_model():
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rows = train[:]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(300):
         idx = torch.randint(0, len(train), (16,), generator=g)
         model(
@@ -272,7 +282,7 @@ def synthetic_model():
         ).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return model.eval(), tokenizer, train, held_out
+    return model.eval(), tokenizer, train, held_out, seed
 
 
 def _mean_expected_k(trainer, held_out) -> float:
@@ -311,8 +321,10 @@ def test_one_ppo_update_moves_the_policy_towards_positive_advantages():
 
 def test_ppo_follows_the_reward(synthetic_model, tmp_path):
     """Without a penalty, PPO from a uniform policy over k in {1, 2} learns to keep the second expert (the
-    model needs it): the expected k rises. A flipped advantage sign or an inverted ratio makes it fall."""
-    model, _, train, held_out = synthetic_model
+    model needs it): the expected k rises. A flipped advantage sign or an inverted ratio makes it fall.
+
+    Measured over 8 seeds (pre-training and trainer): the rise was +0.12 to +0.39 (mean +0.26)."""
+    model, _, train, held_out, seed = synthetic_model
     model = copy.deepcopy(model)
     config = _config(
         tmp_path,
@@ -324,6 +336,7 @@ def test_ppo_follows_the_reward(synthetic_model, tmp_path):
         baseline="counterfactual",
         ppo_epochs=2,
         max_grad_norm=None,
+        seed=seed,
     )
     trainer = AdaKTrainer(model, config, train)
     for layer in trainer.layers.values():
@@ -360,9 +373,13 @@ def _per_class(model, tokenizer, held_out) -> dict[str, dict[str, float]]:
 
 
 def test_ppo_spends_experts_where_they_matter_at_a_budget(synthetic_model, tmp_path):
-    """From K-Warm (exactly Top-K), PPO with target_experts = 1.4 of top-2 lands on the budget (within 3%) and
-    costs less than half the likelihood that the same per-layer counts cost when dealt out at random."""
-    model, tokenizer, train, held_out = synthetic_model
+    """From K-Warm (exactly Top-K), PPO with target_experts = 1.4 of top-2 lands on the budget and costs
+    less than half the likelihood that the same per-layer counts cost when dealt out at random.
+
+    The budget holds on the calibration batches (within 1%); on held-out text the mean k differs by
+    sampling (measured over 8 seeds: 1.375 to 1.452, so within 6%). Measured cost ratios: -0.12 to 0.19
+    of random's; Ada-K's NLL at most 1.0031 x Top-K's."""
+    model, tokenizer, train, held_out, seed = synthetic_model
     model = copy.deepcopy(model)
     config = _config(
         tmp_path,
@@ -373,10 +390,13 @@ def test_ppo_spends_experts_where_they_matter_at_a_budget(synthetic_model, tmp_p
         target_experts=1.4,
         k_penalty=0.0,
         eval_batches=None,
+        seed=seed,
     )
     trainer = AdaKTrainer(model, config, train, held_out)
     output = trainer.train()
-    assert output.metrics["eval_activated_mean"] == pytest.approx(1.4, rel=0.03)
+    budget = [entry for entry in trainer.state.log_history if entry.get("phase") == "budget"]
+    assert budget[-1]["budget_greedy_k_mean"] == pytest.approx(1.4, rel=0.01)
+    assert output.metrics["eval_activated_mean"] == pytest.approx(1.4, rel=0.06)
     rows = held_out[:]
     with torch.no_grad(), recording(model) as layers:
         model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
