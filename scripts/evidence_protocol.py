@@ -55,7 +55,7 @@ class Protocol:
     fractions: list[float]
     seeds: list[int]
     adak_steps: int = 100
-    test_rows: int = 512
+    test_rows: int = 256
     validation_rows: int = 128
     calibration_rows: int = 64
     search_step: float = 0.25
@@ -94,7 +94,8 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
     hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
     done = {key(r) for r in read_jsonl(path)}
     splits = evidence_splits(protocol.data_dir)
-    for base in protocol.bases:
+    contexts = {}
+    for base in protocol.bases:  # build (or load) and check every base first
         model, tokenizer = reference_model(
             base,
             protocol.cache_dir,
@@ -108,98 +109,105 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
         if base not in hashes:
             hashes[base] = sha
             hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
-        pack = lambda texts, n, tok=tokenizer: pack_dataset(texts, tok, protocol.seq_len).select(range(n))  # noqa: E731
-        test = pack(splits.test, protocol.test_rows)
-        validation = pack(splits.validation, protocol.validation_rows)
-        train = pack_dataset(splits.pretrain, tokenizer, protocol.seq_len)
-        top_k = model.config.num_experts_per_tok
+        contexts[base] = (model, tokenizer, sha)
 
-        def record(row: dict[str, Any], started: float, base: str = base, sha: str = sha) -> None:
-            row = {"base": base, "weights_sha256": sha, "cpu_seconds": time.process_time() - started, **row}
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            done.add(key(row))
-            what = " ".join(
-                f"{k}={row[k]}" for k in ("kind", "method", "fraction", "seed", "k") if row.get(k) is not None
-            )
-            change = f" ppl {row['perplexity']:.3f}" if "perplexity" in row else ""
-            log(
-                f"{base} {what}:{change} experts {row.get('mean_experts', float('nan')):.4f} ({row['cpu_seconds']:.0f} CPU s)"
-            )
+    def record(row: dict[str, Any], started: float) -> None:
+        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(key(row))
+        what = " ".join(
+            f"{k}={row[k]}" for k in ("kind", "method", "fraction", "seed", "k") if row.get(k) is not None
+        )
+        change = f" ppl {row['perplexity']:.3f}" if "perplexity" in row else ""
+        experts = f" experts {row['mean_experts']:.4f}" if "mean_experts" in row else ""
+        log(f"{row['base']} {what}:{change}{experts} ({row['cpu_seconds']:.0f} CPU s)")
 
-        started = time.process_time()
-        if (base, "topk", None, None, None, None) not in done:
-            record(
-                {"kind": "topk", **scores_row(row_scores(model, test, batch_size=protocol.batch_size))},
-                started,
-            )
-        for k in range(1, top_k):
-            if (base, "static-k", None, None, None, k) not in done:
-                started = time.process_time()
-                patch_model(model, TopKConfig(top_k=k))
-                record({"kind": "static-k", "k": k, **scores_row(row_scores(model, test))}, started)
-                unpatch_model(model)
-        calibration = train.shuffle(seed=0).select(range(protocol.calibration_rows))
-        baselines = {
-            kind: BudgetedBaseline(model, kind, calibration, batch_size=protocol.batch_size)
-            for kind in ("dyn-skip", "top-p")
-        }
-        targets = [f * top_k for f in protocol.fractions]
-        searched: dict[str, dict[float, Any]] = {}
-        for kind, baseline in baselines.items():
-            rows = [
-                r
-                for r in read_jsonl(path)
-                if r["base"] == base and r["kind"] == "search" and r["method"] == kind
-            ]
-            if not rows:
-                started = time.process_time()
-                found = greedy_layer_budgets(baseline, validation, targets, step=protocol.search_step)
-                record(
-                    {"kind": "search", "method": kind, "result": {str(t): v for t, v in found.items()}},
-                    started,
-                )
-                rows = [
-                    r
-                    for r in read_jsonl(path)
-                    if r["base"] == base and r["kind"] == "search" and r["method"] == kind
-                ]
-            searched[kind] = {
-                float(t): {"budgets": {int(i): b for i, b in v["budgets"].items()}}
-                for t, v in rows[-1]["result"].items()
-            }
-        for fraction in protocol.fractions:
+    prepared = {}
+    for fraction in protocol.fractions:  # every base at one budget before the next budget
+        for base in protocol.bases:
+            if base not in prepared:
+                prepared[base] = _prepare(base, contexts[base], splits, protocol, done, record)
+            model, test, validation, train, baselines = prepared[base]
+            top_k = model.config.num_experts_per_tok
+            searched = {}
+            for kind, baseline in baselines.items():
+                row = _find(path, (base, "search", kind, fraction, None, None))
+                if row is None:
+                    started = time.process_time()
+                    found = greedy_layer_budgets(
+                        baseline, validation, [fraction * top_k], step=protocol.search_step
+                    )
+                    result = next(iter(found.values()))
+                    row = {"base": base, "kind": "search", "method": kind, "fraction": fraction, **result}
+                    record(row, started)
+                searched[kind] = {int(i): b for i, b in row["budgets"].items()}
             for seed in protocol.seeds:
-                adak = next(
-                    (r for r in read_jsonl(path) if key(r) == (base, "adak", "ours", fraction, seed, None)),
-                    None,
-                )
+                adak = _find(path, (base, "adak", "ours", fraction, seed, None))
                 if adak is None:
                     started = time.process_time()
-                    adak = {"kind": "adak", "method": "ours", "fraction": fraction, "seed": seed}
+                    adak = {
+                        "base": base,
+                        "kind": "adak",
+                        "method": "ours",
+                        "fraction": fraction,
+                        "seed": seed,
+                    }
                     adak.update(train_adak(model, train, validation, test, fraction * top_k, seed, protocol))
                     record(adak, started)
                 for name, (kind, mode) in BASELINE_MODES.items():
                     if (base, "baseline", name, fraction, seed, None) in done:
                         continue
                     started = time.process_time()
-                    budgets = searched[kind][fraction * top_k]["budgets"] if mode == "per-layer" else None
+                    budgets = searched[kind] if mode == "per-layer" else None
                     scores, info = match_compute(
                         baselines[kind], test, adak["mean_experts"], mode=mode, budgets=budgets
                     )
                     info["budgets"] = {str(i): b for i, b in info["budgets"].items()}
-                    record(
-                        {
-                            "kind": "baseline",
-                            "method": name,
-                            "fraction": fraction,
-                            "seed": seed,
-                            "match": info,
-                            **scores_row(scores),
-                        },
-                        started,
-                    )
+                    row = {
+                        "base": base,
+                        "kind": "baseline",
+                        "method": name,
+                        "fraction": fraction,
+                        "seed": seed,
+                    }
+                    record({**row, "match": info, **scores_row(scores)}, started)
     return read_jsonl(path)
+
+
+def _find(path: Path, wanted: tuple) -> dict[str, Any] | None:
+    return next((r for r in read_jsonl(path) if key(r) == wanted), None)
+
+
+def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) -> tuple:
+    """Rows of one base, its Top-K and static-k rows, and its calibrated baselines."""
+    model, tokenizer, _ = context
+    pack = lambda texts, n: pack_dataset(texts, tokenizer, protocol.seq_len).select(range(n))  # noqa: E731
+    test = pack(splits.test, protocol.test_rows)
+    validation = pack(splits.validation, protocol.validation_rows)
+    train = pack_dataset(splits.pretrain, tokenizer, protocol.seq_len)
+    started = time.process_time()
+    if (base, "topk", None, None, None, None) not in done:
+        record(
+            {
+                "base": base,
+                "kind": "topk",
+                **scores_row(row_scores(model, test, batch_size=protocol.batch_size)),
+            },
+            started,
+        )
+    for k in range(1, model.config.num_experts_per_tok):
+        if (base, "static-k", None, None, None, k) not in done:
+            started = time.process_time()
+            patch_model(model, TopKConfig(top_k=k))
+            record({"base": base, "kind": "static-k", "k": k, **scores_row(row_scores(model, test))}, started)
+            unpatch_model(model)
+    calibration = train.shuffle(seed=0).select(range(protocol.calibration_rows))
+    baselines = {
+        kind: BudgetedBaseline(model, kind, calibration, batch_size=protocol.batch_size)
+        for kind in ("dyn-skip", "top-p")
+    }
+    return model, test, validation, train, baselines
 
 
 def train_adak(

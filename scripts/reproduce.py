@@ -8,10 +8,11 @@ Tables:
 
 * ``adak-evidence``: the protocol of ``scripts/evidence_protocol.py`` on the ``tiny-moe`` reference shape with
   2 pre-training seeds (``tiny-moe``, ``tiny-moe-seed1``), allocator seeds 0 1 2, budgets 70% and 60% of top-k,
-  100 PPO steps, 512 test rows of 128 tokens (65,024 predicted tokens). Writes ``<out>/runs.jsonl`` (one line per
-  finished run; a rerun skips them), ``<out>/reference.json`` (each base's weights SHA-256: a build with another
-  hash stops the command, naming both), ``<out>/summary.json`` and ``<out>/tables.md``. Measured: about 12 CPU
-  minutes per base on one thread of a shared 2-core machine (the command prints its own CPU time).
+  100 PPO steps, 256 test rows of 128 tokens (32,512 predicted tokens); every base at 70% before any at 60%.
+  Writes ``<out>/runs.jsonl`` (one line per finished run, with its CPU seconds; a rerun skips them),
+  ``<out>/reference.json`` (each base's weights SHA-256: a build with another hash stops the command, naming
+  both), ``<out>/summary.json`` and ``<out>/tables.md``. The command prints its CPU time; docs/evidence.md
+  gives what it took here.
 * ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
   hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", nargs="+", type=float, help="budgets as fractions of top-k")
     parser.add_argument("--seeds", nargs="+", type=int, help="allocator seeds")
     parser.add_argument("--adak-steps", type=int, default=100)
-    parser.add_argument("--test-rows", type=int, default=512)
+    parser.add_argument("--test-rows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
     parser.add_argument("--cache-dir")
