@@ -1,7 +1,7 @@
 """The evidence splits: which local text is used for what, so that the headline is scored on untouched rows.
 
 Deterministic (no randomness, no hashing of the text): WikiText-2 files are cut into *articles* at their
-top-level headings (``= Title =``) and articles are assigned by position, so a paragraph never lands in two
+top-level headings (``= Title =``; a file without headings is cut by paragraph) and assigned by position, so a paragraph never lands in two
 splits and neighbouring paragraphs of one article stay together.
 
 ================  ======================================================================  =====================
@@ -60,8 +60,10 @@ def articles(paragraphs: list[str]) -> list[list[str]]:
 
 def _cut(paragraphs: list[str], share: float) -> tuple[list[str], list[str]]:
     groups = articles(paragraphs)
+    if len(groups) < 2:  # a corpus without article headings (e.g. a custom data folder): cut by paragraph
+        groups = [[p] for p in paragraphs]
     if len(groups) < 2:
-        raise ValueError("The corpus holds fewer than 2 articles: it cannot be split by article.")
+        raise ValueError("The corpus holds a single paragraph: it cannot be split.")
     cut = min(len(groups) - 1, max(1, round(share * len(groups))))
     return [p for g in groups[:cut] for p in g], [p for g in groups[cut:] for p in g]
 
