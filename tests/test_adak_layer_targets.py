@@ -89,3 +89,34 @@ def test_layer_targets_are_checked(tmp_path):
         AdaKTrainer(_model(), _config(tmp_path, target_experts=2.0, layer_targets=[2.5, 3.5]), _data())
     with pytest.raises(ValueError, match="one mean k per Ada-K layer"):
         AdaKTrainer(_model(), _config(tmp_path, target_experts=2.0, layer_targets=[2.0]), _data())
+
+
+def test_per_layer_lambda_prices_each_layers_expected_k():
+    """The penalty term is sum_l lambda_l * E[k]_l / (n * L): a lambda on one layer charges that layer only."""
+    from hf_moe_routing.methods.adak.allocator import Allocator
+    from hf_moe_routing.methods.adak.ppo import action_log_probs, expected_k
+    from hf_moe_routing.training.adak import rollout, update
+
+    torch.manual_seed(0)
+    allocators = {i: Allocator(4, 3, bias=True) for i in (0, 1)}
+    bank = update.AllocatorBank({i: type("L", (), {"allocator": a})() for i, a in allocators.items()})
+    states = [torch.randn(8, 4), torch.randn(8, 4)]
+    actions = [torch.randint(1, 4, (8,)) for _ in states]
+    with torch.no_grad():
+        old = [action_log_probs(allocators[i](s), a) for i, s, a in zip((0, 1), states, actions)]
+        ek = [float(expected_k(allocators[i](s)).sum()) for i, s in zip((0, 1), states)]
+    mask = [torch.ones(8, dtype=torch.bool)] * 2
+    experience = rollout.Experience(states, actions, old, [torch.zeros(8)] * 2, mask, tokens=16)
+
+    def loss(lams):
+        return float(
+            update.ppo_loss(
+                bank, experience, n_global=8, clip_epsilon=0.2, k_penalty=lams, entropy_coef=0.0, device="cpu"
+            )[0].detach()
+        )
+
+    assert loss([0.5, 0.0]) - loss(0.0) == pytest.approx(0.5 * ek[0] / (8 * 2), rel=1e-5)
+    assert loss([0.0, 0.5]) - loss(0.0) == pytest.approx(0.5 * ek[1] / (8 * 2), rel=1e-5)
+    assert loss(0.5) == pytest.approx(loss([0.5, 0.5]), rel=1e-6)
+    with pytest.raises(ValueError, match="per-layer values"):
+        loss([0.5])
