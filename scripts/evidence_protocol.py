@@ -211,9 +211,18 @@ def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) 
 
 
 def train_adak(
-    model, train, validation, test, target: float, seed: int, protocol: Protocol
+    model,
+    train,
+    validation,
+    test,
+    target: float,
+    seed: int,
+    protocol: Protocol,
+    adak_config: AdaKConfig | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Ada-K with our defaults at ``target`` experts; returns its test scores and training diagnostics."""
+    """Ada-K (our defaults unless ``adak_config`` / ``settings`` say otherwise) at ``target`` experts; returns
+    its scores on ``test`` and training diagnostics."""
     from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
 
     adak_model = copy.deepcopy(model)
@@ -229,9 +238,10 @@ def train_adak(
             save_total_limit=1,
             logging_steps=10,
             eval_batches=2,
+            **settings,
         )
         trainer = AdaKTrainer(
-            adak_model, config, train.shuffle(seed=seed), validation, adak_config=AdaKConfig()
+            adak_model, config, train.shuffle(seed=seed), validation, adak_config=adak_config or AdaKConfig()
         )
         trainer.train()
     log = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]

@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py adak-evidence            # Ada-K vs per-layer baselines, paired CIs (docs/evidence.md)
     python scripts/reproduce.py adak-evidence --smoke    # the same pipeline in seconds, on a 20-step build
+    python scripts/reproduce.py adak-variants            # Ada-K design choices, on the validation split
     python scripts/reproduce.py reference-models         # build reference models, check their recorded SHA-256
 
 Tables:
@@ -13,6 +14,10 @@ Tables:
   ``<out>/reference.json`` (each base's weights SHA-256: a build with another hash stops the command, naming
   both), ``<out>/summary.json`` and ``<out>/tables.md``. The command prints its CPU time; docs/evidence.md
   gives what it took here.
+* ``adak-variants``: Ada-K design choices on the *validation* split (``scripts/evidence_variants.py``): our
+  default, per-layer budgets (``layer_targets``), ``k_max`` = all experts, the paper's renormalised weights and
+  allocators trained on held-out text, each against dynamic skipping at its own compute; 2 bases x seeds 0 1 at
+  70%; the test split is not touched.
 * ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
   hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
 
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 from evidence_protocol import Protocol, run
 from evidence_summary import markdown, summarize
+from evidence_variants import VARIANTS, run_variants, variants_markdown
 
 from hf_moe_routing.training.reference import (
     ReferenceHashMismatch,
@@ -41,7 +47,7 @@ from hf_moe_routing.training.reference import (
     reference_model,
 )
 
-TABLES = ("adak-evidence", "reference-models")
+TABLES = ("adak-evidence", "adak-variants", "reference-models")
 
 
 def adak_evidence(args: argparse.Namespace) -> int:
@@ -74,6 +80,41 @@ def adak_evidence(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = markdown(summary)
+    (out / "tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+def adak_variants(args: argparse.Namespace) -> int:
+    if args.smoke:
+        protocol = Protocol(
+            bases=["tiny-moe"],
+            fractions=[0.7],
+            seeds=[0],
+            adak_steps=2,
+            validation_rows=8,
+            calibration_rows=8,
+            search_step=1.0,
+            reference_steps=20,
+            cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
+            data_dir=args.data_dir,
+        )
+        design_rows = 16
+    else:
+        protocol = Protocol(
+            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+            fractions=args.fractions or [0.7],
+            seeds=args.seeds or [0, 1],
+            adak_steps=args.adak_steps,
+            cache_dir=args.cache_dir,
+            data_dir=args.data_dir,
+        )
+        design_rows = 256
+    out = Path(args.out)
+    rows = run_variants(
+        protocol, out, args.variants or list(VARIANTS), design_rows, log=lambda x: print(x, flush=True)
+    )
+    text = variants_markdown(rows)
     (out / "tables.md").write_text(text)
     print(text)
     return 0
@@ -115,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", nargs="+", type=float, help="budgets as fractions of top-k")
     parser.add_argument("--seeds", nargs="+", type=int, help="allocator seeds")
     parser.add_argument("--adak-steps", type=int, default=100)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="adak-variants: which (default all)")
     parser.add_argument("--test-rows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
@@ -131,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out = f"results/evidence/{args.table}"
     started, wall = time.process_time(), time.perf_counter()
     try:
-        status = (adak_evidence if args.table == "adak-evidence" else reference_models)(args)
+        run_table = {"adak-evidence": adak_evidence, "adak-variants": adak_variants}.get(
+            args.table, reference_models
+        )
+        status = run_table(args)
     except ReferenceHashMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
