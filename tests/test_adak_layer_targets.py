@@ -22,7 +22,9 @@ def _one_thread():
 def _data(n: int = 24, length: int = 12, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(3, 128, (length,), generator=g) for _ in range(n)]
-    return [{"input_ids": r, "attention_mask": torch.ones(length, dtype=torch.long), "labels": r} for r in rows]
+    return [
+        {"input_ids": r, "attention_mask": torch.ones(length, dtype=torch.long), "labels": r} for r in rows
+    ]
 
 
 def _config(tmp_path, **kw) -> AdaKTrainingConfig:

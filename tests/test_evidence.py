@@ -24,9 +24,14 @@ from hf_moe_routing.evaluation.paired import (
     ppl_margin_ci,
     row_scores,
 )
-from hf_moe_routing.methods.dynamic_skip import beta_for_budget, calibrate, calibrate_to_budget, collect_ratios
-from hf_moe_routing.methods.top_p import collect_probs, p_for_budget
+from hf_moe_routing.methods.dynamic_skip import (
+    beta_for_budget,
+    calibrate,
+    calibrate_to_budget,
+    collect_ratios,
+)
 from hf_moe_routing.methods.top_p import calibrate_to_budget as top_p_to_budget
+from hf_moe_routing.methods.top_p import collect_probs, p_for_budget
 from hf_moe_routing.testing import tiny_model
 from hf_moe_routing.training.reference import (
     ReferenceHashMismatch,

@@ -68,7 +68,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .context import check_context_length, context_length
     from .corpora import CORPORA, DATA_ENV, HUB_EQUIVALENTS, data_dir, read_corpus
-    from .splits import EvidenceSplits, evidence_splits
     from .datasets import IGNORE_INDEX, load_text_dataset, pack_dataset
+    from .splits import EvidenceSplits, evidence_splits
     from .synthetic import SYNTHETIC_CLASSES, classify_words, synthetic_corpus, synthetic_tokenizer
     from .tokenizer import SPECIAL_TOKENS, train_tokenizer
