@@ -1,8 +1,9 @@
 """Shared set-up of the Ada-K experiment scripts: reference models, data, one training run, one evaluation.
 
-Every script evaluates on the same held-out rows (WikiText-2 test, packed into ``seq_len``-token rows) with
+Every script evaluates on fixed held-out rows (the design study: the evidence *validation* split; the old
+trade-off table: the first rows of WikiText-2 test) with
 :func:`hf_moe_routing.evaluation.evaluate.evaluate_routing`, and trains on the reference models' own
-training text (tinyshakespeare + WikiText-2 valid), shuffled by the run's seed. Perplexity changes are
+training text (the ``pretrain`` evidence split), shuffled by the run's seed. Perplexity changes are
 relative to the same model's Top-K on the same rows.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hf_moe_routing.data import pack_dataset, read_corpus
+from hf_moe_routing.data import evidence_splits, pack_dataset, read_corpus
 from hf_moe_routing.evaluation.evaluate import evaluate_routing
 from hf_moe_routing.training.reference import reference_model
 
@@ -33,14 +34,31 @@ KEEP = (
 )
 
 
-def load(name: str, seq_len: int = 128, eval_rows: int = 64, data_dir: str | None = None):
-    """``(model, tokenizer, train rows, eval rows)`` of a reference model (built on first use)."""
+def load(
+    name: str,
+    seq_len: int = 128,
+    eval_rows: int = 64,
+    data_dir: str | None = None,
+    split: str = "legacy-test",
+):
+    """``(model, tokenizer, train rows, eval rows)`` of a reference model (built on first use).
+
+    ``split``: ``"validation"`` (the evidence validation split, held out from pre-training: for design choices)
+    or ``"legacy-test"`` (the first rows of WikiText-2 test, the old trade-off table's rows). Training rows are
+    the ``pretrain`` evidence split, which the reference models are pre-trained on.
+    """
     model, tokenizer = reference_model(name, data_dir=data_dir, progress=False)
     model.eval()
-    held_out = pack_dataset(read_corpus("wikitext-2/test", data_dir), tokenizer, seq_len)
+    splits = evidence_splits(data_dir)
+    if split == "validation":
+        texts = splits.validation
+    elif split == "legacy-test":
+        texts = read_corpus("wikitext-2/test", data_dir)
+    else:
+        raise ValueError(f"Unknown split {split!r}: validation or legacy-test.")
+    held_out = pack_dataset(texts, tokenizer, seq_len)
     held_out = held_out.select(range(min(eval_rows, len(held_out))))
-    texts = [t for c in ("tinyshakespeare", "wikitext-2/valid") for t in read_corpus(c, data_dir)]
-    train = pack_dataset(texts, tokenizer, seq_len)
+    train = pack_dataset(splits.pretrain, tokenizer, seq_len)
     return model, tokenizer, train, held_out
 
 

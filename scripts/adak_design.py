@@ -51,12 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=100, help="PPO steps")
     parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation", "legacy-test"],
+        help="rows the variants are compared on (validation: held out from pre-training and from the headline)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results/adak_design/runs.jsonl")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    base, _, train, held_out = load(args.model, eval_rows=args.eval_rows, data_dir=args.data_dir)
+    base, _, train, held_out = load(
+        args.model, eval_rows=args.eval_rows, data_dir=args.data_dir, split=args.split
+    )
     top_k = base.config.num_experts_per_tok
     target = args.fraction * top_k
     for seed in args.seeds:
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": name,
                 "seed": seed,
                 "target_experts": target,
+                "split": args.split,
                 "steps": args.steps,
                 **result,
                 **{k: v for k, v in info.items() if k != "adapter"},

@@ -6,7 +6,7 @@ under the same weighting rule for every method (the family's own rule over the k
 * ``static-k``: the model's routing with k = 1 .. top_k - 1 experts (``TopKConfig``);
 * ``top-p``: Huang et al. 2024 at several p, capped at the model's top-k (``TopPConfig(max_k=top_k)``);
 * ``dyn-skip``: Lu et al. 2024 with ``beta_l`` calibrated on training text at several quantiles
-  (``DynamicSkipConfig(renormalize=True)``), one calibration sample per seed; on families that renormalise,
+  (``DynamicSkipConfig(renormalize=<the family renormalises>)``), one calibration sample per seed; on families that renormalise,
   the paper's weights (``renormalize=False``) are added as ``dyn-skip (paper weights)``;
 * ``ada-k (ours)``: our defaults with ``target_experts`` = each ``--fractions`` of the model's top-k;
 * ``ada-k (paper)``: the paper's settings (``AdaKConfig.paper(k_max=<all experts>)``, P-Warm, Top-K baseline,
@@ -41,7 +41,7 @@ from adak_common import append_jsonl, evaluate, load, read_jsonl, set_threads, t
 from hf_moe_routing import AdaKConfig, DynamicSkipConfig, TopKConfig, TopPConfig, patch_model, unpatch_model
 from hf_moe_routing.evaluation.evaluate import token_expert_counts
 from hf_moe_routing.methods.dynamic_skip import calibrate
-from hf_moe_routing.methods.routing import selectable_experts
+from hf_moe_routing.methods.routing import selectable_experts, weights_depend_on_chosen_set
 from hf_moe_routing.patching import describe
 
 BASELINES = ("static-k", "top-p", "dyn-skip")
@@ -53,7 +53,7 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> None:
     done = {(r["method"], r["setting"], r.get("seed")) for r in read_jsonl(path)}
     base, _, train, held_out = load(name, eval_rows=args.eval_rows, data_dir=args.data_dir)
     top_k = base.config.num_experts_per_tok
-    family_renormalises = describe(base).blocks[0].spec.renorm
+    family_renormalises = weights_depend_on_chosen_set(describe(base).blocks[0].spec)
 
     def record(model, method: str, setting: str, seed: int | None = None, **extra: Any) -> None:
         row = {
@@ -84,7 +84,9 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> None:
         if todo("top-p", f"p={p}"):
             record(patch_model(base, TopPConfig(p=p, max_k=top_k)), "top-p", f"p={p}")
             unpatch_model(base)
-    skip_variants = [("dyn-skip", True)] + (
+    # the family's own rule over the kept experts: renormalise exactly where the family's weights depend on the
+    # chosen set (Mixtral); on Qwen-MoE (norm_topk_prob=False) renormalize=True is refused as a no-op
+    skip_variants = [("dyn-skip", family_renormalises)] + (
         [("dyn-skip (paper weights)", False)] if family_renormalises else []
     )
     for seed in args.seeds:

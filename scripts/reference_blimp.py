@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_steps": info["spec"]["max_steps"],
                 "train_seq_len": info["spec"]["seq_len"],
                 "build_seconds": info["build_seconds"],
-                "test_perplexity_build": info["test_perplexity"],
+                "heldout_perplexity_build": info.get("validation_perplexity", info.get("test_perplexity")),
             }
         )
         entry.setdefault("blimp", {})[args.prefix] = {**acc, "limit": args.limit, "seconds": seconds}

@@ -115,6 +115,7 @@ def test_moe_shapes(shape):
         "deepseek-v3-64x6": (64, 6),
         "mixtral-8x2": (8, 2),
         "mixtral-8x2-large": (8, 2),
+        "tiny-moe": (8, 4),
     }.get(shape, (16, 4))
     assert (moe.num_experts, moe.top_k) == (experts, top_k)
     assert model(torch.randint(4, 64, (1, 8))).logits.shape == (1, 8, 64)
@@ -142,7 +143,7 @@ def test_reference_model_built_once_and_cached(tmp_path, monkeypatch):
     assert folder == tmp_path / "cache" / "reference" / "mixtral-8x2"
     assert (folder / "model.safetensors").is_file() and get_patch_state(model) is None
     info = reference_info("mixtral-8x2")
-    assert info["spec"]["max_steps"] == 2 and math.isfinite(info["test_perplexity"])
+    assert info["spec"]["max_steps"] == 2 and math.isfinite(info["validation_perplexity"])
     ids = tokenizer("To be or not", return_tensors="pt")["input_ids"]
     expected = model(ids).logits
 

@@ -26,10 +26,13 @@ _EXPORTS: dict[str, str] = {
     "synthetic_tokenizer": "synthetic",
     "SPECIAL_TOKENS": "tokenizer",
     "train_tokenizer": "tokenizer",
+    "EvidenceSplits": "splits",
+    "evidence_splits": "splits",
 }
 
 __all__ = [
     "CORPORA",
+    "EvidenceSplits",
     "DATA_ENV",
     "HUB_EQUIVALENTS",
     "IGNORE_INDEX",
@@ -39,6 +42,7 @@ __all__ = [
     "classify_words",
     "context_length",
     "data_dir",
+    "evidence_splits",
     "load_text_dataset",
     "pack_dataset",
     "read_corpus",
@@ -65,5 +69,6 @@ if TYPE_CHECKING:
     from .context import check_context_length, context_length
     from .corpora import CORPORA, DATA_ENV, HUB_EQUIVALENTS, data_dir, read_corpus
     from .datasets import IGNORE_INDEX, load_text_dataset, pack_dataset
+    from .splits import EvidenceSplits, evidence_splits
     from .synthetic import SYNTHETIC_CLASSES, classify_words, synthetic_corpus, synthetic_tokenizer
     from .tokenizer import SPECIAL_TOKENS, train_tokenizer

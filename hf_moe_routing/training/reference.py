@@ -2,14 +2,17 @@
 
 :data:`MOE_SHAPES` are CPU-sized shapes of real families (the shapes the BIP comparison and Ada-K
 benchmarks use); :func:`build_moe_model` makes a randomly initialised one. :func:`reference_model` returns a
-small MoE *pre-trained on real text* (tinyshakespeare + WikiText-2 valid, with the project's own BPE
-tokenizer), whose routing means something; it is built once per machine and cached as safetensors under
-``~/.cache/hf_moe_routing/reference/<name>`` (the cache root is ``$HF_MOE_ROUTING_CACHE`` if set).
+small MoE *pre-trained on real text* (the ``pretrain`` evidence split: tinyshakespeare + 3/4 of WikiText-2
+valid, see :mod:`hf_moe_routing.data.splits`; the project's own BPE tokenizer), whose routing means something;
+it is built once per machine and cached as safetensors under ``~/.cache/hf_moe_routing/reference/<name>``
+(the cache root is ``$HF_MOE_ROUTING_CACHE`` if set). Builds are deterministic (fixed threads, deterministic
+algorithms) and record a SHA-256 of the weights, bit-reproducible for one torch version and thread count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -29,7 +32,8 @@ from transformers import (
 )
 
 from ..core.config import read_json
-from ..data import pack_dataset, read_corpus, train_tokenizer
+from ..data import pack_dataset, train_tokenizer
+from ..data.splits import evidence_splits
 from ..patching import is_patched, unpatch_model
 from .pretrain import PretrainConfig, pretrain
 
@@ -91,6 +95,23 @@ MOE_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
             norm_topk_prob=False,
         ),
     ),
+    # the smallest reference shape (evidence runs on a shared CPU, the rebuild-hash test): Qwen-MoE-style,
+    # 2 layers, hidden 64, 8 experts (FFN 32) top-4 plus a shared expert (FFN 64)
+    "tiny-moe": (
+        "qwen2_moe",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+        ),
+    ),
     # a larger Mixtral-style reference model: 6 layers, hidden 256, 8 experts (FFN 512) top-2
     "mixtral-8x2-large": (
         "mixtral",
@@ -140,22 +161,95 @@ class ReferenceSpec:
     learning_rate: float = 3e-3
     vocab_size: int = 2048
     seed: int = 0
-    eval_every: int = 0  # also evaluate on the test set every n steps (0: only at the end)
+    eval_every: int = 0  # also evaluate on the validation split every n steps (0: only at the end)
+    threads: int = (
+        1  # torch threads of the build: the weights are bit-reproducible per torch version and threads
+    )
 
 
 #: reference model name -> how it is built
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     "mixtral-8x2": ReferenceSpec("mixtral-8x2"),
     "qwen-moe": ReferenceSpec("qwen-moe"),
-    # 900 steps of 16 x 256 tokens (~4.8 epochs) with the same 2048-token tokenizer, so its test perplexity
-    # compares with the small models'; the mid-training test evaluation is in pretrain_log.json
+    # 900 steps of 16 x 256 tokens (~4.8 epochs) with the same 2048-token tokenizer, so its held-out
+    # perplexity compares with the small models'; the mid-training evaluation is in pretrain_log.json
     "mixtral-8x2-large": ReferenceSpec(
         "mixtral-8x2-large", max_steps=900, seq_len=256, learning_rate=2e-3, eval_every=450
     ),
+    # ~1 CPU-minute: 400 steps of 16 x 128 tokens (~0.85 epoch, like the small models), 1024-token tokenizer
+    "tiny-moe": ReferenceSpec("tiny-moe", max_steps=400, vocab_size=1024),
 }
-_TRAIN_CORPORA = ("tinyshakespeare", "wikitext-2/valid")
-_TEST_CORPUS = "wikitext-2/test"
+#: what the builds train on and report: the evidence splits (``hf_moe_routing.data.splits``)
+_TRAIN_SPLIT = "pretrain"
+_HELDOUT_SPLIT = "validation"
 _INFO_FILE = "build_info.json"
+#: recorded SHA-256 of reference builds: {"<name>[-seed<N>]": {"torch <version>, <threads> threads": hash}}
+RECORDED_HASHES_FILE = Path(__file__).with_name("reference_hashes.json")
+#: packages whose version shapes a build's weights
+_SHAPING_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "safetensors")
+
+
+def package_versions(names: tuple[str, ...] = _SHAPING_PACKAGES) -> dict[str, str | None]:
+    """``{package: installed version or None}`` (plus ``python``), read from the installed metadata."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_key(torch_version: str, threads: int) -> str:
+    """The key a build hash is recorded under: the hash holds for one torch version and thread count."""
+    return f"torch {torch_version}, {threads} threads"
+
+
+def recorded_hash(name: str, torch_version: str, threads: int) -> str | None:
+    """The recorded weights SHA-256 of reference build ``name`` for this torch version and threads, if any."""
+    if not RECORDED_HASHES_FILE.is_file():
+        return None
+    table = json.loads(RECORDED_HASHES_FILE.read_text())
+    return table.get(name, {}).get(build_key(torch_version, threads))
+
+
+class ReferenceHashMismatch(RuntimeError):
+    """A reference build's weights differ from the build a result was recorded with."""
+
+
+def check_build_hash(
+    folder: str | os.PathLike, expected: str | None, what: str = "the recorded results"
+) -> str:
+    """The build's recorded weights hash; raises :class:`ReferenceHashMismatch` naming both if it differs.
+
+    ``expected`` None accepts any build (the first run of a results folder records its hash).
+    """
+    info = read_json(Path(folder) / _INFO_FILE, "Reference model build info")
+    actual = info.get("weights_sha256")
+    if actual is None:
+        raise ReferenceHashMismatch(
+            f"The reference build in {folder} records no weights_sha256 (built by an older version): rebuild it "
+            "with scripts/build_reference_models.py --rebuild."
+        )
+    if expected is not None and actual != expected:
+        raise ReferenceHashMismatch(
+            f"The reference build in {folder} has weights SHA-256 {actual}, but {what} were made with "
+            f"{expected}. Rows of two builds are never mixed: use a new results folder, or rebuild the "
+            f"reference model with the recorded torch version and threads ({info.get('machine', {})})."
+        )
+    return actual
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -174,8 +268,15 @@ def reference_path(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
 
 def _spec(name: str) -> ReferenceSpec:
+    """The spec of ``name``; ``"<name>-seed<N>"`` is the same build pre-trained with seed N (another base)."""
+    base, _, seed = name.rpartition("-seed")
+    if base in REFERENCE_MODELS and seed.isdigit():
+        return dataclasses.replace(REFERENCE_MODELS[base], seed=int(seed))
     if name not in REFERENCE_MODELS:
-        raise ValueError(f"Unknown reference model {name!r}; known: {', '.join(REFERENCE_MODELS)}.")
+        raise ValueError(
+            f"Unknown reference model {name!r}; known: {', '.join(REFERENCE_MODELS)} (append -seed<N> for "
+            "another pre-training seed, e.g. 'tiny-moe-seed1')."
+        )
     return REFERENCE_MODELS[name]
 
 
@@ -200,7 +301,7 @@ def reference_model(
         max_steps: override the number of training steps (for a quick, lower-quality build).
 
     The model is returned unpatched, in eval mode. ``<folder>/build_info.json`` records how it was built,
-    the build time and the held-out perplexity on WikiText-2 test.
+    the build time, the weights' SHA-256 and the perplexity on the validation split.
     """
     folder = reference_path(name, cache_dir)
     if rebuild or not (folder / _INFO_FILE).is_file():
@@ -236,41 +337,56 @@ def build_reference_model(
         spec = dataclasses.replace(spec, max_steps=max_steps)
     folder = reference_path(name, cache_dir)
     start = time.perf_counter()
-    train_texts = [text for corpus in _TRAIN_CORPORA for text in read_corpus(corpus, data_dir)]
-    tokenizer = train_tokenizer(
-        train_texts, spec.vocab_size, model_max_length=_BASE["max_position_embeddings"]
-    )
-    train = pack_dataset(train_texts, tokenizer, spec.seq_len)
-    test = pack_dataset(read_corpus(_TEST_CORPUS, data_dir), tokenizer, spec.seq_len)
-    model = build_moe_model(spec.shape, len(tokenizer), seed=spec.seed)
-    config = PretrainConfig(
-        max_steps=spec.max_steps,
-        batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        warmup_steps=min(30, spec.max_steps // 10),
-        seed=spec.seed,
-        eval_every=spec.eval_every,
-        eval_batch_size=32,
-        progress=progress,
-    )
-    result = pretrain(model, None, train, test, config)
+    splits = evidence_splits(data_dir)
+    train_texts = getattr(splits, _TRAIN_SPLIT)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(spec.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        tokenizer = train_tokenizer(
+            train_texts, spec.vocab_size, model_max_length=_BASE["max_position_embeddings"]
+        )
+        train = pack_dataset(train_texts, tokenizer, spec.seq_len)
+        heldout = pack_dataset(getattr(splits, _HELDOUT_SPLIT), tokenizer, spec.seq_len)
+        model = build_moe_model(spec.shape, len(tokenizer), seed=spec.seed)
+        config = PretrainConfig(
+            max_steps=spec.max_steps,
+            batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate,
+            warmup_steps=min(30, spec.max_steps // 10),
+            seed=spec.seed,
+            eval_every=spec.eval_every,
+            eval_batch_size=32,
+            progress=progress,
+        )
+        result = pretrain(model, None, train, heldout, config)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     if is_patched(model):
         unpatch_model(model)
+    versions = package_versions()
     info = {
         "name": name,
         "spec": dataclasses.asdict(spec),
-        "train_corpora": list(_TRAIN_CORPORA),
+        "train_split": f"evidence_splits().{_TRAIN_SPLIT} (tinyshakespeare + 3/4 of WikiText-2 valid)",
         "train_tokens": int(train[:]["attention_mask"].sum()),
-        "test_corpus": _TEST_CORPUS,
-        "test_perplexity": result.val_perplexity,
+        "heldout_split": f"evidence_splits().{_HELDOUT_SPLIT} (the last 1/4 of WikiText-2 valid)",
+        "validation_perplexity": result.val_perplexity,
         "final_train_loss": result.loss[-1],
         "num_parameters": result.num_parameters,
+        "weights_sha256": weights_sha256(model),
+        "build_key": build_key(versions["torch"] or torch.__version__, spec.threads),
+        "recorded_sha256": recorded_hash(name, versions["torch"] or torch.__version__, spec.threads),
+        "split_sha256": splits.fingerprint(),
+        "packages": versions,
         "build_seconds": time.perf_counter() - start,
         "train_seconds": result.total_time,
         "mean_step_seconds": result.mean_step_time,
         "machine": {
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": spec.threads,
+            "deterministic_algorithms": True,
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
         },

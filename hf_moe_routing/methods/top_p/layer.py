@@ -31,6 +31,15 @@ class TopPLayer(RoutingLayer):
         self.p = float(p)
         self.max_k = int(max_k)
         self.normalize = normalize
+        #: while not None, forwards route with every eligible expert up to ``max_k`` and append the
+        #: (n_real, max_k) probabilities in rank order (0 where not eligible) for per-layer calibration
+        self.calibration: list[torch.Tensor] | None = None
+
+    def set_p(self, p: float) -> None:
+        """Set this layer's threshold ``p`` in (0, 1] (per-layer top-p, e.g. from ``calibrate_to_budget``)."""
+        if not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"p={p!r} must be in (0, 1].")
+        self.p = float(p)
 
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         ranking = rank_experts(self.spec, router, hidden_states, self.max_k)
@@ -38,7 +47,14 @@ class TopPLayer(RoutingLayer):
         # probabilities and eligibility in rank order (rank 0 first)
         by_rank = torch.empty_like(ranking.index).scatter_(1, ranking.rank, ranking.index)
         eligible = torch.empty_like(ranking.selectable).scatter_(1, ranking.rank, ranking.selectable)
-        counts = top_p_counts(probs.gather(1, by_rank), self.p, eligible=eligible)
+        ordered = probs.gather(1, by_rank)
+        p = self.p
+        if self.calibration is not None:
+            mask = self.context.mask_for(ordered.shape[0])
+            kept = ordered.detach().float().masked_fill(~eligible, 0.0)
+            self.calibration.append((kept if mask is None else kept[mask.to(kept.device)]).cpu())
+            p = 1.0
+        counts = top_p_counts(ordered, p, eligible=eligible)
         keep = ranking.rank < counts.unsqueeze(-1)
         return keep_slots(
             self.spec, ranking, keep, renormalize=self.normalize, hidden_dtype=hidden_states.dtype

@@ -66,6 +66,12 @@ class AdaKTrainingConfig(JSONConfig):
         "mean routed experts per token over the MoE layers at greedy inference; lambda is adapted "
         "by dual ascent to reach it (default: none, lambda stays k_penalty)",
     )
+    layer_targets: list[float] | None = _f(
+        None,
+        "per-Ada-K-layer mean k (in layer order) whose average over the MoE layers is target_experts, e.g. "
+        "a split searched on validation rows: Skip-Warm starts each layer at its own budget and each layer "
+        "gets its own lambda by dual ascent (default: one budget for every layer, one lambda)",
+    )
     k_penalty: float = _f(
         3e-3, "lambda: nats of log-likelihood per expected expert (initial value with a target)"
     )
@@ -158,6 +164,16 @@ class AdaKTrainingConfig(JSONConfig):
             low_open=True,
             hint="It is the mean number of routed experts per token, e.g. 0.7 * the model's top-k.",
         )
+        if self.layer_targets is not None:
+            if self.target_experts is None or not self.layer_targets:
+                raise ValueError(
+                    f"{owner}(layer_targets=...) splits the budget target_experts across layers: set "
+                    "target_experts too, and give one value per Ada-K layer."
+                )
+            for value in self.layer_targets:
+                check_range(
+                    owner, "layer_targets", value, low=1.0, hint="each is a mean k of one layer (>= 1)."
+                )
         if self.baseline == "leave-one-out" and self.rollout_samples < 2:
             raise ValueError(
                 f"{owner}(baseline='leave-one-out') compares samples of the same batch: set rollout_samples >= 2."
@@ -175,6 +191,9 @@ class TrainerState:
     warmup_p: float | None = None
     warmup_mean_label: float | None = None
     skip_log_betas: dict[str, float] | None = None
+    layer_k_penalties: list[float] | None = (
+        None  # per-layer lambdas (with layer_targets); k_penalty: their mean
+    )
     exact_start: bool = False
     budget_tilt: float | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)

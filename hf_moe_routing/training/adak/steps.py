@@ -82,7 +82,12 @@ def calibrate(trainer: Trainer, method: str) -> dict[str, Any]:
         records.append(warmstart.topk_records(trainer.forward, trainer.layers, batch))
         masks.append(batch["attention_mask"].reshape(-1).bool())
     found = warmstart.calibrate(
-        method, records, masks, trainer.layers, trainer.layer_target, trainer.reduce_sum
+        method,
+        records,
+        masks,
+        trainer.layers,
+        trainer.layer_targets or trainer.layer_target,
+        trainer.reduce_sum,
     )
     if method == "p-warm" and trainer.config.warmup_p is not None:
         found["warmup_p"] = trainer.config.warmup_p
@@ -153,7 +158,7 @@ def ppo_step(trainer: Trainer) -> dict[str, Any]:
         experiences.append(experience)
         rollout_stats.append(stats)
         totals.append(float(trainer.reduce_sum(torch.tensor(float(experience.tokens), dtype=torch.float64))))
-    lam = state.k_penalty
+    lam = state.layer_k_penalties or state.k_penalty
     epochs = []
     for _ in range(config.ppo_epochs):
         per_micro = []
@@ -194,7 +199,17 @@ def ppo_step(trainer: Trainer) -> dict[str, Any]:
     out["greedy_k_per_layer"] = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
     out["greedy_k_mean"] = trainer.moe_mean(out["greedy_k_per_layer"])
     out["k_penalty"] = lam
-    if config.target_experts is not None:
+    if state.layer_k_penalties is not None:  # one lambda per layer, each towards its own budget
+        state.layer_k_penalties = [
+            dual_ascent(lam_l, k_l, target_l, config.k_penalty_learning_rate)
+            for lam_l, k_l, target_l in zip(
+                state.layer_k_penalties,
+                out["greedy_k_per_layer"],
+                [trainer.layer_targets[i] for i in trainer.bank.layer_indices],
+            )
+        ]
+        state.k_penalty = sum(state.layer_k_penalties) / len(state.layer_k_penalties)
+    elif config.target_experts is not None:
         state.k_penalty = dual_ascent(
             lam, out["greedy_k_mean"], config.target_experts, config.k_penalty_learning_rate
         )

@@ -111,6 +111,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
                 f"experts (the others use top-{self.shape.top_k})."
             )
 
+        self.layer_targets = self._layer_targets(config, most)
+
         device_map = getattr(model, "hf_device_map", None) or {}
         self.sharded = len({str(d) for d in device_map.values()}) > 1
         self.accelerator = accelerator or Accelerator(
@@ -159,6 +161,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         self.state = TrainerState(k_penalty=config.k_penalty)
         self._run_token = ckpt.run_token(self.accelerator)  # temporary checkpoint folders of this run only
         self._wrote_output = False
+        if self.layer_targets is not None:
+            self.state.layer_k_penalties = [config.k_penalty] * len(self.layer_targets)
         self.optimizer: torch.optim.Optimizer | None = None
         self._phase: str | None = None
         self._trackers_started = False
@@ -184,6 +188,24 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         """No-grad forward of the frozen model; logits (B, T, V)."""
         with torch.no_grad(), self.accelerator.autocast():
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def _layer_targets(self, config: AdaKTrainingConfig, most: int) -> dict[int, float] | None:
+        """``{layer index: mean k}`` from ``config.layer_targets`` (checked against the layers and budget)."""
+        if config.layer_targets is None:
+            return None
+        if len(config.layer_targets) != len(self.layers):
+            raise ValueError(
+                f"layer_targets has {len(config.layer_targets)} values, but the model has {len(self.layers)} "
+                f"Ada-K layers ({sorted(self.layers)}): give one mean k per Ada-K layer, in layer order."
+            )
+        targets = dict(zip(sorted(self.layers), map(float, config.layer_targets)))
+        mean = self.moe_mean(list(targets.values()))
+        if abs(mean - config.target_experts) > 1e-3 * config.target_experts or max(targets.values()) > most:
+            raise ValueError(
+                f"layer_targets={config.layer_targets} average {mean:.4f} experts over the MoE layers, but "
+                f"target_experts={config.target_experts}; each must also be at most k_max={most}."
+            )
+        return targets
 
     def moe_mean(self, per_adak_layer: list[float]) -> float:
         """Mean routed experts over all MoE layers (layers without an allocator run the model's top-k)."""

@@ -45,11 +45,13 @@ def ppo_loss(
     *,
     n_global: float,
     clip_epsilon: float,
-    k_penalty: float,
+    k_penalty: float | Sequence[float],
     entropy_coef: float,
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PPO loss of one micro-batch (see the module docstring) and its statistics.
+
+    ``k_penalty``: lambda, one for every layer or one per layer (in the bank's layer order).
 
     Statistics (this process, token means): ``policy_loss``, ``k_penalty_loss``, ``entropy_loss``,
     ``clip_fraction`` (share of entries with ``|r - 1| > eps``), ``approx_kl`` (``mean(log pi_old -
@@ -76,7 +78,12 @@ def ppo_loss(
             local.append(count)
     layers = len(logits)
     policy = torch.stack(terms["policy"]).sum() / (n * layers)
-    penalty = k_penalty * torch.stack(terms["penalty"]).sum() / (n * layers)
+    lams = (
+        [float(k_penalty)] * layers if isinstance(k_penalty, (int, float)) else [float(v) for v in k_penalty]
+    )
+    if len(lams) != layers:
+        raise ValueError(f"k_penalty has {len(lams)} per-layer values for {layers} Ada-K layers.")
+    penalty = sum(lam * term for lam, term in zip(lams, terms["penalty"])) / (n * layers)
     total = policy + penalty
     ent = torch.zeros((), device=device)
     if entropy_coef:

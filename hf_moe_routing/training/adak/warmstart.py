@@ -72,10 +72,13 @@ def calibrate(
     records: list[dict[int, Any]],
     masks: list[torch.Tensor],
     layers: dict[int, AdaKLayer],
-    target: float | None,
+    target: float | dict[int, float] | None,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor],
 ) -> dict[str, Any]:
     """Thresholds of ``method`` on Top-K records of calibration batches (every process's tokens).
+
+    ``target``: the mean label of every layer, or ``{layer: mean label}`` (Skip-Warm only; P-Warm's one p
+    is calibrated to the layers' mean).
 
     Returns ``{"warmup_p", "warmup_mean_label"}`` for P-Warm, ``{"skip_log_betas": {layer: log beta},
     "warmup_mean_label"}`` for Skip-Warm, ``{}`` otherwise.
@@ -90,6 +93,7 @@ def calibrate(
         )
         k = max(layer.default_k for layer in layers.values())
         goal = float(k) if target is None else target
+        goal = sum(goal.values()) / len(goal) if isinstance(goal, dict) else goal
         candidates = default_candidates()
         sums = label_means(ordered, candidates).double() * len(ordered)
         total = reduce_sum(torch.cat([sums, torch.tensor([float(len(ordered))], dtype=torch.float64)]))
@@ -103,6 +107,7 @@ def calibrate(
             )
             ordered = gather_rows(ordered[:, : layer.k_max].contiguous().float()).cpu()
             goal = 1.0 + (layer.k_max - 1) / 2.0 if target is None else target
+            goal = goal[i] if isinstance(goal, dict) else goal  # per-layer budgets (layer_targets)
             betas[str(i)] = calibrate_skip_threshold(ordered, goal)
             means.append(float(skip_labels(ordered, betas[str(i)]).float().mean()))
         return {"skip_log_betas": betas, "warmup_mean_label": sum(means) / len(means)}

@@ -1,0 +1,259 @@
+"""The evidence protocol for Ada-K against training-free baselines (used by ``scripts/reproduce.py``).
+
+Per reference build (each pre-training seed is its own base), on the evidence splits
+(``hf_moe_routing.data.splits``):
+
+1. Top-K and static k = 1 .. top_k - 1 on the test rows;
+2. per-layer budgets of dynamic skipping and top-p searched on the *validation* rows (greedy marginal value per
+   expert per layer, refined), for every budget fraction;
+3. for every fraction and allocator seed: Ada-K with our defaults (``target_experts = fraction * top_k``,
+   trained on the pretrain split shuffled by the seed, its own evaluation on validation rows), scored on the
+   test rows; then every baseline solved to *that run's* mean routed experts on the test rows and scored:
+   dynamic skipping with one quantile for all layers (the paper; ``dyn-skip uniform``), with the searched
+   per-layer budgets (``dyn-skip per-layer``), top-p with one p (the paper; ``top-p global``) and with
+   searched per-layer budgets (``top-p per-layer``).
+
+Every row stores per-row NLLs, so any comparison is a paired bootstrap over test rows. Rows go to
+``<out>/runs.jsonl`` as they finish (a rerun skips finished ones); ``<out>/reference.json`` records each
+base's weights SHA-256, and a run against a build with another hash stops (rows of two builds never mix).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_moe_routing import AdaKConfig, TopKConfig, patch_model, unpatch_model
+from hf_moe_routing.data import evidence_splits, pack_dataset
+from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
+from hf_moe_routing.evaluation.paired import RowScores, row_scores
+from hf_moe_routing.training.reference import (
+    ReferenceHashMismatch,
+    check_build_hash,
+    reference_model,
+    reference_path,
+)
+
+BASELINE_MODES = {  # name -> (kind, mode)
+    "dyn-skip uniform": ("dyn-skip", "uniform"),
+    "dyn-skip per-layer": ("dyn-skip", "per-layer"),
+    "top-p global": ("top-p", "global-p"),
+    "top-p per-layer": ("top-p", "per-layer"),
+}
+
+
+@dataclasses.dataclass
+class Protocol:
+    bases: list[str]
+    fractions: list[float]
+    seeds: list[int]
+    adak_steps: int = 100
+    test_rows: int = 256
+    validation_rows: int = 128
+    calibration_rows: int = 64
+    search_step: float = 0.25
+    batch_size: int = 8
+    seq_len: int = 128
+    reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
+    cache_dir: str | None = None
+    data_dir: str | None = None
+
+
+def scores_row(scores: RowScores) -> dict[str, Any]:
+    return {
+        "nll": scores.nll.tolist(),
+        "tokens": scores.tokens.tolist(),
+        "mean_experts": scores.mean_experts,
+        "experts_per_layer": scores.experts_per_layer,
+        "perplexity": scores.perplexity,
+    }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in ("base", "kind", "method", "fraction", "seed", "k"))
+
+
+def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
+    """Run (or resume) the protocol into ``out``; returns all rows. Raises ReferenceHashMismatch."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, hashes_path = out / "runs.jsonl", out / "reference.json"
+    (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
+    hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
+    done = {key(r) for r in read_jsonl(path)}
+    splits = evidence_splits(protocol.data_dir)
+    contexts = {}
+    for base in protocol.bases:  # build (or load) and check every base first
+        model, tokenizer = reference_model(
+            base,
+            protocol.cache_dir,
+            data_dir=protocol.data_dir,
+            max_steps=protocol.reference_steps,
+            progress=False,
+        )
+        sha = check_build_hash(
+            reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {path}"
+        )
+        if base not in hashes:
+            hashes[base] = sha
+            hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
+        contexts[base] = (model, tokenizer, sha)
+
+    def record(row: dict[str, Any], started: float) -> None:
+        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(key(row))
+        what = " ".join(
+            f"{k}={row[k]}" for k in ("kind", "method", "fraction", "seed", "k") if row.get(k) is not None
+        )
+        change = f" ppl {row['perplexity']:.3f}" if "perplexity" in row else ""
+        experts = f" experts {row['mean_experts']:.4f}" if "mean_experts" in row else ""
+        log(f"{row['base']} {what}:{change}{experts} ({row['cpu_seconds']:.0f} CPU s)")
+
+    prepared = {}
+    for fraction in protocol.fractions:  # every base at one budget before the next budget
+        for base in protocol.bases:
+            if base not in prepared:
+                prepared[base] = _prepare(base, contexts[base], splits, protocol, done, record)
+            model, test, validation, train, baselines = prepared[base]
+            top_k = model.config.num_experts_per_tok
+            searched = {}
+            for kind, baseline in baselines.items():
+                row = _find(path, (base, "search", kind, fraction, None, None))
+                if row is None:
+                    started = time.process_time()
+                    found = greedy_layer_budgets(
+                        baseline, validation, [fraction * top_k], step=protocol.search_step
+                    )
+                    result = next(iter(found.values()))
+                    row = {"base": base, "kind": "search", "method": kind, "fraction": fraction, **result}
+                    record(row, started)
+                searched[kind] = {int(i): b for i, b in row["budgets"].items()}
+            for seed in protocol.seeds:
+                adak = _find(path, (base, "adak", "ours", fraction, seed, None))
+                if adak is None:
+                    started = time.process_time()
+                    adak = {
+                        "base": base,
+                        "kind": "adak",
+                        "method": "ours",
+                        "fraction": fraction,
+                        "seed": seed,
+                    }
+                    adak.update(train_adak(model, train, validation, test, fraction * top_k, seed, protocol))
+                    record(adak, started)
+                for name, (kind, mode) in BASELINE_MODES.items():
+                    if (base, "baseline", name, fraction, seed, None) in done:
+                        continue
+                    started = time.process_time()
+                    budgets = searched[kind] if mode == "per-layer" else None
+                    scores, info = match_compute(
+                        baselines[kind], test, adak["mean_experts"], mode=mode, budgets=budgets
+                    )
+                    info["budgets"] = {str(i): b for i, b in info["budgets"].items()}
+                    row = {
+                        "base": base,
+                        "kind": "baseline",
+                        "method": name,
+                        "fraction": fraction,
+                        "seed": seed,
+                    }
+                    record({**row, "match": info, **scores_row(scores)}, started)
+    return read_jsonl(path)
+
+
+def _find(path: Path, wanted: tuple) -> dict[str, Any] | None:
+    return next((r for r in read_jsonl(path) if key(r) == wanted), None)
+
+
+def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) -> tuple:
+    """Rows of one base, its Top-K and static-k rows, and its calibrated baselines."""
+    model, tokenizer, _ = context
+    pack = lambda texts, n: pack_dataset(texts, tokenizer, protocol.seq_len).select(range(n))  # noqa: E731
+    test = pack(splits.test, protocol.test_rows)
+    validation = pack(splits.validation, protocol.validation_rows)
+    train = pack_dataset(splits.pretrain, tokenizer, protocol.seq_len)
+    started = time.process_time()
+    if (base, "topk", None, None, None, None) not in done:
+        record(
+            {
+                "base": base,
+                "kind": "topk",
+                **scores_row(row_scores(model, test, batch_size=protocol.batch_size)),
+            },
+            started,
+        )
+    for k in range(1, model.config.num_experts_per_tok):
+        if (base, "static-k", None, None, None, k) not in done:
+            started = time.process_time()
+            patch_model(model, TopKConfig(top_k=k))
+            record({"base": base, "kind": "static-k", "k": k, **scores_row(row_scores(model, test))}, started)
+            unpatch_model(model)
+    calibration = train.shuffle(seed=0).select(range(protocol.calibration_rows))
+    baselines = {
+        kind: BudgetedBaseline(model, kind, calibration, batch_size=protocol.batch_size)
+        for kind in ("dyn-skip", "top-p")
+    }
+    return model, test, validation, train, baselines
+
+
+def train_adak(
+    model,
+    train,
+    validation,
+    test,
+    target: float,
+    seed: int,
+    protocol: Protocol,
+    adak_config: AdaKConfig | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Ada-K (our defaults unless ``adak_config`` / ``settings`` say otherwise) at ``target`` experts; returns
+    its scores on ``test`` and training diagnostics."""
+    from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
+
+    adak_model = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AdaKTrainingConfig(
+            output_dir=tmp,
+            seed=seed,
+            target_experts=target,
+            max_steps=protocol.adak_steps,
+            batch_size=protocol.batch_size,
+            progress_bar=False,
+            log_level="warning",
+            save_total_limit=1,
+            logging_steps=10,
+            eval_batches=2,
+            **settings,
+        )
+        trainer = AdaKTrainer(
+            adak_model, config, train.shuffle(seed=seed), validation, adak_config=adak_config or AdaKConfig()
+        )
+        trainer.train()
+    log = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]
+    snr = [np.mean(e["signal_to_noise_per_layer"]) for e in log if e.get("signal_to_noise_per_layer")]
+    scores = row_scores(adak_model, test, batch_size=protocol.batch_size)
+    return {
+        "target_experts": target,
+        "final_k_penalty": trainer.state.k_penalty,
+        "snr": float(np.mean(snr)) if snr else None,
+        "clip_fraction": float(np.mean([e.get("clip_fraction") or 0.0 for e in log])) if log else None,
+        **scores_row(scores),
+    }
+
+
+__all__ = ["BASELINE_MODES", "Protocol", "ReferenceHashMismatch", "read_jsonl", "run"]

@@ -1,0 +1,170 @@
+"""Ada-K design choices measured on the *validation* split (issue 19): which options to make the default.
+
+Per base, budget and allocator seed, each variant is trained like the default and scored on validation rows that
+the per-layer search does not use (``Protocol.validation_rows`` onwards); dynamic skipping with one quantile
+(``dyn-skip uniform``) is solved to each run's compute on the same rows, and the margin is a paired bootstrap over
+those rows. The test split is not touched.
+
+Variants: ``default`` (``AdaKConfig()``); ``layer-targets`` (per-layer budgets from dynamic skipping's greedy
+search on the first validation rows: the Skip-Warm start and the per-layer dual ascent); ``k_max=all`` (a token
+may get more than top-k experts, same mean budget); ``renormalize`` (the paper's weights: renormalised over the
+kept experts); ``heldout-train`` (allocators trained on WikiText-2 test's first half, text the base never saw).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from evidence_protocol import Protocol, key, read_jsonl, scores_row, train_adak
+
+from hf_moe_routing import AdaKConfig
+from hf_moe_routing.data import evidence_splits, pack_dataset
+from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
+from hf_moe_routing.evaluation.paired import ppl_change_ci, ppl_margin_ci, row_scores
+from hf_moe_routing.training.reference import check_build_hash, reference_model, reference_path
+
+VARIANTS = ("default", "layer-targets", "k_max=all", "renormalize", "heldout-train")
+
+
+def run_variants(
+    protocol: Protocol, out: Path, variants: list[str], design_rows: int, log=print
+) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    path, hashes_path = out / "runs.jsonl", out / "reference.json"
+    hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
+    done = {key(r) for r in read_jsonl(path)}
+    splits = evidence_splits(protocol.data_dir)
+
+    def record(row: dict[str, Any], started: float) -> None:
+        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(key(row))
+        what = " ".join(str(row.get(k)) for k in ("kind", "method", "fraction", "seed"))
+        log(
+            f"{row['base']} {what}: ppl {row.get('perplexity', float('nan')):.3f} experts {row.get('mean_experts', float('nan')):.4f}"
+        )
+
+    for base in protocol.bases:
+        model, tok = reference_model(
+            base,
+            protocol.cache_dir,
+            data_dir=protocol.data_dir,
+            max_steps=protocol.reference_steps,
+            progress=False,
+        )
+        sha = check_build_hash(
+            reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {path}"
+        )
+        hashes.setdefault(base, sha)
+        hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
+        validation = pack_dataset(splits.validation, tok, protocol.seq_len)
+        search_rows = validation.select(range(protocol.validation_rows))
+        design = validation.select(range(protocol.validation_rows, protocol.validation_rows + design_rows))
+        train = pack_dataset(splits.pretrain, tok, protocol.seq_len)
+        heldout = pack_dataset(splits.heldout_train, tok, protocol.seq_len)
+        top_k, experts = model.config.num_experts_per_tok, model.config.num_experts
+        started = time.process_time()
+        if (base, "design-topk", None, None, None, None) not in done:
+            record({"base": base, "kind": "design-topk", **scores_row(row_scores(model, design))}, started)
+        calibration = train.shuffle(seed=0).select(range(protocol.calibration_rows))
+        skip = BudgetedBaseline(model, "dyn-skip", calibration, batch_size=protocol.batch_size)
+        for fraction in protocol.fractions:
+            target = fraction * top_k
+            split = None
+            for seed in protocol.seeds:
+                for variant in variants:
+                    if (base, "variant", variant, fraction, seed, None) in done:
+                        continue
+                    config, settings, rows = AdaKConfig(), {}, train
+                    if variant == "layer-targets":
+                        if split is None:
+                            found = greedy_layer_budgets(
+                                skip, search_rows, [target], step=protocol.search_step
+                            )
+                            split = next(iter(found.values()))["budgets"]
+                        settings["layer_targets"] = [split[i] for i in sorted(split)]
+                    elif variant == "k_max=all":
+                        config = AdaKConfig(k_max=experts)
+                    elif variant == "renormalize":
+                        config = AdaKConfig(renormalize=True)
+                    elif variant == "heldout-train":
+                        rows = heldout
+                    started = time.process_time()
+                    run = train_adak(
+                        model, rows, search_rows, design, target, seed, protocol, config, **settings
+                    )
+                    row = {
+                        "base": base,
+                        "kind": "variant",
+                        "method": variant,
+                        "fraction": fraction,
+                        "seed": seed,
+                    }
+                    record({**row, **run, **settings}, started)
+                    started = time.process_time()
+                    scores, info = match_compute(skip, design, run["mean_experts"], mode="uniform")
+                    row = {**row, "kind": "variant-baseline", "match": {"knob": info["knob"]}}
+                    record({**row, **scores_row(scores)}, started)
+    return read_jsonl(path)
+
+
+def variants_markdown(rows: list[dict[str, Any]]) -> str:
+    topk = {r["base"]: np.asarray(r["nll"]) for r in rows if r["kind"] == "design-topk"}
+    tokens = np.asarray(next(r for r in rows if r["kind"] == "design-topk")["tokens"], dtype=np.float64)
+    lines = [
+        f"Validation rows not used by the per-layer search: {int(tokens.sum())} predicted tokens. Pooled over "
+        "bases and seeds (per-row NLL averaged over runs); paired bootstrap 95% CI. Margin = dyn-skip uniform's "
+        "change - the variant's change at the variant's own compute (> 0: the variant beats dynamic skipping).",
+        "",
+        "| variant | budget | runs | routed experts | Ada-K ppl change % | dyn-skip uniform % | margin pp | SNR | clip fraction |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for fraction in sorted({r["fraction"] for r in rows if r["kind"] == "variant"}, reverse=True):
+        for variant in dict.fromkeys(r["method"] for r in rows if r["kind"] == "variant"):
+            runs = [
+                r
+                for r in rows
+                if r["kind"] == "variant" and r["method"] == variant and r["fraction"] == fraction
+            ]
+            pairs = [
+                (
+                    r,
+                    next(
+                        (
+                            b
+                            for b in rows
+                            if b["kind"] == "variant-baseline"
+                            and key(b)[2:] == key(r)[2:]
+                            and b["base"] == r["base"]
+                        ),
+                        None,
+                    ),
+                )
+                for r in runs
+            ]
+            pairs = [(r, b) for r, b in pairs if b is not None]
+            if not pairs:
+                continue
+            ref = np.mean([topk[r["base"]] for r, _ in pairs], axis=0)
+            a = np.mean([np.asarray(r["nll"]) for r, _ in pairs], axis=0)
+            b = np.mean([np.asarray(x["nll"]) for _, x in pairs], axis=0)
+            ca, cb, m = (
+                ppl_change_ci(a, ref, tokens),
+                ppl_change_ci(b, ref, tokens),
+                ppl_margin_ci(a, b, ref, tokens),
+            )
+            experts = [r["mean_experts"] for r, _ in pairs]
+            snr = [r["snr"] for r, _ in pairs if r.get("snr") is not None]
+            clip = [r["clip_fraction"] for r, _ in pairs if r.get("clip_fraction") is not None]
+            pct = lambda c: f"{100 * c[0]:+.2f} ({100 * c[1]:+.2f}..{100 * c[2]:+.2f})"  # noqa: E731
+            lines.append(
+                f"| {variant} | {fraction:g} | {len(pairs)} | {np.mean(experts):.3f} [{min(experts):.3f}..{max(experts):.3f}] | "
+                f"{pct(ca)} | {pct(cb)} | {pct(m)} | {np.mean(snr) if snr else float('nan'):.2f} | "
+                f"{np.mean(clip) if clip else float('nan'):.4f} |"
+            )
+    return "\n".join(lines) + "\n"

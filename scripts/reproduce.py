@@ -1,0 +1,191 @@
+"""Regenerate a results table with one command (resumable; rows of two reference builds never mix).
+
+    python scripts/reproduce.py adak-evidence            # Ada-K vs per-layer baselines, paired CIs (docs/evidence.md)
+    python scripts/reproduce.py adak-evidence --smoke    # the same pipeline in seconds, on a 20-step build
+    python scripts/reproduce.py adak-variants            # Ada-K design choices, on the validation split
+    python scripts/reproduce.py reference-models         # build reference models, check their recorded SHA-256
+
+Tables:
+
+* ``adak-evidence``: the protocol of ``scripts/evidence_protocol.py`` on the ``tiny-moe`` reference shape with
+  2 pre-training seeds (``tiny-moe``, ``tiny-moe-seed1``), allocator seeds 0 1 2, budgets 70% and 60% of top-k,
+  100 PPO steps, 256 test rows of 128 tokens (32,512 predicted tokens); every base at 70% before any at 60%.
+  Writes ``<out>/runs.jsonl`` (one line per finished run, with its CPU seconds; a rerun skips them),
+  ``<out>/reference.json`` (each base's weights SHA-256: a build with another hash stops the command, naming
+  both), ``<out>/summary.json`` and ``<out>/tables.md``. The command prints its CPU time; docs/evidence.md
+  gives what it took here.
+* ``adak-variants``: Ada-K design choices on the *validation* split (``scripts/evidence_variants.py``): our
+  default, per-layer budgets (``layer_targets``), ``k_max`` = all experts, the paper's renormalised weights and
+  allocators trained on held-out text, each against dynamic skipping at its own compute; 2 bases x seeds 0 1 at
+  70%; the test split is not touched.
+* ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
+  hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
+
+Other README tables keep their own scripts for now (``scripts/adak_tradeoff.py``, ``scripts/bip_*.py``): their
+commands are in the README next to each table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from evidence_protocol import Protocol, run
+from evidence_summary import markdown, summarize
+from evidence_variants import VARIANTS, run_variants, variants_markdown
+
+from hf_moe_routing.training.reference import (
+    ReferenceHashMismatch,
+    build_key,
+    recorded_hash,
+    reference_info,
+    reference_model,
+)
+
+TABLES = ("adak-evidence", "adak-variants", "reference-models")
+
+
+def adak_evidence(args: argparse.Namespace) -> int:
+    if args.smoke:
+        protocol = Protocol(
+            bases=["tiny-moe"],
+            fractions=[0.7],
+            seeds=[0],
+            adak_steps=2,
+            test_rows=24,
+            validation_rows=8,
+            calibration_rows=8,
+            search_step=1.0,
+            reference_steps=20,
+            cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
+            data_dir=args.data_dir,
+        )
+    else:
+        protocol = Protocol(
+            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+            fractions=args.fractions or [0.7, 0.6],
+            seeds=args.seeds or [0, 1, 2],
+            adak_steps=args.adak_steps,
+            test_rows=args.test_rows,
+            cache_dir=args.cache_dir,
+            data_dir=args.data_dir,
+        )
+    out = Path(args.out)
+    rows = run(protocol, out, log=lambda line: print(line, flush=True))
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = markdown(summary)
+    (out / "tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+def adak_variants(args: argparse.Namespace) -> int:
+    if args.smoke:
+        protocol = Protocol(
+            bases=["tiny-moe"],
+            fractions=[0.7],
+            seeds=[0],
+            adak_steps=2,
+            validation_rows=8,
+            calibration_rows=8,
+            search_step=1.0,
+            reference_steps=20,
+            cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
+            data_dir=args.data_dir,
+        )
+        design_rows = 16
+    else:
+        protocol = Protocol(
+            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+            fractions=args.fractions or [0.7],
+            seeds=args.seeds or [0, 1],
+            adak_steps=args.adak_steps,
+            cache_dir=args.cache_dir,
+            data_dir=args.data_dir,
+        )
+        design_rows = 256
+    out = Path(args.out)
+    rows = run_variants(
+        protocol, out, args.variants or list(VARIANTS), design_rows, log=lambda x: print(x, flush=True)
+    )
+    text = variants_markdown(rows)
+    (out / "tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+def reference_models(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.bases or ["tiny-moe"]:
+        reference_model(name, args.cache_dir, data_dir=args.data_dir, rebuild=args.rebuild, progress=False)
+        info = reference_info(name, args.cache_dir)
+        threads = info["spec"]["threads"]
+        expected = recorded_hash(name, info["packages"]["torch"], threads)
+        same = (
+            "no recorded hash"
+            if expected is None
+            else ("matches" if expected == info["weights_sha256"] else "DIFFERS")
+        )
+        print(
+            f"{name}: weights {info['weights_sha256']} ({build_key(info['packages']['torch'], threads)}; recorded: "
+            f"{expected}: {same}), validation perplexity {info['validation_perplexity']:.3f}, "
+            f"{info['build_seconds']:.0f} s"
+        )
+        status |= same == "DIFFERS"
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("table", choices=TABLES)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings (seconds): checks the pipeline only"
+    )
+    parser.add_argument(
+        "--out", help="results folder (default results/evidence/<table>, smoke: a temp folder)"
+    )
+    parser.add_argument("--bases", nargs="+", help="reference builds (name or name-seed<N>)")
+    parser.add_argument("--fractions", nargs="+", type=float, help="budgets as fractions of top-k")
+    parser.add_argument("--seeds", nargs="+", type=int, help="allocator seeds")
+    parser.add_argument("--adak-steps", type=int, default=100)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="adak-variants: which (default all)")
+    parser.add_argument("--test-rows", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.out is None:
+        if args.smoke:
+            tmp = tempfile.TemporaryDirectory()
+            args.out = tmp.name
+        else:
+            args.out = f"results/evidence/{args.table}"
+    started, wall = time.process_time(), time.perf_counter()
+    try:
+        run_table = {"adak-evidence": adak_evidence, "adak-variants": adak_variants}.get(
+            args.table, reference_models
+        )
+        status = run_table(args)
+    except ReferenceHashMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(f"{args.table}: {time.process_time() - started:.0f} CPU s, {time.perf_counter() - wall:.0f} s wall")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The evidence protocol: splits, paired bootstrap CIs, per-layer budgets, compute matching, build hashes,
+and ``scripts/reproduce.py`` (smoke run, hash refusal)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_moe_routing import DynamicSkipConfig, TopPConfig, patch_model
+from hf_moe_routing.data import evidence_splits
+from hf_moe_routing.data.splits import articles
+from hf_moe_routing.evaluation.matched import BudgetedBaseline, match_compute, solve_monotone
+from hf_moe_routing.evaluation.paired import (
+    bootstrap_ci,
+    paired_mean_difference_ci,
+    ppl_change_ci,
+    ppl_margin_ci,
+    row_scores,
+)
+from hf_moe_routing.methods.dynamic_skip import (
+    beta_for_budget,
+    calibrate,
+    calibrate_to_budget,
+    collect_ratios,
+)
+from hf_moe_routing.methods.top_p import calibrate_to_budget as top_p_to_budget
+from hf_moe_routing.methods.top_p import collect_probs, p_for_budget
+from hf_moe_routing.testing import tiny_model
+from hf_moe_routing.training.reference import (
+    ReferenceHashMismatch,
+    build_key,
+    check_build_hash,
+    recorded_hash,
+    reference_info,
+    reference_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- splits ----------------------------------------------------------------------------------------
+def test_splits_are_disjoint_deterministic_and_keep_validation_out_of_pretraining():
+    a, b = evidence_splits(), evidence_splits()
+    assert a.fingerprint() == b.fingerprint()
+    pre, val, held, test = (set(x) for x in (a.pretrain, a.validation, a.heldout_train, a.test))
+    # WikiText repeats a few short lines (e.g. headings) across articles: compare long paragraphs
+    long = lambda s: {p for p in s if len(p) > 200}  # noqa: E731
+    assert not long(pre) & long(val)
+    assert not long(test) & (long(pre) | long(val) | long(held))
+    assert not long(held) & (long(pre) | long(val))
+    assert sum(len(p.split()) for p in a.test) > 100_000  # far more than 32k predicted tokens
+    # articles stay whole: every split starts at a heading
+    assert articles(a.validation)[0][0].startswith("= ") and articles(a.test)[0][0].startswith("= ")
+
+
+def test_articles_group_paragraphs_at_top_level_headings():
+    groups = articles(["intro", "= A =", "x", "= = sub = =", "y", "= B =", "z"])
+    assert groups == [["intro"], ["= A =", "x", "= = sub = =", "y"], ["= B =", "z"]]
+    with pytest.raises(ValueError, match="No paragraphs"):
+        articles([])
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+def test_paired_bootstrap_matches_the_normal_closed_form_and_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 2.0, 3000)
+    y = x - rng.normal(0.1, 0.5, 3000)  # paired: the shared noise cancels
+    est, low, high = paired_mean_difference_ci(x, y, n_resamples=4000, seed=3)
+    d = x - y
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    assert est == pytest.approx(d.mean())
+    assert low == pytest.approx(d.mean() - half, abs=0.15 * half)
+    assert high == pytest.approx(d.mean() + half, abs=0.15 * half)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref = scipy_stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", random_state=0)
+    assert low == pytest.approx(ref.confidence_interval.low, abs=0.1 * half)
+    assert high == pytest.approx(ref.confidence_interval.high, abs=0.1 * half)
+
+
+def test_ppl_change_and_margin_are_token_weighted_and_signed():
+    tokens = np.array([10, 30, 60])
+    ref = np.array([20.0, 60.0, 120.0])
+    a = ref + np.array([0.1, 0.3, 0.6])  # +0.01 nats per token
+    b = ref + np.array([0.5, 1.5, 3.0])  # +0.05 nats per token
+    assert ppl_change_ci(a, ref, tokens)[0] == pytest.approx(math.expm1(0.01))
+    margin = ppl_margin_ci(a, b, ref, tokens)
+    assert margin[0] == pytest.approx(math.expm1(0.05) - math.expm1(0.01))
+    assert margin[1] > 0  # A better than B on every row: the interval excludes 0
+    assert ppl_margin_ci(b, a, ref, tokens)[2] < 0  # swapped: B worse
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        bootstrap_ci(lambda w: w.sum(axis=1), 1)
+
+
+# ---- per-layer budgets and compute matching ----------------------------------------------------------
+def test_beta_and_p_for_budget_hit_the_requested_mean():
+    g = torch.Generator().manual_seed(0)
+    ratios = torch.rand(4000, 3, generator=g)
+    for k in (1.0, 1.7, 2.5, 4.0):
+        beta = beta_for_budget(ratios, k)
+        assert 1 + (ratios >= beta).sum(dim=1).float().mean() == pytest.approx(k, abs=1e-3)
+    probs = torch.softmax(torch.randn(4000, 4, generator=g) * 2, dim=-1).sort(descending=True).values
+    for k in (1.3, 2.2, 3.5):
+        from hf_moe_routing.methods.top_p.calibrate import mean_count
+
+        assert mean_count(probs, p_for_budget(probs, k)) == pytest.approx(k, abs=2e-3)
+    with pytest.raises(ValueError, match="mean_k"):
+        beta_for_budget(ratios, 4.5)
+
+
+def _rows(n: int, length: int = 16, seed: int = 0) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (n, length), generator=g)
+    return [{"input_ids": r.tolist(), "attention_mask": [1] * length, "labels": r.tolist()} for r in ids]
+
+
+@pytest.mark.parametrize("kind", ["dyn-skip", "top-p"])
+def test_per_layer_calibration_hits_per_layer_budgets(kind):
+    model = tiny_model("qwen2_moe", num_experts_per_tok=4)
+    rows = _rows(32)
+    budgets = {0: 1.5, 1: 3.0}
+    if kind == "dyn-skip":
+        patch_model(model, DynamicSkipConfig())
+        calibrate_to_budget(model, budgets, collect_ratios(model, rows))
+    else:
+        patch_model(model, TopPConfig(p=1.0, max_k=4))
+        top_p_to_budget(model, budgets, collect_probs(model, rows))
+    per_layer = row_scores(model, rows).experts_per_layer
+    # the first MoE layer sees exactly the calibration inputs; later layers see inputs changed by the
+    # earlier layers' reduced routing, so their count is close, not exact
+    assert per_layer[0] == pytest.approx(1.5, abs=0.01)
+    assert per_layer[1] == pytest.approx(3.0, abs=0.15)
+
+
+def test_dynamic_skip_calibrate_stays_importable_and_collect_ratios_leaves_beta():
+    model = tiny_model("mixtral")
+    patch_model(model, DynamicSkipConfig())
+    betas = calibrate(model, _rows(8), progress=False)
+    collect_ratios(model, _rows(4))
+    layers = [m for m in model.modules() if hasattr(m, "beta")]
+    assert [float(m.beta) for m in layers] == pytest.approx(list(betas.values()))
+
+
+def test_solve_monotone_lands_on_the_target():
+    calls = []
+    f = lambda x: calls.append(x) or x**3  # noqa: E731
+    x, fx = solve_monotone(f, 0.0, 2.0, 3.0, tol=1e-6)
+    assert fx == pytest.approx(3.0, abs=1e-6) and x == pytest.approx(3 ** (1 / 3), abs=1e-6)
+    assert len(calls) < 30
+    x, fx = solve_monotone(f, 0.0, 1.0, 5.0, tol=1e-6)  # outside the range: the closest end
+    assert (x, fx) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global-p", "per-layer"])
+def test_match_compute_lands_on_the_target_on_the_evaluation_rows(mode):
+    model = tiny_model("qwen2_moe", num_experts_per_tok=4)
+    kind = "dyn-skip" if mode == "uniform" else "top-p"
+    baseline = BudgetedBaseline(model, kind, _rows(16, seed=1))
+    rows = _rows(24, seed=2)
+    scores, info = match_compute(baseline, rows, 2.6, mode=mode, budgets={0: 2.0, 1: 3.5}, tol=2e-3)
+    assert scores.mean_experts == pytest.approx(2.6, abs=2e-3)
+    assert info["mean_experts"] == scores.mean_experts
+    assert row_scores(baseline.model, rows).mean_experts == pytest.approx(2.6, abs=2e-3)  # left at the match
+    if mode == "per-layer":  # a common shift keeps the searched split's shape
+        assert info["budgets"][1] - info["budgets"][0] == pytest.approx(1.5)
+
+
+# ---- reference builds and reproduce.py ---------------------------------------------------------------
+def test_hash_mismatch_is_refused_naming_both(tmp_path):
+    (tmp_path / "build_info.json").write_text(json.dumps({"weights_sha256": "a" * 64}))
+    assert check_build_hash(tmp_path, None) == "a" * 64
+    assert check_build_hash(tmp_path, "a" * 64) == "a" * 64
+    with pytest.raises(ReferenceHashMismatch, match=f"{'a' * 64}.*{'b' * 64}"):
+        check_build_hash(tmp_path, "b" * 64)
+
+
+@pytest.mark.slow
+def test_tiny_reference_model_rebuilds_to_its_recorded_hash(tmp_path):
+    threads = 1
+    expected = recorded_hash("tiny-moe", torch.__version__, threads)
+    if expected is None:
+        pytest.skip(f"no hash recorded for tiny-moe under {build_key(torch.__version__, threads)}")
+    reference_model("tiny-moe", tmp_path, progress=False)
+    info = reference_info("tiny-moe", tmp_path)
+    assert info["weights_sha256"] == expected
+    assert info["packages"]["torch"] == torch.__version__ and info["spec"]["threads"] == threads
+
+
+def _reproduce(*args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_reproduce_help():
+    result = _reproduce("--help")
+    assert result.returncode == 0 and "adak-evidence" in result.stdout and "--smoke" in result.stdout
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
+    out = tmp_path / "out"
+    result = _reproduce("adak-evidence", "--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in rows}
+    assert {"topk", "static-k", "search", "adak", "baseline"} <= kinds
+    assert "CPU s" in result.stdout and "Ada-K" in (out / "tables.md").read_text()
+    again = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # resumes: nothing new
+    assert again.returncode == 0 and len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
+    hashes = json.loads((out / "reference.json").read_text())
+    real = hashes["tiny-moe"]
+    (out / "reference.json").write_text(json.dumps({"tiny-moe": "0" * 64}))
+    refused = _reproduce("adak-evidence", "--smoke", "--out", str(out))
+    assert refused.returncode == 2
+    assert real in refused.stderr and "0" * 64 in refused.stderr
