@@ -1,6 +1,6 @@
 """The package's layering, read from its source: imports only look down, no cycles, small modules.
 
-Layers (README "Design"), bottom to top: core -> families -> methods -> patching -> library
+Layers (docs/design.md), bottom to top: core -> families -> methods -> patching -> library
 (data, evaluation, hub, training, metrics, testing) -> integrations -> recipes -> cli.
 """
 
