@@ -128,5 +128,4 @@ def test_smoke_run(script, helps, tmp_path):
             pytest.skip(f"shared data folder missing: {error}")
     result = _run(script, *args, cwd=tmp_path)
     assert result.returncode == 0, f"scripts/{script.name} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
-    # the run wrote where it was told to (or into its working folder), never into the checkout
-    assert any(tmp_path.iterdir()), f"scripts/{script.name} {' '.join(args)} wrote nothing"
+    assert result.stdout.strip(), f"scripts/{script.name} {' '.join(args)} printed no results"
