@@ -16,6 +16,7 @@ between the variants (``--repeats`` rounds) and report medians.
 
     python scripts/bench_adak_speed.py --shapes qwen --tokens 256 --repeats 5
     python scripts/bench_adak_speed.py --shapes qwen mixtral --k-dist qwen=1:0.3,2:0.25,3:0.2,4:0.25
+    python scripts/bench_adak_speed.py --smoke --out /tmp/adak_speed     # a tiny layer: the script runs
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hf_moe_routing.adapters import MoEAdapter, MoEBlock, MoEShape
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe_routing import RoutingConfig, patch_model, unpatch_model
 from hf_moe_routing.core.context import RoutingContext
 from hf_moe_routing.evaluation.flops import flops_per_token
+from hf_moe_routing.families import MoEBlock, MoEModel, RouterOutput
 from hf_moe_routing.methods import RoutingLayer
-from hf_moe_routing.methods.top_p.routing import slot_mask, to_sentinel
+from hf_moe_routing.methods.routing import keep_slots, rank_experts
 
 SHAPES = {
     "qwen": dict(
@@ -57,10 +58,25 @@ SHAPES = {
         num_local_experts=8,
         num_experts_per_tok=2,
     ),
+    # a Qwen-MoE-style layer small enough for a smoke run (not a performance number)
+    "small": dict(
+        model_type="qwen2_moe",
+        hidden_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        intermediate_size=128,
+    ),
 }
 #: Default k distributions (k: probability) when neither --k-dist nor a measured result is given:
 #: Ada-K's reported averages (Qwen1.5-MoE 2.58 of 4; Mixtral about 1.5 of 2), spread over 1..top-k.
-DEFAULT_K = {"qwen": {1: 0.25, 2: 0.22, 3: 0.23, 4: 0.30}, "mixtral": {1: 0.5, 2: 0.5}}
+DEFAULT_K = {
+    "qwen": {1: 0.25, 2: 0.22, 3: 0.23, 4: 0.30},
+    "mixtral": {1: 0.5, 2: 0.5},
+    "small": {1: 0.25, 2: 0.22, 3: 0.23, 4: 0.30},
+}
 
 
 @dataclass
@@ -72,17 +88,15 @@ class SampledKConfig(RoutingConfig):
     k_probs: dict | None = None
     seed: int = 0
 
-    def create_layer(
-        self, adapter: MoEAdapter, block: MoEBlock, shape: MoEShape, context: RoutingContext
-    ) -> RoutingLayer:
-        return SampledKLayer(adapter, block, context, self.k_probs, self.seed)
+    def create_layer(self, block: MoEBlock, model: MoEModel, context: RoutingContext) -> RoutingLayer:
+        return SampledKLayer(block, context, self.k_probs, self.seed)
 
 
 class SampledKLayer(RoutingLayer):
-    """Top-k_i of the router's own order, ``g = P / sum of P over the chosen`` (Ada-K's weights)."""
+    """Top-k_i of the family's own ranking, ``g = P / sum of P over the chosen`` (Ada-K's weights)."""
 
-    def __init__(self, adapter, block, context, k_probs: dict, seed: int) -> None:
-        super().__init__(adapter, block, context)
+    def __init__(self, block: MoEBlock, context: RoutingContext, k_probs: dict, seed: int) -> None:
+        super().__init__(block, context)
         self.values = torch.tensor([int(k) for k in k_probs])
         self.probs = torch.tensor([float(p) for p in k_probs.values()])
         self.seed = seed
@@ -94,21 +108,10 @@ class SampledKLayer(RoutingLayer):
             self._k = self.values[torch.multinomial(self.probs, n, replacement=True, generator=generator)]
         return self._k
 
-    def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
-        logits = self.adapter.logits(gate, hidden_states)
-        scores = self.adapter.scores(gate, logits)
-        slots = int(self.values.max())
-        index = self.adapter.topk(gate, self.adapter.choice_scores(gate, scores), slots)
-        valid = slot_mask(self.counts(scores.shape[0]).to(index.device), slots)
-        weights = self.adapter.weights(
-            gate,
-            scores,
-            to_sentinel(index, valid, scores.shape[-1]),
-            valid=valid,
-            normalize=True,
-            logits_dtype=logits.dtype,
-        )
-        return logits, weights, to_sentinel(index, valid, scores.shape[-1])
+    def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args) -> RouterOutput:  # noqa: ANN002
+        ranking = rank_experts(self.spec, router, hidden_states, int(self.values.max()))
+        keep = ranking.rank < self.counts(ranking.index.shape[0]).to(ranking.index.device).unsqueeze(-1)
+        return keep_slots(self.spec, ranking, keep, renormalize=True, hidden_dtype=hidden_states.dtype)
 
 
 def parse_k_dist(text: str) -> dict[int, float]:
@@ -130,7 +133,9 @@ def measured_k_dist(path: Path, shape: str) -> dict[int, float] | None:
     data = json.loads(path.read_text())
     runs = [r for r in data.get("runs", []) if r.get("method", "").startswith("ada-k") and r.get("k_hist")]
     models = {"qwen": "qwen-moe", "mixtral": "mixtral-8x2"}
-    runs = [r for r in runs if r.get("model") == models.get(shape)] or runs
+    if shape not in models:
+        return None
+    runs = [r for r in runs if r.get("model") == models[shape]] or runs
     if not runs:
         return None
     best = min(runs, key=lambda r: abs(r["activation_reduction"] - 0.35))
@@ -265,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--measured", default="results/adak_tradeoff/results.json", help="trade-off results")
     parser.add_argument("--out", default="results/adak_speed", help="output folder")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny layer, 32 tokens, 1 repeat: checks that the script runs (its numbers mean nothing)",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.tokens, args.repeats = ["small"], 32, 1
     torch.set_num_threads(args.threads)
     given = {}
     for item in args.k_dist:

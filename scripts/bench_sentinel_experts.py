@@ -35,7 +35,7 @@ from bench_common import REAL_SHAPES, Deadline, LayerShape, build_model, measure
 from hf_moe_routing.core.experts import SENTINEL_EXPERTS  # noqa: E402
 from hf_moe_routing.families import describe_model  # noqa: E402
 
-#: shapes of this script besides the real ones: the small layer of the README's first table
+#: shapes of this script besides the real ones: the small layer of the first table in docs/inspect.md
 SHAPES: dict[str, LayerShape] = {
     **REAL_SHAPES,
     "small": LayerShape(

@@ -1,9 +1,9 @@
-"""Write the family support table of the installed transformers as markdown (for the README).
+"""Write the family support table of the installed transformers as markdown (for docs/families.md).
 
 Checks every Mixture-of-Experts causal-LM family of the installed transformers on a tiny random model
 (``hf_moe_routing.testing.support``: exact ``TopKConfig()`` or a refusal that says why) and writes
 
-* ``results/families/families_table.md``: the table (the README's "Supported model families"), with the transformers version and the counts;
+* ``results/families/families_table.md``: the table (the table of docs/families.md), with the transformers version and the counts;
 * ``tests/families_expected.json`` (with ``--expected``): the statuses and router kinds that
   ``tests/test_families.py`` holds later versions of the package to (a supported family must stay
   supported) and uses to pick one family per router kind for its slower checks;

@@ -1,6 +1,6 @@
 """The package's layering, read from its source: imports only look down, no cycles, small modules.
 
-Layers (README "Design"), bottom to top: core -> families -> methods -> patching -> library
+Layers (docs/design.md), bottom to top: core -> families -> methods -> patching -> library
 (data, evaluation, hub, training, metrics, testing) -> integrations -> recipes -> cli.
 """
 
@@ -237,3 +237,64 @@ def test_layers_get_their_settings_as_arguments_never_their_config():
             ):
                 offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offences, f"a routing layer reads its config object: {offences}"
+
+# ---- scripts/: they import the package; the package never imports them --------------------------------
+SCRIPTS = PACKAGE.parent / "scripts"
+SCRIPT_SOURCES = sorted(SCRIPTS.glob("*.py"))
+SCRIPT_MODULES = {p.stem for p in SCRIPT_SOURCES}
+
+
+def _absolute_imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, imported names, line) of every absolute import in ``path``, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            found.append((node.module or "", [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names]
+    return found
+
+
+def _public_names() -> set[str]:
+    """The names ``hf_moe_routing/__init__.py`` exports (its ``_EXPORTS`` table, read from the source)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "_EXPORTS":
+            return {key.value for key in node.value.keys} | {"__version__"}
+    raise AssertionError("hf_moe_routing/__init__.py has no _EXPORTS table")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_package_never_imports_scripts(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            top = name.split(".")[0]
+            assert top != "scripts" and top not in SCRIPT_MODULES, (
+                f"{path.relative_to(PACKAGE)}:{node.lineno} imports {name} from scripts/: move what it needs into "
+                "the package (scripts are experiments built on the package, not part of it)"
+            )
+
+
+@pytest.mark.parametrize("path", SCRIPT_SOURCES, ids=lambda p: p.name)
+def test_scripts_import_only_what_the_package_has(path):
+    """A script's imports of the package name modules and public names that exist (a moved module fails
+    here, not when someone runs the script), and scripts never import the tests."""
+    public = _public_names()
+    for module, names, line in _absolute_imports(path):
+        top = module.split(".")[0]
+        assert top != "tests", f"scripts/{path.name}:{line} imports the tests ({module})"
+        if top != "hf_moe_routing":
+            continue
+        assert _is_module(module), (
+            f"scripts/{path.name}:{line} imports {module}, which is not a module of the package"
+        )
+        if module == "hf_moe_routing":
+            unknown = [n for n in names if n not in public and not _is_module(f"{module}.{n}")]
+            assert not unknown, (
+                f"scripts/{path.name}:{line} imports {unknown} from hf_moe_routing, which does not export them"
+            )
