@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -103,3 +104,10 @@ def local_tensor(param: Any) -> Any:
     """A parameter's local shard (DTensor) or the parameter itself."""
     to_local = getattr(param, "to_local", None)
     return to_local() if callable(to_local) else param
+
+
+def mixed_precision(setting: str) -> str:
+    """accelerate's ``mixed_precision`` for a config setting: ``"auto"`` is bf16 where CUDA supports it, else "no"."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

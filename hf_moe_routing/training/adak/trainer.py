@@ -31,9 +31,10 @@ from . import checkpoint as ckpt
 from . import steps
 from .config import AdaKTrainingConfig, TrainerState
 from .data import TrainingStream, prepare_dataset
-from .distributed import fsdp_plugin, local_tensor, shard_frozen_model
+from .distributed import fsdp_plugin, local_tensor, mixed_precision, shard_frozen_model
 from .reporting import AdaKTrainOutput, LoggingMixin, _flat
 from .saving import SavingMixin
+from .targets import layer_targets
 from .update import AllocatorBank, optimizer_step, synchronize_gradients
 from .warmstart import exact_start_available, layer_target
 
@@ -111,12 +112,12 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
                 f"experts (the others use top-{self.shape.top_k})."
             )
 
-        self.layer_targets = self._layer_targets(config, most)
+        self.layer_targets = layer_targets(config, sorted(self.layers), most, self.moe_mean)
 
         device_map = getattr(model, "hf_device_map", None) or {}
         self.sharded = len({str(d) for d in device_map.values()}) > 1
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=_mixed_precision(config.mixed_precision),
+            mixed_precision=mixed_precision(config.mixed_precision),
             log_with=config.report_to,
             project_dir=config.output_dir,
         )
@@ -188,24 +189,6 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         """No-grad forward of the frozen model; logits (B, T, V)."""
         with torch.no_grad(), self.accelerator.autocast():
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    def _layer_targets(self, config: AdaKTrainingConfig, most: int) -> dict[int, float] | None:
-        """``{layer index: mean k}`` from ``config.layer_targets`` (checked against the layers and budget)."""
-        if config.layer_targets is None:
-            return None
-        if len(config.layer_targets) != len(self.layers):
-            raise ValueError(
-                f"layer_targets has {len(config.layer_targets)} values, but the model has {len(self.layers)} "
-                f"Ada-K layers ({sorted(self.layers)}): give one mean k per Ada-K layer, in layer order."
-            )
-        targets = dict(zip(sorted(self.layers), map(float, config.layer_targets)))
-        mean = self.moe_mean(list(targets.values()))
-        if abs(mean - config.target_experts) > 1e-3 * config.target_experts or max(targets.values()) > most:
-            raise ValueError(
-                f"layer_targets={config.layer_targets} average {mean:.4f} experts over the MoE layers, but "
-                f"target_experts={config.target_experts}; each must also be at most k_max={most}."
-            )
-        return targets
 
     def moe_mean(self, per_adak_layer: list[float]) -> float:
         """Mean routed experts over all MoE layers (layers without an allocator run the model's top-k)."""
@@ -411,9 +394,3 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             self._evaluate_and_log(bar)
         if (config.save_steps and step % config.save_steps == 0) or final:
             self.save_checkpoint()
-
-
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
