@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,12 @@ REPORTED = (
     "kernels",
     "huggingface_hub",
 )
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _run(command: list[str], log: Path, env: dict[str, str] | None = None, timeout: float | None = None):
@@ -158,6 +165,11 @@ def test_outcome(junit: Path) -> dict:
     return outcome
 
 
+def _took(report: dict, step: str) -> str:
+    cpu = report.get("cpu_seconds", {}).get(step)
+    return f"{report['seconds'][step]:.0f} s wall" + (f", {cpu:.0f} s CPU" if cpu is not None else "")
+
+
 def report_markdown(report: dict) -> str:
     census, tests = report.get("census", {}), report.get("tests", {})
     versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items() if v)
@@ -170,7 +182,7 @@ def report_markdown(report: dict) -> str:
     ]
     if census:
         lines += [
-            f"- census ({report['seconds']['census']:.0f} s): {census['total']} MoE causal-LM families: "
+            f"- census ({_took(report, 'census')}): {census['total']} MoE causal-LM families: "
             f"{counts.get('supported', 0)} exact, {counts.get('refused', 0)} refused, "
             f"{counts.get('not testable', 0)} not testable here, {counts.get('mismatch', 0)} mismatch",
             f"- against the expectations recorded for {census['compared_with']}: newly supported "
@@ -182,7 +194,7 @@ def report_markdown(report: dict) -> str:
                 lines.append(f"- {status}: {', '.join(census['families'][status])}")
     if tests:
         lines.append(
-            f"- tests ({report['seconds']['tests']:.0f} s, exit {tests.get('exit')}): {tests.get('passed', 0)} passed, "
+            f"- tests ({_took(report, 'tests')}, exit {tests.get('exit')}): {tests.get('passed', 0)} passed, "
             f"{tests.get('failed', 0)} failed, {tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped"
         )
         lines += [f"  - FAILED {line}" for line in tests.get("failures", [])]
@@ -266,7 +278,7 @@ def main() -> int:
         census_file = out / "families.json"
         print("family census ...", flush=True)
         with census_file.open("w") as handle:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _children_cpu()
             command = [str(python), "-m", "hf_moe_routing.cli.main", "families", "--json", "--quiet"]
             result = subprocess.run(
                 command,
@@ -278,6 +290,7 @@ def main() -> int:
                 timeout=args.timeout,
             )
             report["seconds"]["census"] = time.perf_counter() - start
+            report["cpu_seconds"] = {"census": _children_cpu() - cpu}
         if result.returncode:
             report["verdict"] = f"the census failed (exit {result.returncode}): {result.stderr[-2000:]}"
             return _finish(report, out, 1)
@@ -302,7 +315,9 @@ def main() -> int:
                 f"--junitxml={junit}",
             ]
             command += ["-n", str(args.workers), *args.tests]
+            cpu = _children_cpu()
             code, report["seconds"]["tests"] = _run(command, log, env=env, timeout=args.timeout)
+            report["cpu_seconds"]["tests"] = _children_cpu() - cpu  # the workers' CPU time included
             report["tests"] = {"exit": code, **test_outcome(junit)}
             passed = passed and code == 0
         report["verdict"] = "passed" if passed else "FAILED"
