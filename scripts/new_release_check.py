@@ -6,7 +6,7 @@ inside the declared range, unless ``--outside-range``), then runs there, on this
 
 1. the family census, ``hf-moe-routing families --json``: every MoE causal-LM family of that release,
    exact (``TopKConfig()`` bit-identical and reversible), refused with a reason, or not testable here;
-2. the family tests, ``python -m pytest tests/test_families.py`` (and any ``--tests`` given);
+2. the family tests, ``python -m pytest tests/test_families.py`` (or the ``--tests`` given);
 
 and prints a report (the installed versions, the census, what changed against the expectations recorded
 in ``tests/families_expected.json``, the test outcome and times), also written as ``report.json`` and
