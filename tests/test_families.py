@@ -3,8 +3,10 @@
 The families are found by the package itself (``hf_moe_routing.testing.catalog``: transformers' auto
 mappings and modeling files), not listed here, so a new transformers release is tested the day it is
 installed. ``families_expected.json`` (written by ``scripts/families_table.py --expected``) holds what
-this version of the package supports: a supported family must stay supported, and the slower checks
-(every routing method, statistics, bfloat16, FLOPs) run on one family per router kind.
+this version of the package supports on each tested transformers release; the entry of the newest tested
+release not newer than the installed one applies: a supported family must stay supported, a family
+whose tiny model cannot be built here is skipped as "not testable here" (never supported), and the slower
+checks (every routing method, statistics, bfloat16, FLOPs) run on one family per router kind.
 """
 
 import copy
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import transformers
+from packaging.version import Version
 
 from hf_moe_routing import (
     AdaKConfig,
@@ -32,16 +35,27 @@ from hf_moe_routing import (
     unpatch_model,
 )
 from hf_moe_routing.evaluation import RoutingStats
-from hf_moe_routing.evaluation.flops import causal_context, flops_per_token, model_structure
+from hf_moe_routing.evaluation.flops import causal_context, counting_flops, flops_per_token, model_structure
 from hf_moe_routing.patching import is_patched, routing_layers
 from hf_moe_routing.testing import causal_lm_class, moe_families, tiny_model
-from hf_moe_routing.testing.support import probe_ids
+from hf_moe_routing.testing.support import probe_ids, untestable_reason
+
+
+def _expected_for(installed: str) -> tuple[str, dict]:
+    """The expectations recorded for the newest tested transformers release not newer than ``installed``
+    (the oldest recorded one if ``installed`` is older than all): ``(release, entry)``."""
+    versions = json.loads((Path(__file__).parent / "families_expected.json").read_text())["versions"]
+    ordered = sorted(versions, key=Version)
+    older = [v for v in ordered if Version(v) <= Version(installed)]
+    release = older[-1] if older else ordered[0]
+    return release, versions[release]
+
 
 FAMILIES = [entry.model_type for entry in moe_families()]
-EXPECTED = json.loads((Path(__file__).parent / "families_expected.json").read_text())
+EXPECTED_RELEASE, EXPECTED = _expected_for(transformers.__version__)
 SUPPORTED = [name for name in FAMILIES if name in EXPECTED["supported"]]
-#: The number of families this version supports on transformers 5.24; it must not drop.
-MIN_SUPPORTED = 55
+#: Fewer supported families than this on any release of the declared range is a regression (5.20.2: 43 of 55).
+MIN_SUPPORTED = 43
 #: Families whose bfloat16 checkpoints must route exactly as the unpatched model (issue 8).
 BF16_REQUIRED = [
     "mixtral",
@@ -102,12 +116,18 @@ def test_the_catalog_finds_the_families_by_itself():
 
 def test_the_number_of_supported_families_does_not_drop():
     assert len(SUPPORTED) >= MIN_SUPPORTED, f"supported: {SUPPORTED}"
+    if Version(transformers.__version__) == Version(EXPECTED_RELEASE):  # the catalog still finds them all
+        assert set(EXPECTED["supported"]) <= set(FAMILIES), set(EXPECTED["supported"]) - set(FAMILIES)
 
 
 # ---- every family: exact Top-K or a refusal -----------------------------------------------------
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_topk_is_exact_and_reversible_or_refused_with_a_reason(model_type):
-    model = tiny_model(model_type)
+    try:
+        model = tiny_model(model_type)
+    except Exception as error:  # a tiny model that cannot be built here: never a supported family
+        assert model_type not in EXPECTED["supported"], f"{model_type} was supported: {error}"
+        pytest.skip(untestable_reason(error))
     reference = _logits(model, output_router_logits=True)
     try:
         describe_model(model)
@@ -334,7 +354,7 @@ def test_flops_per_token_match_flop_counter(model_type):
     _supports_eager_experts(model)  # FlopCounterMode counts eager experts' matmuls, not grouped_mm's
     # Llama 4's experts multiply every expert on every token (zero weights for the unchosen ones)
     dense_experts = any(layer.dense_experts for layer in model_structure(model))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with counting_flops(model) as counter:
         model(ids)
     measured = counter.get_total_flops() / ids.numel()
     activated = describe_model(model).shape.num_experts if dense_experts else None
@@ -345,8 +365,6 @@ def test_flops_per_token_match_flop_counter(model_type):
 
 # ---- the CLI --------------------------------------------------------------------------------------
 def test_families_command_prints_the_support_table(capsys):
-    import transformers
-
     from hf_moe_routing.cli.main import main
 
     refused = sorted(EXPECTED["refused"])[0]

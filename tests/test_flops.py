@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, LlamaConfig
 
 from hf_moe_routing import TopKConfig, patch_model
 from hf_moe_routing.evaluation import RoutingStats
-from hf_moe_routing.evaluation.flops import causal_context, flops_per_token
+from hf_moe_routing.evaluation.flops import causal_context, counting_flops, flops_per_token
 from hf_moe_routing.testing import (
     GENERIC_FAMILIES,
     REQUIRED_FAMILIES,
@@ -30,7 +29,7 @@ VARIANTS = [(f, {}) for f in REQUIRED_FAMILIES + GENERIC_FAMILIES] + [
 
 def _measured_flops_per_token(model, ids) -> float:
     model.set_experts_implementation("eager")  # per-expert matmuls that FlopCounterMode sees
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with counting_flops(model) as counter:
         model(ids)
     return counter.get_total_flops() / ids.numel()
 
@@ -141,3 +140,36 @@ def test_flops_of_a_peft_model_count_the_lora_matmuls():
     lora = 2 * 2 * ((64 + 64) + (64 + 32)) * 2
     assert got.attention == expected.attention + lora
     assert got.routed_experts == expected.routed_experts and got.lm_head == expected.lm_head
+
+
+class _MixerTakingAWeightView(torch.nn.Module):
+    """As transformers 5.25's hybrid families call their convolution: a no-grad view of a parameter
+    (``conv1d.weight.squeeze(1)``) passed to a module (a ``kernels`` layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(6, 1, 4))
+        self.inner = _MatMul()
+
+    def forward(self, x):
+        return self.inner(x, self.weight.squeeze(1))
+
+
+class _MatMul(torch.nn.Module):
+    def forward(self, x, weight):
+        return x @ weight
+
+
+def test_counting_flops_takes_parameter_views_as_module_inputs_and_restores_requires_grad():
+    model = _MixerTakingAWeightView()
+    model.weight.requires_grad_(True)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    with counting_flops(model) as counter:
+        out = model(torch.randn(3, 6))
+    assert counter.get_total_flops() == 2 * 3 * 6 * 4  # one (3, 6) x (6, 4) matmul
+    assert not out.requires_grad  # no gradients recorded
+    assert model.weight.requires_grad and not model.frozen.requires_grad  # each flag as it was
+    with pytest.raises(RuntimeError, match="boom"), counting_flops(model):
+        raise RuntimeError("boom")
+    assert model.weight.requires_grad  # restored after an error too

@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Find the Mixture-of-Experts causal-LM families of the installed transformers (from its auto "
             "mappings and modeling files), build a tiny random model of each (no download) and check that "
             "TopKConfig() reproduces its routing bit for bit. Prints each family's router kind, status "
-            "(supported / refused) and, if refused, why. Takes about a minute on a CPU."
+            "(supported / refused / not testable here) and, if not supported, why. Takes about a minute on a CPU."
         ),
         epilog=(
             "examples:\n"
@@ -62,15 +62,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "families": rows}, indent=2))
     else:
         print(format_table(rows))
+        untestable = f", {summary['not_testable']} not testable here" if summary["not_testable"] else ""
         print(
             f"\ntransformers {summary['transformers']}: {summary['supported']} of {summary['total']} MoE "
-            f"causal-LM families supported, {summary['refused']} refused."
+            f"causal-LM families supported, {summary['refused']} refused{untestable}."
         )
     return 0
 
 
 def _summary(rows: list[dict[str, Any]], version: str) -> dict[str, Any]:
-    count = {status: sum(r["status"] == status for r in rows) for status in ("supported", "refused")}
+    statuses = ("supported", "refused", "mismatch", "not testable")
+    count = {status.replace(" ", "_"): sum(r["status"] == status for r in rows) for status in statuses}
     return {"transformers": version, "total": len(rows), **count}
 
 

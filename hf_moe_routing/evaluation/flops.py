@@ -34,11 +34,13 @@ device (a config only) they count their projections only, with a warning.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
 from ..families import MoEBlock, text_config
@@ -224,20 +226,41 @@ def _moe_parts(block: MoEBlock) -> tuple[nn.Module, ...]:
     return (block.router, getattr(block.block, block.router_attr), block.experts, block.block.experts)
 
 
+@contextmanager
+def counting_flops(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """``FlopCounterMode`` (no display) and ``torch.no_grad()`` around forwards of ``model``.
+
+    The parameters' ``requires_grad`` is switched off meanwhile and restored afterwards (also on an
+    error). FlopCounterMode tracks modules with autograd hooks on every module input that requires
+    gradients; a view of a parameter made under ``no_grad`` (``conv1d.weight.squeeze(1)``) still
+    requires gradients but has no autograd node, and torch raises "Expected gradient function to be
+    set" when such a view is passed to a module. transformers 5.25 runs the state-space and
+    convolution functions of its hybrid families (Jamba, Qwen3-Next, Nemotron-H, ...) as modules of
+    the ``kernels`` package, with exactly such views as inputs.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 def measured_mixer_flops(model: nn.Module, names: Sequence[str], seq_len: int) -> dict[str, float]:
     """FLOPs per token of the token mixers ``names`` (module paths), measured by ``FlopCounterMode``.
 
     One forward of ``seq_len`` token ids (batch 1) runs with the model's own routing and no
     gradients; each mixer counts the matmul FLOPs it computed, divided by ``seq_len``.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ..core.batching import model_device
     from ..patching import original_routing
 
     vocab = int(getattr(text_config(model), "vocab_size", 0) or 2)
     ids = (torch.arange(seq_len) % vocab).unsqueeze(0).to(model_device(model))
-    with original_routing(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with original_routing(model), counting_flops(model) as counter:
         model(input_ids=ids)
     counts = counter.get_flop_counts()
     root = type(model).__name__

@@ -5,7 +5,8 @@ Each family of the :mod:`~hf_moe_routing.testing.catalog` is checked on a tiny r
 router, and ``patch_model(model, TopKConfig())`` must leave the logits bit-identical (and
 ``unpatch_model`` restore them). A family is "supported" if both hold, "refused" if
 ``describe_model`` refuses it (the reason says why), "mismatch" if patching changed the logits (a
-bug: please report it) and "unbuilt" if no tiny model of it could be built.
+bug: please report it) and "not testable" if no tiny model of it could be built here (its reason says
+why; such a family is never reported as supported).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..patching import patch_model, unpatch_model
 from .catalog import catalog_entry, moe_families
 from .tiny import tiny_model
 
-STATUSES = ("supported", "refused", "mismatch", "unbuilt")
+STATUSES = ("supported", "refused", "mismatch", "not testable")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class FamilySupport:
         status: one of :data:`STATUSES`.
         family: the family module that serves it (``"detected"``: the generic family probed it).
         router_kind: the router kind (``RouterKind.describe()``), empty unless supported.
-        reason: why it is refused / mismatched / unbuilt; empty if supported.
+        reason: why it is refused / mismatched / not testable; empty if supported.
         kind_key: the router kind in full (every :class:`RouterKind` field, where the selection bias
             lives, the rank of the hidden states it takes), to pick one family per kind.
     """
@@ -61,11 +62,11 @@ def probe_ids(batch: int = 2, seq_len: int = 13) -> torch.Tensor:
 def check_family(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> FamilySupport:
     """Check one family on a tiny random model (see the module docstring)."""
     entry = catalog_entry(model_type)
-    row = FamilySupport(model_type, entry.causal_lm_class, "unbuilt")
+    row = FamilySupport(model_type, entry.causal_lm_class, "not testable")
     try:
         model = tiny_model(model_type, seed=seed, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - any build failure is reported, not raised
-        return _replace(row, reason=f"no tiny model: {type(error).__name__}: {error}")
+        return _replace(row, reason=untestable_reason(error))
     try:
         described = describe_model(model)
     except UnsupportedFamilyError as error:
@@ -93,6 +94,12 @@ def check_family(model_type: str, dtype: torch.dtype = torch.float32, seed: int 
     if not torch.equal(reference, restored):
         return _replace(row, status="mismatch", reason="unpatch_model does not restore the logits")
     return row
+
+
+def untestable_reason(error: Exception) -> str:
+    """The reason of a "not testable" row: ``"not testable here: no tiny model: <error>"`` (one line)."""
+    text = " ".join(str(error).split())
+    return f"not testable here: no tiny model: {type(error).__name__}: {text}"
 
 
 def support_table(

@@ -11,6 +11,8 @@ bfloat16 (tensors the family keeps in float32 stay float32).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -277,9 +279,60 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     aliases = getattr(CONFIG_MAPPING[family], "attribute_map", {})
     overridden = {aliases.get(key, key) for key in overrides}
     kwargs = {k: v for k, v in base.items() if aliases.get(k, k) not in overridden} | overrides
-    config = CONFIG_MAPPING[family](**kwargs)
+    config = _build_within_validators(CONFIG_MAPPING[family], kwargs, fixed=set(overrides))
     config._attn_implementation = "eager"  # FlopCounterMode counts eager attention's matmuls
     return config
+
+
+#: Values tried, largest first, for an integer setting that a config validator names.
+_VALIDATOR_CANDIDATES = (64, 32, 16, 8, 4, 2, 1)
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _build_within_validators(
+    cls: type[PretrainedConfig], kwargs: dict[str, Any], fixed: set[str], rounds: int = 6
+) -> PretrainedConfig:
+    """``cls(**kwargs)``, adjusting settings that the config class's own validators reject.
+
+    transformers' ``@strict`` configs check their constraints in validators (e.g. Kolibri 1.1:
+    "`index_num_heads` must be between 1 and the number of query heads of key head 0"), which the
+    shrinking by attribute name does not know. When the build fails, each integer setting that the
+    error message names (other than ``fixed``, the caller's explicit overrides) is tried at its
+    default value, then at the largest of :data:`_VALIDATOR_CANDIDATES` below its current value: the
+    first value that builds, or that moves the failure to another constraint, is kept. At most
+    ``rounds`` constraints are resolved; otherwise the original error is raised.
+    """
+    original: Exception | None = None
+    for _ in range(rounds):
+        try:
+            return cls(**kwargs)
+        except Exception as error:  # noqa: BLE001 - validators raise several error types
+            original = original or error
+            change = _satisfy(cls, kwargs, fixed, str(error))
+            if change is None:
+                raise original from None
+            kwargs = {**kwargs, **change}
+    raise original  # type: ignore[misc]
+
+
+def _satisfy(cls: type[PretrainedConfig], kwargs: dict[str, Any], fixed: set[str], message: str):
+    """One change ``{name: value}`` of a setting named in ``message`` that gets past that failure, or None."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for name in dict.fromkeys(_WORD.findall(message)):
+        current = kwargs.get(name, defaults.get(name))
+        if name in fixed or not isinstance(current, int) or isinstance(current, bool):
+            continue
+        default = defaults.get(name)
+        tries = [default] if isinstance(default, int) and default != current else []
+        tries += [c for c in _VALIDATOR_CANDIDATES if c < current]
+        for value in tries:
+            try:
+                cls(**{**kwargs, name: value})
+            except Exception as error:  # noqa: BLE001
+                if str(error) == message:
+                    continue
+            return {name: value}
+    return None
 
 
 def tiny_model(

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from ..core.config import read_json
+from ..core.version import shaping_versions
 from ..data import pack_dataset, train_tokenizer
 from ..data.splits import evidence_splits
 from ..patching import is_patched, unpatch_model
@@ -390,6 +391,7 @@ def build_reference_model(
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
         },
+        "packages": shaping_versions(),
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{name}.building-{os.getpid()}"
