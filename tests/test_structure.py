@@ -238,6 +238,7 @@ def test_layers_get_their_settings_as_arguments_never_their_config():
                 offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offences, f"a routing layer reads its config object: {offences}"
 
+
 # ---- scripts/: they import the package; the package never imports them --------------------------------
 SCRIPTS = PACKAGE.parent / "scripts"
 SCRIPT_SOURCES = sorted(SCRIPTS.glob("*.py"))

@@ -12,7 +12,6 @@ algorithms) and record a SHA-256 of the weights, bit-reproducible for one torch 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -32,11 +31,19 @@ from transformers import (
 )
 
 from ..core.config import read_json
-from ..core.version import shaping_versions
 from ..data import pack_dataset, train_tokenizer
 from ..data.splits import evidence_splits
 from ..patching import is_patched, unpatch_model
 from .pretrain import PretrainConfig, pretrain
+from .provenance import (  # noqa: F401 - re-exported: reproduce.py and the tests import them from here
+    RECORDED_HASHES_FILE,
+    ReferenceHashMismatch,
+    build_key,
+    check_build_hash,
+    package_versions,
+    recorded_hash,
+    weights_sha256,
+)
 
 #: Environment variable: root of the cache (default ``~/.cache/hf_moe_routing``).
 CACHE_ENV = "HF_MOE_ROUTING_CACHE"
@@ -184,75 +191,9 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
 _TRAIN_SPLIT = "pretrain"
 _HELDOUT_SPLIT = "validation"
 _INFO_FILE = "build_info.json"
+
+
 #: recorded SHA-256 of reference builds: {"<name>[-seed<N>]": {"torch <version>, <threads> threads": hash}}
-RECORDED_HASHES_FILE = Path(__file__).with_name("reference_hashes.json")
-#: packages whose version shapes a build's weights
-_SHAPING_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "safetensors")
-
-
-def package_versions(names: tuple[str, ...] = _SHAPING_PACKAGES) -> dict[str, str | None]:
-    """``{package: installed version or None}`` (plus ``python``), read from the installed metadata."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's state dict: every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def build_key(torch_version: str, threads: int) -> str:
-    """The key a build hash is recorded under: the hash holds for one torch version and thread count."""
-    return f"torch {torch_version}, {threads} threads"
-
-
-def recorded_hash(name: str, torch_version: str, threads: int) -> str | None:
-    """The recorded weights SHA-256 of reference build ``name`` for this torch version and threads, if any."""
-    if not RECORDED_HASHES_FILE.is_file():
-        return None
-    table = json.loads(RECORDED_HASHES_FILE.read_text())
-    return table.get(name, {}).get(build_key(torch_version, threads))
-
-
-class ReferenceHashMismatch(RuntimeError):
-    """A reference build's weights differ from the build a result was recorded with."""
-
-
-def check_build_hash(
-    folder: str | os.PathLike, expected: str | None, what: str = "the recorded results"
-) -> str:
-    """The build's recorded weights hash; raises :class:`ReferenceHashMismatch` naming both if it differs.
-
-    ``expected`` None accepts any build (the first run of a results folder records its hash).
-    """
-    info = read_json(Path(folder) / _INFO_FILE, "Reference model build info")
-    actual = info.get("weights_sha256")
-    if actual is None:
-        raise ReferenceHashMismatch(
-            f"The reference build in {folder} records no weights_sha256 (built by an older version): rebuild it "
-            "with scripts/build_reference_models.py --rebuild."
-        )
-    if expected is not None and actual != expected:
-        raise ReferenceHashMismatch(
-            f"The reference build in {folder} has weights SHA-256 {actual}, but {what} were made with "
-            f"{expected}. Rows of two builds are never mixed: use a new results folder, or rebuild the "
-            f"reference model with the recorded torch version and threads ({info.get('machine', {})})."
-        )
-    return actual
-
-
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$HF_MOE_ROUTING_CACHE``, else ``~/.cache/hf_moe_routing``."""
     if cache_dir is not None:
@@ -391,7 +332,6 @@ def build_reference_model(
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
         },
-        "packages": shaping_versions(),
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{name}.building-{os.getpid()}"
