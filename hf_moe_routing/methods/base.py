@@ -62,6 +62,26 @@ ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
 )
 
 
+class NotExportableError(ValueError):
+    """A routing that a standard transformers checkpoint cannot express exactly (per-token k, a
+    router without a selection bias, a threshold); it can still be served through the vLLM plugin."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedRouting:
+    """What one block's routing changes in a standard checkpoint (see :meth:`RoutingLayer.exported_routing`).
+
+    Attributes:
+        top_k: experts per token the exported config must hold, or None for the model's own.
+        selection_offset: (m,) float32 added to the family's selection bias (BIP's ``-q``), or None.
+        selection_bias: (m,) float32 that replaces the family's selection bias (Loss-Free), or None.
+    """
+
+    top_k: int | None = None
+    selection_offset: torch.Tensor | None = None
+    selection_bias: torch.Tensor | None = None
+
+
 def register_routing(cls: type[RoutingConfig]) -> type[RoutingConfig]:
     """Class decorator: make a routing config available by its ``routing_type`` name.
 
@@ -246,6 +266,19 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         """False if the layer's state was never fitted or trained (evaluating it would be misleading)."""
         return True
 
+    def exported_routing(self) -> ExportedRouting:
+        """This layer's routing as changes to the family's own parameters and config (for ``export``).
+
+        Raises:
+            NotExportableError: the routing cannot be written into a standard checkpoint exactly
+                (the default: methods that can override this).
+        """
+        raise NotExportableError(
+            f"{self.where} cannot be written into a standard transformers checkpoint: no parameter or "
+            "config field of the family expresses it exactly. Serve it with the vLLM plugin instead "
+            "(pip install 'hf-moe-routing[vllm]'; the model folder holds the routing adapter), see docs/serving.md."
+        )
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         """``module._apply`` with float32 tensors kept float32: a dtype cast is refused, a move kept.
 
@@ -291,6 +324,10 @@ class TopKLayer(RoutingLayer):
             # SparseMixer samples in training: only the router's own forward reproduces it
             return original_router_output(self.spec, router, hidden_states, router_args)
         return self.spec.route(router, hidden_states, self.top_k)
+
+    def exported_routing(self) -> ExportedRouting:
+        """A fixed k: the config's top-k field (the family's own rules select and weigh)."""
+        return ExportedRouting(top_k=self.top_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k or 'model default'}"

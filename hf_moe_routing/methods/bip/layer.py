@@ -11,7 +11,7 @@ from torch import nn
 from ...core.context import RoutingContext
 from ...core.distributed import gather_rows
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingConfig, RoutingLayer
+from ..base import ExportedRouting, RoutingConfig, RoutingLayer
 from .solver import check_k, expert_capacity, solve_duals
 
 
@@ -123,6 +123,10 @@ class BIPLayer(RoutingLayer):
         if update and self.config.update == "after":
             self.update_duals(base, mask)
         return RouterOutput(logits, weights, index)
+
+    def exported_routing(self) -> ExportedRouting:
+        """``top-k(c + b - q)`` is the family's own selection with its bias b lowered by the prices q."""
+        return ExportedRouting(top_k=self.top_k, selection_offset=-self.q.detach().float().cpu())
 
     def extra_repr(self) -> str:
         c = self.config

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.context import RoutingContext
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingConfig, RoutingLayer
+from ..base import ExportedRouting, RoutingConfig, RoutingLayer
 from .loss import AuxLossScaler, load_balancing_loss
 
 
@@ -61,6 +61,10 @@ class LossControlledLayer(RoutingLayer):
             # non-reentrant: the recorded loss already carries the gradient; the recomputation only
             # rebuilds the same tensors (it must not attach the loss a second time)
         return RouterOutput(logits, weights, index)
+
+    def exported_routing(self) -> ExportedRouting:
+        """Inference routes exactly like the model (the loss only acts in training): nothing changes."""
+        return ExportedRouting()
 
     def extra_repr(self) -> str:
         c = self.config
