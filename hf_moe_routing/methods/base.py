@@ -201,6 +201,11 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         return self.spec.num_experts
 
     @property
+    def output_slots(self) -> int:
+        """S, the width of the (n, S) index and weights this layer returns (a serving engine's fixed top-k)."""
+        return int(getattr(self, "top_k", None) or self.spec.top_k)
+
+    @property
     def where(self) -> str:
         """This layer in messages, e.g. ``"BIP routing of layer 3 (model.layers.3.mlp)"``."""
         method = self.display_name or type(self).__name__.removesuffix("Layer")

@@ -32,6 +32,10 @@ class TopPLayer(RoutingLayer):
         self.max_k = int(max_k)
         self.normalize = normalize
 
+    @property
+    def output_slots(self) -> int:
+        return self.max_k
+
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         ranking = rank_experts(self.spec, router, hidden_states, self.max_k)
         probs = renormalize(ranking.scores)  # a token whose sigmoid scores all underflow: 0, not NaN
