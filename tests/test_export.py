@@ -189,22 +189,24 @@ def _base_choice(tmp):
 
 
 @pytest.mark.slow
-def test_every_family_exports_its_bias_and_top_k_exactly(tmp_path):
-    cases = [(f, BIPConfig()) for f in BIAS_FAMILIES] + [(f, LossFreeConfig()) for f in BIAS_FAMILIES]
-    cases += [(f, _top_k_case(f)) for f in FAMILIES]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_its_bias_and_top_k_exactly(tmp_path, family):
+    """Bias folding (BIP, Loss-Free) where the router has a selection bias; a top-k change everywhere,
+    exact or refused with a pointer to the vLLM plugin (PhiMoE's SparseMixer is fixed at top-2)."""
+    try:
+        tiny_model(family).save_pretrained(tmp_path / f"{family}-base")
+    except Exception as error:  # transformers' own save of the tiny model fails: nothing to export
+        pytest.skip(f"transformers cannot save a tiny {family}: {type(error).__name__}: {error}"[:300])
+    cases = [(family, _top_k_case(family))]
+    if family in BIAS_FAMILIES:
+        cases += [(family, BIPConfig()), (family, LossFreeConfig())]
     results = _run_cases(tmp_path, cases)
-    refused = {k: str(v) for k, v in results.items() if isinstance(v, Exception)}
-    for result in results.values():
-        if not isinstance(result, Exception):
+    for key, result in results.items():
+        if isinstance(result, Exception):
+            assert "-topk-" in key and "vLLM plugin" in str(result), f"{key}: {result}"
+            print(f"{key}: refused: {result}")
+        else:
             _assert_same(result)
-    bias_ok = [f for f in BIAS_FAMILIES if not isinstance(results[f"{f}-bip-None"], Exception)]
-    topk_ok = [f for f in FAMILIES if not any(k.startswith(f + "-topk") for k in refused)]
-    print(
-        f"bias families exported: {len(bias_ok)}/{len(BIAS_FAMILIES)}; top-k: {len(topk_ok)}/{len(FAMILIES)}"
-    )
-    print("refused:", json.dumps(refused, indent=1))
-    assert len(bias_ok) == len(BIAS_FAMILIES)
-    assert all("vLLM plugin" in why for why in refused.values())
 
 
 # ---- refusals ---------------------------------------------------------------------------------
