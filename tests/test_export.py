@@ -255,10 +255,10 @@ def test_a_patched_model_exports_itself_and_the_cli_exports_folders(tmp_path, ca
     model = causal_lm_class("glm4_moe").from_pretrained(base, dtype=torch.float32)
     load_routing_adapter(model, adapter)
     first = export_checkpoint(model, output_dir=tmp_path / "from-model")
-    assert main(["export", str(base), str(adapter), str(tmp_path / "from-cli")]) == 0
+    assert main(["export", str(base), str(adapter), "--output-dir", str(tmp_path / "from-cli")]) == 0
     assert "Exported loss_free routing" in capsys.readouterr().out
     a, b = load_file(first / "model.safetensors"), load_file(tmp_path / "from-cli" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((first / "routing_export.json").read_text())
     assert record["routing"]["routing_type"] == "loss_free" and len(record["selection_bias_tensors"]) >= 1
-    assert main(["export", str(base), str(adapter), str(tmp_path / "from-cli")]) == 2  # exists
+    assert main(["export", str(base), str(adapter), "--output-dir", str(tmp_path / "from-cli")]) == 2  # exists

@@ -1,4 +1,4 @@
-"""``hf-moe-routing export BASE ADAPTER OUTPUT``: write the routing into a standard transformers checkpoint."""
+"""``hf-moe-routing export BASE ADAPTER --output-dir OUTPUT``: write the routing into a standard transformers checkpoint."""
 
 from __future__ import annotations
 
@@ -23,17 +23,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "examples:\n"
-            "  hf-moe-routing export ./glm-4.5-air ./glm-bip-adapter ./glm-4.5-air-bip\n"
-            "  hf-moe-routing export ./qwen3-moe ./qwen3-top4 ./qwen3-moe-top4 --overwrite"
+            "  hf-moe-routing export ./glm-4.5-air ./glm-bip-adapter --output-dir ./glm-4.5-air-bip\n"
+            "  hf-moe-routing export ./qwen3-moe ./qwen3-top4 --output-dir ./qwen3-moe-top4 --overwrite"
         ),
     )
     parser.add_argument("base", metavar="BASE", help="local folder of the base checkpoint (safetensors)")
     parser.add_argument("adapter", metavar="ADAPTER", help="routing adapter folder (or Hub id)")
-    parser.add_argument("output_dir", metavar="OUTPUT", help="folder to write the exported checkpoint into")
+    parser.add_argument(
+        "--output-dir", required=True, metavar="OUTPUT", help="folder to write the exported checkpoint into"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model files of an OUTPUT that already holds a model (other files are kept)",
+        help="replace the model files of an --output-dir that already holds a model (other files are kept)",
     )
     add_quiet_argument(parser)
 
