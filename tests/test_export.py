@@ -261,4 +261,6 @@ def test_a_patched_model_exports_itself_and_the_cli_exports_folders(tmp_path, ca
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((first / "routing_export.json").read_text())
     assert record["routing"]["routing_type"] == "loss_free" and len(record["selection_bias_tensors"]) >= 1
-    assert main(["export", str(base), str(adapter), "--output-dir", str(tmp_path / "from-cli")]) == 2  # exists
+    assert (
+        main(["export", str(base), str(adapter), "--output-dir", str(tmp_path / "from-cli")]) == 2
+    )  # exists
