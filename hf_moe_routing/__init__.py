@@ -65,6 +65,8 @@ _EXPORTS: dict[str, str] = {
     "load_routing_adapter": "hub",
     "save_routing_adapter": "hub",
     "push_to_hub": "hub",
+    "export_checkpoint": "hub.files_export",
+    "NotExportableError": "methods.base",
     # training
     "AdaKTrainer": "training.adak",
     "AdaKTrainingConfig": "training.adak",
@@ -130,6 +132,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         register_family,
     )
     from .hub import AutoRoutedModelForCausalLM, load_routing_adapter, push_to_hub, save_routing_adapter
+    from .hub.files_export import export_checkpoint
     from .methods import (
         ROUTING_METHODS,
         AdaKConfig,
@@ -145,6 +148,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         TopPConfig,
         register_routing,
     )
+    from .methods.base import NotExportableError
     from .patching import (
         get_patch_state,
         is_patched,

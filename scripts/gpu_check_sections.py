@@ -27,6 +27,7 @@ from bench_common import Deadline, build_model, measure, peak_memory_mb, random_
 from bench_compile import bench_compile  # noqa: E402
 from bench_sentinel_experts import bench_experts  # noqa: E402
 from gpu_check_correctness import _routing_of, section_families, section_tests  # noqa: E402
+from gpu_check_serving import section_serving  # noqa: E402
 
 
 @dataclass
@@ -304,6 +305,7 @@ SECTIONS: dict[str, Callable[[Context], str]] = {
     "adak": section_adak,
     "ppo": section_ppo,
     "compile": section_compile,
+    "serving": section_serving,
 }
 
 

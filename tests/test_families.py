@@ -12,11 +12,11 @@ checks (every routing method, statistics, bfloat16, FLOPs) run on one family per
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from family_expectations import expected_for
 from packaging.version import Version
 
 from hf_moe_routing import (
@@ -40,19 +40,8 @@ from hf_moe_routing.patching import is_patched, routing_layers
 from hf_moe_routing.testing import causal_lm_class, moe_families, tiny_model
 from hf_moe_routing.testing.support import probe_ids, untestable_reason
 
-
-def _expected_for(installed: str) -> tuple[str, dict]:
-    """The expectations recorded for the newest tested transformers release not newer than ``installed``
-    (the oldest recorded one if ``installed`` is older than all): ``(release, entry)``."""
-    versions = json.loads((Path(__file__).parent / "families_expected.json").read_text())["versions"]
-    ordered = sorted(versions, key=Version)
-    older = [v for v in ordered if Version(v) <= Version(installed)]
-    release = older[-1] if older else ordered[0]
-    return release, versions[release]
-
-
 FAMILIES = [entry.model_type for entry in moe_families()]
-EXPECTED_RELEASE, EXPECTED = _expected_for(transformers.__version__)
+EXPECTED_RELEASE, EXPECTED = expected_for(transformers.__version__)
 SUPPORTED = [name for name in FAMILIES if name in EXPECTED["supported"]]
 #: Fewer supported families than this on any release of the declared range is a regression (5.20.2: 43 of 55).
 MIN_SUPPORTED = 43

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import transformers
+from family_expectations import expected_for
 
 from hf_moe_routing.testing import moe_families
 from hf_moe_routing.testing.support import router_kinds
 
 RECORDED = json.loads((Path(__file__).parent / "families_kinds.json").read_text())
-STATUSES = json.loads((Path(__file__).parent / "families_expected.json").read_text())
+STATUSES = expected_for()[1]
 INSTALLED = {entry.model_type for entry in moe_families()}
 
 

@@ -17,8 +17,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-SECTIONS = ["tests", "families", "experts", "bip", "adak", "ppo", "compile"]
-STATUSES = {"ok", "partial", "failed", "error", "timeout", "not run"}
+SECTIONS = ["tests", "families", "experts", "bip", "adak", "ppo", "compile", "serving"]
+STATUSES = {"ok", "partial", "skipped", "failed", "error", "timeout", "not run"}
+#: the serving section needs vLLM (a separate venv: .ci/serving); without it, it skips with a reason
+HAS_VLLM = __import__("importlib.util").util.find_spec("vllm") is not None
 
 
 def run_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -46,7 +48,8 @@ def test_smoke_run_writes_every_section(smoke):
     assert report["meta"]["smoke"] is True and report["meta"]["torch"] == torch.__version__
     assert list(report["sections"]) == SECTIONS
     for name, section in report["sections"].items():
-        assert section["status"] == "ok", (name, section.get("error"))
+        expected = "skipped" if name == "serving" and not HAS_VLLM else "ok"
+        assert section["status"] == expected, (name, section.get("error"))
         assert section["seconds"] >= 0 and section["budget_s"] > 0
     assert (out / "gpu_check.png").stat().st_size > 0
     assert "sentinel_grouped_mm" in (out / "summary.md").read_text()
@@ -127,3 +130,11 @@ def test_without_gpu_says_so_and_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr and "--smoke" in proc.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed: the section runs instead of skipping")
+def test_the_serving_section_skips_with_a_reason_without_vllm(tmp_path):
+    proc = run_check("--smoke", "--out", str(tmp_path), "--sections", "serving")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    section = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["serving"]
+    assert section["status"] == "skipped" and "vLLM is not installed" in section["results"]["skipped"]

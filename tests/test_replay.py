@@ -7,14 +7,13 @@ record, and records that do not fit the model, are refused.
 """
 
 import base64
-import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from family_expectations import expected_for
 
 from hf_moe_routing import (
     RoutedExperts,
@@ -29,7 +28,7 @@ from hf_moe_routing.evaluation import RoutingStats
 from hf_moe_routing.patching import is_patched, routing_layers
 from hf_moe_routing.testing import OffsetConfig, randomize_offsets, tiny_model
 
-EXPECTED = json.loads((Path(__file__).parent / "families_expected.json").read_text())["supported"]
+EXPECTED = expected_for()[1]["supported"]
 
 
 def _one_per_kind() -> list[str]:

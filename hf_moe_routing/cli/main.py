@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lm_eval_cmd",
         "lm-eval (all its options) with routing=/adapter= model_args and offline tasks",
     ),
+    "export": (
+        "export",
+        "write a routing into a standard checkpoint (loads and serves without hf-moe-routing)",
+    ),
     "push": ("push", "upload a routing adapter (only its files, with a model card) to the Hugging Face Hub"),
 }
 

@@ -3,7 +3,15 @@
 Imports run one way: ``config -> layer -> math``; methods share only ``base.py`` and ``routing.py``."""
 
 from .adak import AdaKConfig
-from .base import ROUTING_METHODS, RoutingConfig, RoutingLayer, get_routing_class, register_routing
+from .base import (
+    ROUTING_METHODS,
+    ExportedRouting,
+    NotExportableError,
+    RoutingConfig,
+    RoutingLayer,
+    get_routing_class,
+    register_routing,
+)
 from .bip import BIPConfig
 from .dynamic_skip import DynamicSkipConfig
 from .loss_controlled import LossControlledConfig
@@ -17,9 +25,11 @@ __all__ = [
     "AdaKConfig",
     "BIPConfig",
     "DynamicSkipConfig",
+    "ExportedRouting",
     "LossControlledConfig",
     "LossFreeConfig",
     "ReplayConfig",
+    "NotExportableError",
     "RoutingConfig",
     "RoutedExperts",
     "RoutingLayer",

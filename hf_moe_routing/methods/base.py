@@ -85,6 +85,26 @@ ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
 )
 
 
+class NotExportableError(ValueError):
+    """A routing that a standard transformers checkpoint cannot express exactly (per-token k, a
+    router without a selection bias, a threshold); it can still be served through the vLLM plugin."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedRouting:
+    """What one block's routing changes in a standard checkpoint (see :meth:`RoutingLayer.exported_routing`).
+
+    Attributes:
+        top_k: experts per token the exported config must hold, or None for the model's own.
+        selection_offset: (m,) float32 added to the family's selection bias (BIP's ``-q``), or None.
+        selection_bias: (m,) float32 that replaces the family's selection bias (Loss-Free), or None.
+    """
+
+    top_k: int | None = None
+    selection_offset: torch.Tensor | None = None
+    selection_bias: torch.Tensor | None = None
+
+
 def register_routing(cls: type[RoutingConfig]) -> type[RoutingConfig]:
     """Class decorator for third-party methods: make a routing config available by its ``routing_type``
     name (built-ins are listed in :data:`ROUTING_METHODS`' table instead).
@@ -233,6 +253,11 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
         return self.spec.num_experts
 
     @property
+    def output_slots(self) -> int:
+        """S, the width of the (n, S) index and weights this layer returns (a serving engine's fixed top-k)."""
+        return int(getattr(self, "top_k", None) or self.spec.top_k)
+
+    @property
     def where(self) -> str:
         """This layer in messages, e.g. ``"BIP routing of layer 3 (model.layers.3.mlp)"``."""
         method = self.display_name or type(self).__name__.removesuffix("Layer")
@@ -309,6 +334,19 @@ class RoutingLayer(nn.Module, metaclass=abc.ABCMeta):
     def abort_fit(self) -> None:
         """Fitting failed part way: leave the layer as it was before :meth:`begin_fit` (or usable)."""
 
+    def exported_routing(self) -> ExportedRouting:
+        """This layer's routing as changes to the family's own parameters and config (for ``export``).
+
+        Raises:
+            NotExportableError: the routing cannot be written into a standard checkpoint exactly
+                (the default: methods that can override this).
+        """
+        raise NotExportableError(
+            f"{self.where} cannot be written into a standard transformers checkpoint: no parameter or "
+            "config field of the family expresses it exactly. Serve it with the vLLM plugin instead "
+            "(pip install 'hf-moe-routing[vllm]'; the model folder holds the routing adapter), see docs/serving.md."
+        )
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         """``module._apply`` with float32 tensors kept float32: a dtype cast is refused, a move kept.
 
@@ -357,6 +395,10 @@ class TopKLayer(RoutingLayer):
             # SparseMixer samples in training: only the router's own forward reproduces it
             return original_router_output(self.spec, router, hidden_states, router_args)
         return self.spec.route(router, hidden_states, self.top_k)
+
+    def exported_routing(self) -> ExportedRouting:
+        """A fixed k: the config's top-k field (the family's own rules select and weigh)."""
+        return ExportedRouting(top_k=self.top_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k or 'model default'}"

@@ -94,6 +94,10 @@ class AdaKLayer(RoutingLayer):
         ordered = _probs_in_rank_order(ranking)
         return self.allocator.features(hidden, ordered), ordered
 
+    @property
+    def output_slots(self) -> int:
+        return self.k_max
+
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         spec = self.spec
         hidden = hidden_states.reshape(-1, spec.hidden_size)

@@ -11,7 +11,7 @@ from torch import nn
 from ...core.context import RoutingContext
 from ...core.distributed import gather_rows
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingLayer
+from ..base import ExportedRouting, RoutingLayer
 from .solver import check_k, expert_capacity, solve_duals
 
 
@@ -137,6 +137,10 @@ class BIPLayer(RoutingLayer):
         if update and self.update == "after":
             self.update_duals(base, mask)
         return RouterOutput(logits, weights, index)
+
+    def exported_routing(self) -> ExportedRouting:
+        """``top-k(c + b - q)`` is the family's own selection with its bias b lowered by the prices q."""
+        return ExportedRouting(top_k=self.top_k, selection_offset=-self.q.detach().float().cpu())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, T={self.num_iters}, update={self.update!r}"

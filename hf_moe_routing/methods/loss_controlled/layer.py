@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.context import RoutingContext
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingLayer
+from ..base import ExportedRouting, RoutingLayer
 from .loss import AuxLossScaler, load_balancing_loss
 
 
@@ -62,6 +62,10 @@ class LossControlledLayer(RoutingLayer):
             # non-reentrant: the recorded loss already carries the gradient; the recomputation only
             # rebuilds the same tensors (it must not attach the loss a second time)
         return RouterOutput(logits, weights, index)
+
+    def exported_routing(self) -> ExportedRouting:
+        """Inference routes exactly like the model (the loss only acts in training): nothing changes."""
+        return ExportedRouting()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coefficient={self.coefficient}, per_sequence={self.per_sequence}"

@@ -11,7 +11,7 @@ from ...core.context import RoutingContext
 from ...core.distributed import all_reduce_sum
 from ...core.ops import tokens_per_expert
 from ...families import MoEBlock, RouterOutput
-from ..base import RoutingLayer
+from ..base import ExportedRouting, NotExportableError, RoutingLayer
 from .bias import bias_update
 
 
@@ -114,6 +114,20 @@ class LossFreeLayer(RoutingLayer):
             with torch.no_grad():
                 target = self.model_bias.get()
                 target.copy_(self.bias.view_as(target).to(device=target.device, dtype=target.dtype))
+
+    def exported_routing(self) -> ExportedRouting:
+        """The learned bias (float32 master copy) replaces the family's selection bias.
+
+        Raises NotExportableError for a family without a selection bias (the bias is an offset only
+        this package adds).
+        """
+        if self.model_bias is None:
+            raise NotExportableError(
+                f"{self.where}: this {self.spec.kind.describe()} router has no selection-bias parameter, so a "
+                "standard checkpoint cannot hold the Loss-Free bias. Serve it with the vLLM plugin instead "
+                "(the model folder holds the routing adapter), see docs/serving.md."
+            )
+        return ExportedRouting(selection_bias=self.bias.detach().float().cpu().clone())
 
     def extra_repr(self) -> str:
         where = self.model_bias.path if self.model_bias is not None else "own bias"

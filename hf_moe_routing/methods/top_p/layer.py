@@ -41,6 +41,10 @@ class TopPLayer(RoutingLayer):
             raise ValueError(f"p={p!r} must be in (0, 1].")
         self.p = float(p)
 
+    @property
+    def output_slots(self) -> int:
+        return self.max_k
+
     def forward(self, router: nn.Module, hidden_states: torch.Tensor, *router_args: Any) -> RouterOutput:
         ranking = rank_experts(self.spec, router, hidden_states, self.max_k)
         probs = renormalize(ranking.scores)  # a token whose sigmoid scores all underflow: 0, not NaN
