@@ -226,7 +226,7 @@ def test_q_is_saved_and_loaded_with_the_routing_adapter(tmp_path):
     load_routing_adapter(fresh, tmp_path / "bip")
     for i, layer in routing_layers(fresh).items():
         assert torch.equal(layer.q, routing_layers(model)[i].q)
-    assert routing_layers(fresh)[1].config == BIPConfig(num_iters=3, capacity_factor=1.1)
+    assert get_patch_state(fresh).config == BIPConfig(num_iters=3, capacity_factor=1.1)
     with torch.no_grad():
         torch.testing.assert_close(fresh(_ids(seed=5)).logits, expected)
     unpatch_model(fresh)

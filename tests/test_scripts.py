@@ -58,6 +58,7 @@ NO_SMOKE: dict[str, str] = {
     "bench_bip_overhead.py": "builds a real-size MoE layer (GBs of weights); the solver is tests/test_bip_solver.py's",
     "bench_compile.py": "compiles models with inductor (10-80 s per routing); tests/test_compile.py compiles each",
     "demo_seeds.py": "runs whole demos in subprocesses; tests/test_demo.py runs the demo",
+    "new_release_check.py": "creates a throw-away venv and installs torch and transformers (minutes); run by hand per release",
     "reproduce.py": "its --smoke run (a tiny reference build, resume and hash refusal) is tests/test_evidence.py's",
     "families_table.py": "builds a tiny model of every MoE family (minutes); tests/test_families.py does the same",
 }
