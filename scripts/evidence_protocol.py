@@ -86,6 +86,30 @@ def key(row: dict[str, Any]) -> tuple:
     return tuple(row.get(k) for k in ("base", "kind", "method", "fraction", "seed", "k"))
 
 
+def checked_reference(
+    protocol: Protocol, base: str, hashes: dict[str, str], hashes_path: Path, rows_path: Path
+) -> tuple[Any, Any, str]:
+    """Build (or load) the reference model ``base``; returns ``(model, tokenizer, weights sha256)``.
+
+    The hash must equal ``hashes[base]`` (the one the rows in ``rows_path`` were made with) where there is
+    one; a new base's hash is added to ``hashes`` and saved to ``hashes_path``. Raises ReferenceHashMismatch.
+    """
+    model, tokenizer = reference_model(
+        base,
+        protocol.cache_dir,
+        data_dir=protocol.data_dir,
+        max_steps=protocol.reference_steps,
+        progress=False,
+    )
+    sha = check_build_hash(
+        reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {rows_path}"
+    )
+    if base not in hashes:
+        hashes[base] = sha
+        hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
+    return model, tokenizer, sha
+
+
 def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
     """Run (or resume) the protocol into ``out``; returns all rows. Raises ReferenceHashMismatch."""
     out.mkdir(parents=True, exist_ok=True)
@@ -96,20 +120,7 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
     splits = evidence_splits(protocol.data_dir)
     contexts = {}
     for base in protocol.bases:  # build (or load) and check every base first
-        model, tokenizer = reference_model(
-            base,
-            protocol.cache_dir,
-            data_dir=protocol.data_dir,
-            max_steps=protocol.reference_steps,
-            progress=False,
-        )
-        sha = check_build_hash(
-            reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {path}"
-        )
-        if base not in hashes:
-            hashes[base] = sha
-            hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
-        contexts[base] = (model, tokenizer, sha)
+        contexts[base] = checked_reference(protocol, base, hashes, hashes_path, path)
 
     def record(row: dict[str, Any], started: float) -> None:
         row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import Protocol, key, read_jsonl, scores_row, train_adak
+from evidence_protocol import Protocol, checked_reference, key, read_jsonl, scores_row, train_adak
 
 from hf_moe_routing import AdaKConfig
 from hf_moe_routing.data import evidence_splits, pack_dataset
 from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
 from hf_moe_routing.evaluation.paired import ppl_change_ci, ppl_margin_ci, row_scores
-from hf_moe_routing.training.reference import check_build_hash, reference_model, reference_path
 
 VARIANTS = ("default", "layer-targets", "k_max=all", "renormalize", "heldout-train")
 
@@ -50,18 +49,7 @@ def run_variants(
         )
 
     for base in protocol.bases:
-        model, tok = reference_model(
-            base,
-            protocol.cache_dir,
-            data_dir=protocol.data_dir,
-            max_steps=protocol.reference_steps,
-            progress=False,
-        )
-        sha = check_build_hash(
-            reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {path}"
-        )
-        hashes.setdefault(base, sha)
-        hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
+        model, tok, _ = checked_reference(protocol, base, hashes, hashes_path, path)
         validation = pack_dataset(splits.validation, tok, protocol.seq_len)
         search_rows = validation.select(range(protocol.validation_rows))
         design = validation.select(range(protocol.validation_rows, protocol.validation_rows + design_rows))

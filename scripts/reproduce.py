@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from evidence_protocol import Protocol, run
@@ -50,14 +51,17 @@ from hf_moe_routing.training.reference import (
 TABLES = ("adak-evidence", "adak-variants", "reference-models")
 
 
-def adak_evidence(args: argparse.Namespace) -> int:
+def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int], **full: Any) -> Protocol:
+    """The run's protocol: with --smoke one tiny base, fraction 0.7, seed 0, 2 Ada-K steps and few rows
+    (``full["test_rows"]`` becomes 24 where given); else the flags, with ``fractions`` and ``seeds`` as
+    defaults and ``full`` as further settings."""
     if args.smoke:
-        protocol = Protocol(
+        return Protocol(
             bases=["tiny-moe"],
             fractions=[0.7],
             seeds=[0],
             adak_steps=2,
-            test_rows=24,
+            **({"test_rows": 24} if "test_rows" in full else {}),
             validation_rows=8,
             calibration_rows=8,
             search_step=1.0,
@@ -65,16 +69,19 @@ def adak_evidence(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
             data_dir=args.data_dir,
         )
-    else:
-        protocol = Protocol(
-            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
-            fractions=args.fractions or [0.7, 0.6],
-            seeds=args.seeds or [0, 1, 2],
-            adak_steps=args.adak_steps,
-            test_rows=args.test_rows,
-            cache_dir=args.cache_dir,
-            data_dir=args.data_dir,
-        )
+    return Protocol(
+        bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+        fractions=args.fractions or fractions,
+        seeds=args.seeds or seeds,
+        adak_steps=args.adak_steps,
+        cache_dir=args.cache_dir,
+        data_dir=args.data_dir,
+        **full,
+    )
+
+
+def adak_evidence(args: argparse.Namespace) -> int:
+    protocol = _protocol(args, [0.7, 0.6], [0, 1, 2], test_rows=args.test_rows)
     out = Path(args.out)
     rows = run(protocol, out, log=lambda line: print(line, flush=True))
     summary = summarize(rows)
@@ -86,30 +93,8 @@ def adak_evidence(args: argparse.Namespace) -> int:
 
 
 def adak_variants(args: argparse.Namespace) -> int:
-    if args.smoke:
-        protocol = Protocol(
-            bases=["tiny-moe"],
-            fractions=[0.7],
-            seeds=[0],
-            adak_steps=2,
-            validation_rows=8,
-            calibration_rows=8,
-            search_step=1.0,
-            reference_steps=20,
-            cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
-            data_dir=args.data_dir,
-        )
-        design_rows = 16
-    else:
-        protocol = Protocol(
-            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
-            fractions=args.fractions or [0.7],
-            seeds=args.seeds or [0, 1],
-            adak_steps=args.adak_steps,
-            cache_dir=args.cache_dir,
-            data_dir=args.data_dir,
-        )
-        design_rows = 256
+    protocol = _protocol(args, [0.7], [0, 1])
+    design_rows = 16 if args.smoke else 256
     out = Path(args.out)
     rows = run_variants(
         protocol, out, args.variants or list(VARIANTS), design_rows, log=lambda x: print(x, flush=True)

@@ -22,3 +22,13 @@ def offset_routing():
     register_routing(OffsetConfig)
     yield OffsetConfig
     ROUTING_METHODS.unregister(OffsetConfig.routing_type)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: tiny models train faster so (and do not fight other
+    processes for cores). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,13 +46,7 @@ from hf_moe_routing.testing import GENERIC_FAMILIES, REQUIRED_FAMILIES, tiny_mod
 ALL_FAMILIES = REQUIRED_FAMILIES + GENERIC_FAMILIES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _force_k(model, k: int) -> None:

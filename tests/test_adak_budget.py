@@ -8,37 +8,25 @@ the model's own recorded expert counts, not read from the function's report. Sec
 
 import pytest
 import torch
+from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing.methods.adak import adak_layers, recording
 from hf_moe_routing.testing import tiny_model
-from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig, steps
+from hf_moe_routing.training.adak import AdaKTrainer, steps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data(n: int = 24, length: int = 16) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(3, 128, (length,), generator=g)} for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tmp_path, family: str, target: float) -> AdaKTrainer:
-    config = AdaKTrainingConfig(
-        output_dir=str(tmp_path / "run"),
+    config = adak_config(
+        tmp_path,
         warmup="random",
         max_steps=0,
         batch_size=8,
         calibration_batches=2,
         target_experts=target,
-        progress_bar=False,
-        log_level="warning",
     )
-    return AdaKTrainer(tiny_model(family), config, _data())
+    return AdaKTrainer(tiny_model(family), config, token_rows(length=16))
 
 
 def _greedy_mean_k(trainer: AdaKTrainer, first_batch: int) -> float:

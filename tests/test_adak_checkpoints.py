@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing import patch_model
 from hf_moe_routing.methods.adak import AdaKConfig
@@ -18,43 +19,29 @@ from hf_moe_routing.training.adak import (
 )
 from hf_moe_routing.training.adak import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data(n: int = 24, length: int = 12, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 128, (length,), generator=g)} for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **kw) -> AdaKTrainingConfig:
     base = dict(
-        output_dir=str(tmp_path / "run"),
         warmup="p-warm",
         warmup_steps=2,
         max_steps=4,
         batch_size=4,
         calibration_batches=1,
         logging_steps=1,
-        progress_bar=False,
-        log_level="warning",
         learning_rate=1e-2,
         k_penalty=0.05,
         save_steps=1,
         save_total_limit=None,
     )
-    return AdaKTrainingConfig(**{**base, **kw})
+    return adak_config(tmp_path, **{**base, **kw})
 
 
 def _run(tmp_path, name, interrupt_at=None, resume=False, **kw):
     model = tiny_model("qwen2_moe", seed=0)
     config = _config(tmp_path, output_dir=str(tmp_path / name), save_steps=0, **kw)
-    trainer = AdaKTrainer(model, config, _data(), adak_config=AdaKConfig())
+    trainer = AdaKTrainer(model, config, token_rows(), adak_config=AdaKConfig())
     if interrupt_at is not None:  # Ctrl-C in the middle of PPO step `interrupt_at`, after its first update
         original, ppo_updates = trainer.step_optimizer, []
 
@@ -89,8 +76,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_identically(tmp_path, ca
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     model = tiny_model("mixtral")
-    AdaKTrainer(model, _config(tmp_path, max_steps=1), _data()).train()
-    other = AdaKTrainer(tiny_model("mixtral", hidden_size=32), _config(tmp_path, max_steps=1), _data())
+    AdaKTrainer(model, _config(tmp_path, max_steps=1), token_rows()).train()
+    other = AdaKTrainer(tiny_model("mixtral", hidden_size=32), _config(tmp_path, max_steps=1), token_rows())
     with pytest.raises(ValueError, match="another model"):
         other.train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="layers"):  # a model with 3 MoE layers
@@ -98,13 +85,13 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
             patch_model(tiny_model("mixtral", num_hidden_layers=3), AdaKConfig()), allocator_state(model)
         )
     with pytest.raises(FileNotFoundError, match="checkpoint"):
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path / "empty"), _data()).train(
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path / "empty"), token_rows()).train(
             resume_from_checkpoint=True
         )
 
 
 def _trained(tmp_path, **kw):
-    trainer = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, **kw), _data())
+    trainer = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, **kw), token_rows())
     trainer.train()
     return trainer, tmp_path / "run"
 
@@ -124,8 +111,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     with pytest.warns(UserWarning, match=reason):
         assert latest_checkpoint(run).name == "checkpoint-5"
     with pytest.raises(CheckpointError, match=reason):  # an explicit folder is never silently replaced
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), _data()).load_checkpoint(newest)
-    fresh = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), _data())
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), token_rows()).load_checkpoint(newest)
+    fresh = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), token_rows())
     with pytest.warns(UserWarning, match="checkpoint-6"):
         fresh.train(resume_from_checkpoint=True)
     assert fresh.state.global_step == 6  # resumed at 5, ran the last step again
@@ -139,7 +126,7 @@ def test_a_checkpoint_without_rng_state_is_refused(tmp_path):
     del info["files"]["rng_state_0.safetensors"]
     (folder / "trainer_state.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="no RNG state"):
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), _data()).load_checkpoint(folder)
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), token_rows()).load_checkpoint(folder)
 
 
 def test_saves_are_atomic_and_stale_temporary_folders_are_removed(tmp_path):
@@ -184,7 +171,7 @@ def test_optimizer_state_is_saved_by_parameter_name_in_safetensors(tmp_path):
     assert any(k.startswith("state.allocators.0.weight.exp_avg") for k in tensors)
     info = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert info["optimizer_param_groups"]["param_groups.allocators.0.weight.lr"] == pytest.approx(1e-2)
-    fresh = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), _data())
+    fresh = AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), token_rows())
     fresh.load_checkpoint(run / "checkpoint-3")
     for a, b in zip(fresh.optimizer.state.values(), trainer.optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,40 +5,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing.evaluation.paired import row_scores
 from hf_moe_routing.testing import tiny_model
 from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 24, length: int = 12, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = [torch.randint(3, 128, (length,), generator=g) for _ in range(n)]
     return [
-        {"input_ids": r, "attention_mask": torch.ones(length, dtype=torch.long), "labels": r} for r in rows
+        {**row, "attention_mask": torch.ones(length, dtype=torch.long), "labels": row["input_ids"]}
+        for row in token_rows(n, length, seed)
     ]
 
 
 def _config(tmp_path, **kw) -> AdaKTrainingConfig:
     base = dict(
-        output_dir=str(tmp_path / "run"),
         max_steps=0,
         batch_size=8,
         calibration_batches=3,
         logging_steps=1,
-        progress_bar=False,
-        log_level="warning",
         budget_calibration=False,
     )
-    return AdaKTrainingConfig(**{**base, **kw})
+    return adak_config(tmp_path, **{**base, **kw})
 
 
 def _model():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing import DynamicSkipConfig, original_routing, patch_model
 from hf_moe_routing.data import pack_dataset, synthetic_corpus, synthetic_tokenizer
@@ -25,35 +26,20 @@ from hf_moe_routing.training.adak import (
     update,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data(n: int = 24, length: int = 12, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 128, (length,), generator=g)} for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **kw) -> AdaKTrainingConfig:
     base = dict(
-        output_dir=str(tmp_path / "run"),
         warmup_steps=2,
         max_steps=3,
         batch_size=4,
         calibration_batches=1,
         logging_steps=1,
-        progress_bar=False,
-        log_level="warning",
         learning_rate=1e-2,
         k_penalty=0.05,
     )
-    return AdaKTrainingConfig(**{**base, **kw})
+    return adak_config(tmp_path, **{**base, **kw})
 
 
 # ---- the frozen base model -----------------------------------------------------------------------
@@ -61,7 +47,7 @@ def _config(tmp_path, **kw) -> AdaKTrainingConfig:
 def test_training_changes_only_allocators(family, warmup, tmp_path):
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = AdaKTrainer(model, _config(tmp_path, warmup=warmup), _data(), _data(8, seed=1))
+    trainer = AdaKTrainer(model, _config(tmp_path, warmup=warmup), token_rows(), token_rows(8, seed=1))
     initial = allocator_state(model)
     trainer.train()
     after = model.state_dict()
@@ -78,7 +64,9 @@ def test_training_changes_only_allocators(family, warmup, tmp_path):
 
 def test_a_base_parameter_with_a_gradient_is_refused(tmp_path):
     model = tiny_model("qwen2_moe")
-    trainer = AdaKTrainer(model, _config(tmp_path, warmup="p-warm", warmup_steps=1, max_steps=0), _data())
+    trainer = AdaKTrainer(
+        model, _config(tmp_path, warmup="p-warm", warmup_steps=1, max_steps=0), token_rows()
+    )
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="lm_head"):
         trainer.train()
@@ -95,7 +83,7 @@ def test_offloaded_base_model_with_a_device_map(tmp_path):
         tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
     assert model.model.layers[1].mlp.gate.weight.device.type == "meta"
-    trainer = AdaKTrainer(model, _config(tmp_path), _data(), _data(8, seed=1))
+    trainer = AdaKTrainer(model, _config(tmp_path), token_rows(), token_rows(8, seed=1))
     initial = allocator_state(model)
     trainer.train()
     assert all(layer.allocator.weight.device.type == "cpu" for layer in adak_layers(model).values())
@@ -116,7 +104,7 @@ def test_k_warm_starts_exactly_at_the_models_top_k(family, tmp_path):
     )  # what variable-k routing runs the experts with
     reference = unpatched(ids).logits
     model = tiny_model(family)
-    trainer = AdaKTrainer(model, _config(tmp_path, warmup="k-warm", max_steps=0), _data())
+    trainer = AdaKTrainer(model, _config(tmp_path, warmup="k-warm", max_steps=0), token_rows())
     trainer.train()
     assert trainer.state.warmup_step == 0  # closed form: no cross-entropy steps
     with torch.no_grad():
@@ -137,7 +125,7 @@ def test_skip_warm_starts_exactly_at_calibrated_dynamic_skipping(family, tmp_pat
         calibration_batches=2,
         budget_calibration=False,
     )
-    trainer = AdaKTrainer(model, config, _data())
+    trainer = AdaKTrainer(model, config, token_rows())
     trainer.train()
     assert trainer.state.warmup_mean_label == pytest.approx(1.5, abs=0.02)
     # the family's weighting over the kept experts (renormalize=True is refused where weights are per expert)
@@ -177,7 +165,7 @@ def test_rollout_advantages_match_independent_forwards(baseline, tmp_path):
     model = tiny_model("qwen2_moe", num_hidden_layers=3)
     samples = 2 if baseline == "leave-one-out" else 1
     config = _config(tmp_path, baseline=baseline, rollout_samples=samples, gamma=0.5, warmup="random")
-    trainer = AdaKTrainer(model, config, _data())
+    trainer = AdaKTrainer(model, config, token_rows())
     for layer in adak_layers(model).values():
         torch.nn.init.normal_(layer.allocator.weight, std=0.3)  # a spread of sampled k
     rows, batch = trainer.stream.batch(0, "cpu")
@@ -425,7 +413,7 @@ def test_one_seed_gives_identical_allocators(tmp_path):
         model = tiny_model("qwen2_moe", seed=0)
         torch.rand(noise + 1)
         config = _config(tmp_path, output_dir=str(tmp_path / name), warmup="random", seed=seed, max_steps=4)
-        AdaKTrainer(model, config, _data()).train()
+        AdaKTrainer(model, config, token_rows()).train()
         return allocator_state(model)
 
     first, second, other = run(3, "a", 0), run(3, "b", 7), run(4, "c", 0)
@@ -435,7 +423,9 @@ def test_one_seed_gives_identical_allocators(tmp_path):
 
 def test_greedy_k_never_exceeds_top_k_unless_asked_and_evaluation_warns(tmp_path):
     model = tiny_model("mixtral")
-    trainer = AdaKTrainer(model, _config(tmp_path, warmup="random", max_steps=0), _data(), _data(8, seed=1))
+    trainer = AdaKTrainer(
+        model, _config(tmp_path, warmup="random", max_steps=0), token_rows(), token_rows(8, seed=1)
+    )
     assert {layer.k_max for layer in trainer.layers.values()} == {2}
     for layer in trainer.layers.values():
         torch.nn.init.normal_(layer.allocator.weight, std=1.0)
@@ -444,8 +434,8 @@ def test_greedy_k_never_exceeds_top_k_unless_asked_and_evaluation_warns(tmp_path
     trainer = AdaKTrainer(
         wide,
         _config(tmp_path, warmup="random", max_steps=0),
-        _data(),
-        _data(8, seed=1),
+        token_rows(),
+        token_rows(8, seed=1),
         adak_config=AdaKConfig(k_max=6),
     )
     for layer in trainer.layers.values():
@@ -461,12 +451,12 @@ def test_dual_ascent_moves_lambda_towards_the_budget(tmp_path):
     config = _config(
         tmp_path, warmup="k-warm", target_experts=1.2, k_penalty=0.0, k_penalty_learning_rate=0.1
     )
-    trainer = AdaKTrainer(model, config, _data())
+    trainer = AdaKTrainer(model, config, token_rows())
     trainer.train()
     ppo = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]
     assert ppo[0]["k_penalty"] == 0.0 and trainer.state.k_penalty > 0.1  # K-Warm starts at 2 > 1.2
     with pytest.raises(ValueError, match="cannot be reached"):
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, target_experts=2.5), _data())
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, target_experts=2.5), token_rows())
 
 
 # ---- logs, summary, adapters ---------------------------------------------------------------------
@@ -476,7 +466,7 @@ def test_logs_checkpoints_summary_and_adapter(tmp_path, capsys):
     model = tiny_model("qwen3_moe")
     hook = lambda t: {"hook_step": t.state.global_step}  # noqa: E731
     config = _config(tmp_path, warmup="p-warm", save_steps=2, eval_steps=4, log_level="info", baseline="topk")
-    output = AdaKTrainer(model, config, _data(), _data(8, seed=1), eval_fn=hook).train()
+    output = AdaKTrainer(model, config, token_rows(), token_rows(8, seed=1), eval_fn=hook).train()
     printed = capsys.readouterr().out
     assert (
         "Ada-K training finished: 2 warm-start + 3 PPO steps" in printed and "held-out perplexity" in printed
@@ -525,7 +515,7 @@ def test_logs_checkpoints_summary_and_adapter(tmp_path, capsys):
 
 
 def test_quiet_runs_print_nothing(tmp_path, capsys):
-    AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, max_steps=1), _data()).train()
+    AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, max_steps=1), token_rows()).train()
     assert capsys.readouterr().out == ""
 
 
@@ -575,12 +565,12 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), datasets.Dataset.from_dict({"text": ["a b c"]}))
     with pytest.raises(ValueError, match="context"):  # tiny models have 128 positions
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), _data(8, length=200))
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path), token_rows(8, length=200))
     with pytest.raises(ValueError, match="batch_size"):
-        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, batch_size=16), _data(8))
+        AdaKTrainer(tiny_model("mixtral"), _config(tmp_path, batch_size=16), token_rows(8))
     with pytest.raises(ValueError, match="already patched"):
         model = patch_model(tiny_model("mixtral"), AdaKConfig(k_max=4))
-        AdaKTrainer(model, _config(tmp_path), _data(), adak_config=AdaKConfig(k_max=3))
+        AdaKTrainer(model, _config(tmp_path), token_rows(), adak_config=AdaKConfig(k_max=3))
 
 
 def test_deepspeed_is_refused_with_the_reason():
@@ -604,7 +594,9 @@ def test_trained_allocators_from_an_adapter_are_the_starting_point(tmp_path):
         torch.nn.init.normal_(layer.allocator.weight, std=0.3)
     save_routing_adapter(model, tmp_path / "adapter")
     loaded = load_routing_adapter(tiny_model("mixtral"), tmp_path / "adapter")
-    trainer = AdaKTrainer(loaded, _config(tmp_path, max_steps=0), _data())  # default warm start: skip-warm
+    trainer = AdaKTrainer(
+        loaded, _config(tmp_path, max_steps=0), token_rows()
+    )  # default warm start: skip-warm
     trainer.train()
     assert trainer.warmup_total() == 0 and not trainer.state.exact_start
     assert all(torch.equal(allocator_state(loaded)[k], v) for k, v in allocator_state(model).items())

@@ -9,12 +9,13 @@ place (instead of into a temporary folder swapped in with a rename) fails at the
 
 import pytest
 import torch
+from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing import patch_model, save_routing_adapter
 from hf_moe_routing.hub import adapter_io
 from hf_moe_routing.patching import routing_layers
 from hf_moe_routing.testing import OffsetConfig, tiny_model
-from hf_moe_routing.training.adak import AdaKTrainer, AdaKTrainingConfig, allocator_state
+from hf_moe_routing.training.adak import AdaKTrainer, allocator_state
 from hf_moe_routing.training.adak import checkpoint as ckpt
 from hf_moe_routing.training.adak.checkpoint import load_allocator_state
 
@@ -132,18 +133,8 @@ def test_a_reader_racing_a_writer_sees_whole_saves_only(tmp_path):
 
 # ---- training checkpoints -------------------------------------------------------------------------
 def _trained(tmp_path) -> AdaKTrainer:
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(3, 128, (12,), generator=g)} for _ in range(16)]
-    config = AdaKTrainingConfig(
-        output_dir=str(tmp_path / "run"),
-        warmup="random",
-        warmup_steps=1,
-        max_steps=2,
-        batch_size=4,
-        progress_bar=False,
-        log_level="warning",
-    )
-    trainer = AdaKTrainer(tiny_model("mixtral"), config, data)
+    config = adak_config(tmp_path, warmup="random", warmup_steps=1, max_steps=2, batch_size=4)
+    trainer = AdaKTrainer(tiny_model("mixtral"), config, token_rows(16))
     trainer.train()
     return trainer
 

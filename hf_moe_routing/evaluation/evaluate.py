@@ -191,6 +191,22 @@ def evaluate_routing(
     return out
 
 
+def hook_expert_counts(blocks: list[Any], current: dict[int, torch.Tensor]) -> list[Any]:
+    """Register a forward hook on every block's router (``describe(model).blocks``) that sets, at each
+    forward, ``current[layer_index]`` to a (tokens,) int64 CPU tensor: the non-sentinel expert slots of each
+    token (a shared expert is not counted). Returns the hook handles: call ``.remove()`` on each when done.
+    """
+
+    def hook(block):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            index = block.spec.decode(output).index
+            current[block.layer_index] = (index < block.spec.num_experts).sum(dim=-1).cpu()
+
+        return record
+
+    return [b.router.register_forward_hook(hook(b)) for b in blocks]
+
+
 def token_expert_counts(
     model: nn.Module,
     eval_data: Any,
@@ -208,15 +224,7 @@ def token_expert_counts(
     described = describe(model)
     adapter_blocks = described.blocks
     current: dict[int, torch.Tensor] = {}
-
-    def hook(block):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            index = block.spec.decode(output).index
-            current[block.layer_index] = (index < block.spec.num_experts).sum(dim=-1).cpu()
-
-        return record
-
-    handles = [b.router.register_forward_hook(hook(b)) for b in adapter_blocks]
+    handles = hook_expert_counts(adapter_blocks, current)
     ids_out, next_out, counts_out = [], [], {b.layer_index: [] for b in adapter_blocks}
     try:
         with torch.no_grad():

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.batching import iter_batches, model_device
 from ..patching import describe
-from .evaluate import token_nll
+from .evaluate import hook_expert_counts, token_nll
 
 
 @dataclasses.dataclass
@@ -63,15 +63,7 @@ def row_scores(model: nn.Module, rows: Any, *, batch_size: int = 8) -> RowScores
     """
     blocks = describe(model).blocks
     current: dict[int, torch.Tensor] = {}
-
-    def hook(block):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            index = block.spec.decode(output).index
-            current[block.layer_index] = (index < block.spec.num_experts).sum(dim=-1).cpu()
-
-        return record
-
-    handles = [b.router.register_forward_hook(hook(b)) for b in blocks]
+    handles = hook_expert_counts(blocks, current)
     nll, tokens, experts, real = [], [], [], []
     try:
         with torch.no_grad():

@@ -13,11 +13,13 @@ At ``k_token = top_k`` the kept experts are exactly the family's (its own top-k,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
+from ..core.batching import run_forwards
 from ..core.ops import to_sentinel
 from ..families import RouterOutput, RouterSpec
 
@@ -94,3 +96,60 @@ def weights_depend_on_chosen_set(spec: RouterSpec) -> bool:
     ``norm_topk_prob=False``, DeepSeek-V2, OLMoE, Llama 4 and PhiMoE, whose weights are per expert.
     """
     return spec.kind.score == "softmax_topk" or (spec.renorm and spec.kind.score != "sparsemixer")
+
+
+L = TypeVar("L", bound=nn.Module)
+
+
+def patched_layers(model: nn.Module, layer_type: type[L], config_name: str) -> list[L]:
+    """Every ``layer_type`` module of ``model`` (in module order).
+
+    Raises ValueError naming ``config_name`` if the model has none (it was not patched with that method).
+    """
+    layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    if not layers:
+        raise ValueError(
+            f"This needs a model patched with {config_name}: patch_model(model, {config_name}()) first."
+        )
+    return layers
+
+
+def calibrate_layers(
+    layers: list[Any],
+    budgets: float | dict[int, float],
+    stats: dict[int, torch.Tensor],
+    solve: Callable[[torch.Tensor, float], float],
+    apply: Callable[[Any, float], None],
+    what: str,
+) -> dict[int, float]:
+    """Per-layer budget calibration of a variable-k method: for every layer, ``solve(stats[i], budgets[i])``
+    gives the setting that keeps that many experts per token; ``apply(layer, value)`` sets it.
+
+    ``budgets`` is one mean k for every layer or ``{layer_index: mean_k}``. Returns ``{layer_index: value}``.
+    Raises ValueError if a layer has no budget or no ``what`` (the calibration statistics' name).
+    """
+    out = {}
+    for layer in layers:
+        i = layer.layer_index
+        budget = budgets if isinstance(budgets, (int, float)) else budgets.get(i)
+        if budget is None or i not in stats:
+            raise ValueError(f"No budget or no calibration {what} for MoE layer {i}.")
+        out[i] = solve(stats[i], float(budget))
+        apply(layer, out[i])
+    return out
+
+
+def collect_calibration(
+    model: nn.Module, layers: list[Any], data: Any, batch_size: int, max_batches: int | None
+) -> dict[int, torch.Tensor]:
+    """Run ``model`` over ``data`` and return ``{layer_index: torch.cat(layer.calibration)}``.
+
+    Every layer must have started collecting (``layer.calibration`` a list the forward appends to);
+    its ``calibration`` is set back to None afterwards, also when a forward raises.
+    """
+    try:
+        run_forwards(model, data, batch_size, max_batches=max_batches)
+        return {layer.layer_index: torch.cat(layer.calibration) for layer in layers}
+    finally:
+        for layer in layers:
+            layer.calibration = None

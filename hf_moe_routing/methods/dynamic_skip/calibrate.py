@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.batching import run_forwards
+from ..routing import calibrate_layers, collect_calibration, patched_layers
 from .layer import DynamicSkipLayer
 
 
@@ -71,11 +72,9 @@ def collect_ratios(
     for layer in layers:
         layer.begin_fit()
     try:
-        run_forwards(model, data, batch_size, max_batches=max_batches)
-        return {layer.layer_index: torch.cat(layer.calibration) for layer in layers}
+        return collect_calibration(model, layers, data, batch_size, max_batches)
     finally:
         for layer in layers:
-            layer.calibration = None
             layer.set_beta(saved[layer.layer_index])
 
 
@@ -112,21 +111,10 @@ def calibrate_to_budget(
 
     Returns ``{layer_index: beta_l}``. Raises ValueError if a layer has no budget or no ratios.
     """
-    out = {}
-    for layer in _layers(model):
-        i = layer.layer_index
-        budget = budgets if isinstance(budgets, (int, float)) else budgets.get(i)
-        if budget is None or i not in ratios:
-            raise ValueError(f"No budget or no calibration ratios for MoE layer {i}.")
-        out[i] = beta_for_budget(ratios[i], float(budget))
-        layer.set_beta(out[i])
-    return out
+    return calibrate_layers(
+        _layers(model), budgets, ratios, beta_for_budget, DynamicSkipLayer.set_beta, "ratios"
+    )
 
 
 def _layers(model: nn.Module) -> list[DynamicSkipLayer]:
-    layers = [m for m in model.modules() if isinstance(m, DynamicSkipLayer)]
-    if not layers:
-        raise ValueError(
-            "This needs a model patched with DynamicSkipConfig: patch_model(model, DynamicSkipConfig()) first."
-        )
-    return layers
+    return patched_layers(model, DynamicSkipLayer, "DynamicSkipConfig")

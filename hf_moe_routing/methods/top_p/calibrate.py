@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.batching import run_forwards
+from ..routing import calibrate_layers, collect_calibration, patched_layers
 from .layer import TopPLayer
 from .routing import top_p_counts
 
@@ -23,12 +23,7 @@ def collect_probs(
     layers = _layers(model)
     for layer in layers:
         layer.calibration = []
-    try:
-        run_forwards(model, data, batch_size, max_batches=max_batches)
-        return {layer.layer_index: torch.cat(layer.calibration) for layer in layers}
-    finally:
-        for layer in layers:
-            layer.calibration = None
+    return collect_calibration(model, layers, data, batch_size, max_batches)
 
 
 def mean_count(ordered: torch.Tensor, p: float) -> float:
@@ -64,15 +59,7 @@ def calibrate_to_budget(
     """Set every layer's ``p_l`` so that it keeps ``budgets[l]`` experts per token on the calibration tokens
     (``probs`` from :func:`collect_probs`); a float is the same budget for every layer. Returns ``{layer: p_l}``.
     """
-    out = {}
-    for layer in _layers(model):
-        i = layer.layer_index
-        budget = budgets if isinstance(budgets, (int, float)) else budgets.get(i)
-        if budget is None or i not in probs:
-            raise ValueError(f"No budget or no calibration probabilities for MoE layer {i}.")
-        out[i] = p_for_budget(probs[i], float(budget))
-        layer.set_p(out[i])
-    return out
+    return calibrate_layers(_layers(model), budgets, probs, p_for_budget, TopPLayer.set_p, "probabilities")
 
 
 def set_p(model: nn.Module, p: float | dict[int, float]) -> None:
@@ -82,9 +69,4 @@ def set_p(model: nn.Module, p: float | dict[int, float]) -> None:
 
 
 def _layers(model: nn.Module) -> list[TopPLayer]:
-    layers = [m for m in model.modules() if isinstance(m, TopPLayer)]
-    if not layers:
-        raise ValueError(
-            "This needs a model patched with TopPConfig: patch_model(model, TopPConfig()) first."
-        )
-    return layers
+    return patched_layers(model, TopPLayer, "TopPConfig")
