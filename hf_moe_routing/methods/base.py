@@ -57,6 +57,7 @@ from ..core.config import JSONConfig
 from ..core.context import RoutingContext, is_recomputing
 from ..core.registry import Registry
 from ..families import MoEBlock, MoEModel, RouterOutput, RouterSpec
+from .exported import ExportedRouting, NotExportableError  # noqa: F401 - re-exported
 from .routing import original_router_output, selectable_experts
 
 #: What a routing needs before its results mean anything (:attr:`RoutingConfig.requires`):
@@ -83,26 +84,6 @@ ROUTING_METHODS: Registry[type[RoutingConfig]] = Registry(
     },
     entry_point_group="hf_moe_routing.methods",
 )
-
-
-class NotExportableError(ValueError):
-    """A routing that a standard transformers checkpoint cannot express exactly (per-token k, a
-    router without a selection bias, a threshold); it can still be served through the vLLM plugin."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportedRouting:
-    """What one block's routing changes in a standard checkpoint (see :meth:`RoutingLayer.exported_routing`).
-
-    Attributes:
-        top_k: experts per token the exported config must hold, or None for the model's own.
-        selection_offset: (m,) float32 added to the family's selection bias (BIP's ``-q``), or None.
-        selection_bias: (m,) float32 that replaces the family's selection bias (Loss-Free), or None.
-    """
-
-    top_k: int | None = None
-    selection_offset: torch.Tensor | None = None
-    selection_bias: torch.Tensor | None = None
 
 
 def register_routing(cls: type[RoutingConfig]) -> type[RoutingConfig]:
