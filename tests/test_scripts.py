@@ -9,6 +9,7 @@ it cannot run in seconds to a minute on a CPU, so that nothing escapes unseen.
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -19,9 +20,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-COMMANDS = sorted(
-    p for p in SCRIPTS.glob("*.py") if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")
-)
+
+
+def _is_command(path: Path) -> bool:
+    """A module-level ``if __name__ == "__main__":`` (not one inside a string, e.g. a child-process script)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(
+        isinstance(node, ast.If)
+        and "__name__" in ast.unparse(node.test)
+        and "__main__" in ast.unparse(node.test)
+        for node in tree.body
+    )
+
+
+COMMANDS = sorted(p for p in SCRIPTS.glob("*.py") if _is_command(p))
 #: smoke arguments of commands without a ``--smoke`` option ({out}: a fresh folder)
 SMOKE: dict[str, list[str]] = {
     "bench_adak_speed.py": ["--smoke", "--out", "{out}"],  # listed: a smoke run then needs no --help first
