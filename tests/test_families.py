@@ -338,10 +338,6 @@ def test_routing_stats_count_the_experts_each_token_uses(model_type):
 # ---- FLOPs: the analytic count agrees with torch's FlopCounterMode ------------------------------
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_flops_per_token_match_flop_counter(model_type):
-    if model_type == "longcat_flash":  # newly patchable on transformers 5.25
-        pytest.xfail(
-            "known gap: the analytic count misses longcat_flash's zero (identity) experts (216k vs 318k FLOPs)"
-        )
     model = tiny_model(model_type)
     ids = _data(rows=2, seq_len=20)
     _supports_eager_experts(model)  # FlopCounterMode counts eager experts' matmuls, not grouped_mm's

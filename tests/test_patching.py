@@ -191,10 +191,6 @@ def test_token_mask_reaches_the_routing_layers():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("tensor", ["e_score_correction_bias", "weight"])
 def test_a_non_finite_router_tensor_of_the_checkpoint_is_refused_at_patch_time(family, bad, tensor, ids):
-    if family == "glm4_moe" and tensor == "weight":  # served by the generic family since issue 21
-        pytest.xfail(
-            "known gap: the generic family probes the router before the finite check runs, so a NaN gate weight reads as an unsupported router"
-        )
     from hf_moe_routing import BIPConfig, LossFreeConfig
 
     model = tiny_model(family)

@@ -264,7 +264,16 @@ def measured_mixer_flops(model: nn.Module, names: Sequence[str], seq_len: int) -
         model(input_ids=ids)
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    return {name: sum(counts.get(f"{root}.{name}", {}).values()) / seq_len for name in names}
+
+    def measured(name: str) -> float:
+        module = model.get_submodule(name)
+        if isinstance(
+            module, (nn.ModuleList, nn.ModuleDict)
+        ):  # never called itself (LongCat-Flash's 2 attentions)
+            return sum(measured(f"{name}.{child}") for child, _ in module.named_children())
+        return sum(counts.get(f"{root}.{name}", {}).values())
+
+    return {name: measured(name) / seq_len for name in names}
 
 
 def _outside_layers_flops(model: nn.Module) -> float:

@@ -11,6 +11,7 @@ returns everything the layers above need.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from .base import (
 )
 from .generic import GenericFamily
 from .kinds import RouterKind
-from .spec import RouterOutput, RouterSpec, TensorSlot
+from .spec import RouterOutput, RouterSpec, TensorSlot, refuse_non_finite
 
 #: Built-in family modules, by ``config.model_type`` (imported on first use): the only list of them.
 _BUILTIN = {
@@ -143,7 +144,14 @@ def describe_model(
         for name, layer_index, module, attr in found:
             router = peft_base_layer(getattr(module, attr))
             chosen.check_router(f"{name}.{attr}", router)
-            block = MoEBlock(name, layer_index, module, attr, chosen.spec(name, module, attr, config))
+            try:
+                spec = chosen.spec(name, module, attr, config)
+            except TypeError:
+                if verify:  # a probe fails on NaN / inf weights: name the tensor, not an unsupported router
+                    tensors = chain(router.named_parameters(), router.named_buffers())
+                    refuse_non_finite({f"{name}.{attr}.{n}": t for n, t in tensors}, layer_index)
+                raise
+            block = MoEBlock(name, layer_index, module, attr, spec)
             if verify:  # a NaN / inf in the checkpoint's router tensors is named, not a failed verification
                 block.spec.check_finite(block.router, block.router_name, layer_index)
                 chosen.verify(block.spec, block)

@@ -259,26 +259,7 @@ class RouterSpec:
         Raises:
             ValueError: naming the tensor, the layer and how many values are bad.
         """
-        for path, tensor in self.read_tensors(router, router_name).items():
-            if tensor.device.type == "meta" or not tensor.is_floating_point():
-                continue
-            finite = torch.isfinite(tensor.detach())
-            if bool(finite.all()):
-                continue
-            bad = int((~finite).sum())
-            kinds = " and ".join(
-                word
-                for word, present in (
-                    ("NaN", bool(torch.isnan(tensor).any())),
-                    ("infinite", bool(torch.isinf(tensor).any())),
-                )
-                if present
-            )
-            raise ValueError(
-                f"Layer {layer_index}: the checkpoint's {path} holds {kinds} values ({bad} of "
-                f"{tensor.numel()}); routing with it would route on garbage (and fitting would save a "
-                "corrupt adapter). The model was left unpatched: repair or reload the checkpoint."
-            )
+        refuse_non_finite(self.read_tensors(router, router_name), layer_index)
 
     # ---- the router's interface ------------------------------------------------------------------
     def encode(self, output: RouterOutput) -> tuple[torch.Tensor, ...]:
@@ -312,3 +293,33 @@ def _get_path(module: nn.Module, path: str) -> torch.Tensor:
     for part in path.split("."):
         module = getattr(module, part)
     return module  # type: ignore[return-value]
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], layer_index: int) -> None:
+    """Raise if a floating tensor of ``tensors`` (path -> tensor) holds NaN or infinity.
+
+    Tensors on the meta device (offloaded: their values are not here) are skipped.
+
+    Raises:
+        ValueError: naming the tensor, the layer and how many values are bad.
+    """
+    for path, tensor in tensors.items():
+        if tensor.device.type == "meta" or not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor.detach())
+        if bool(finite.all()):
+            continue
+        bad = int((~finite).sum())
+        kinds = " and ".join(
+            word
+            for word, present in (
+                ("NaN", bool(torch.isnan(tensor).any())),
+                ("infinite", bool(torch.isinf(tensor).any())),
+            )
+            if present
+        )
+        raise ValueError(
+            f"Layer {layer_index}: the checkpoint's {path} holds {kinds} values ({bad} of "
+            f"{tensor.numel()}); routing with it would route on garbage (and fitting would save a "
+            "corrupt adapter). The model was left unpatched: repair or reload the checkpoint."
+        )
