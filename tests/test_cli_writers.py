@@ -194,3 +194,32 @@ def test_a_failed_demo_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["demo", "--model", missing, "--dataset", "x.txt", "--quiet"]) == 2  # the default folder
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adak_trainer_save_adapter_refuses_a_folder_another_process_writes(model_dir, tmp_path):
+    folder = tmp_path / "adapter"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom hf_moe_routing.hub.output_dir import output_dir_lock\n"
+            "with output_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.readline()\n",
+            str(folder),
+        ],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        settings = dict(output_dir=str(tmp_path / "run"), warmup="random", batch_size=4, progress_bar=False)
+        trainer = AdaKTrainer(model, AdaKTrainingConfig(**settings, log_level="warning"), [[4, 5, 6, 7]] * 4)
+        with pytest.raises(OutputDirBusyError, match=rf"PID {holder.pid}"):
+            trainer.save_adapter(folder)
+        assert not (folder / "routing_adapter.safetensors").exists()
+    finally:
+        holder.communicate("\n", timeout=60)
+    trainer.save_adapter(folder)  # released: saved, and loads
+    load_routing_adapter(AutoModelForCausalLM.from_pretrained(model_dir), folder)

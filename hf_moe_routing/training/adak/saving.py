@@ -174,7 +174,11 @@ class SavingMixin:
         """Save the trained allocators as a routing adapter (``hf_moe_routing.hub.save_routing_adapter``).
 
         ``info`` is passed on (``training_info`` is merged into the trainer's own record, ``results``,
-        ``base_model_id``, ...). Every process must call it; the main process writes.
+        ``base_model_id``, ...). Every process must call it; the main process writes, holding the
+        folder's lock (:func:`~hf_moe_routing.hub.output_dir.output_dir_lock`).
+
+        Raises:
+            OutputDirBusyError: another process holds the lock of ``directory`` (e.g. trains into it).
         """
         from ...hub import save_routing_adapter
 
@@ -202,8 +206,10 @@ class SavingMixin:
         }
         for key in settings_that_did_not_run(self):
             training_info.pop(key, None)
-        if self.accelerator.is_main_process:
-            save_routing_adapter(self.model, directory, training_info=_finite(training_info), **info)
+        main = self.accelerator.is_main_process
+        if main:  # another process writing ``directory`` gets OutputDirBusyError (re-entrant inside train())
+            with output_dir_lock(directory, main_process=True):
+                save_routing_adapter(self.model, directory, training_info=_finite(training_info), **info)
         self.accelerator.wait_for_everyone()
         return Path(directory)
 
