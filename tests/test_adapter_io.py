@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from save_race import race_saves
 
 from hf_moe_routing import (
     ROUTING_METHODS,
@@ -293,41 +294,25 @@ def test_a_reader_racing_a_writer_never_pairs_two_saves(tmp_path):
     Each save's whole state (the offset buffer and the scale parameter) holds its own value, so a read
     that pairs one save's config with the other's weights, or mixes tensors, fails the set comparison.
     """
-    import threading
-    import time
-
     folder = tmp_path / "adapter"
-    models = []
+    models = {}
     for value in (1.0, 2.0):
-        model = patch_model(tiny_model("mixtral"), OffsetConfig())
-        for layer in routing_layers(model).values():
+        models[value] = patch_model(tiny_model("mixtral"), OffsetConfig())
+        for layer in routing_layers(models[value]).values():
             layer.offset.data.fill_(value)
             layer.scale.data.fill_(value)
-        models.append((value, model))
-    save_routing_adapter(models[0][1], folder, training_info={"value": 1.0}, model_card=False)
-    stop = threading.Event()
 
-    def writer():
-        i = 1
-        while not stop.is_set():
-            value, model = models[i % 2]
-            save_routing_adapter(model, folder, training_info={"value": value}, model_card=False)
-            i += 1
+    def save(value: float) -> None:
+        save_routing_adapter(models[value], folder, training_info={"value": value}, model_card=False)
 
-    thread = threading.Thread(target=writer)
-    thread.start()
-    seen, reads, deadline = set(), 0, time.monotonic() + 60
-    try:
-        while (reads < 40 or len(seen) < 2) and time.monotonic() < deadline:
-            config, weights = adapter_io.read_adapter(folder)
-            stored = {float(t.flatten()[0]) for layer in weights.values() for t in layer.values()}
-            assert stored == {config["training"]["value"]}
-            assert adapter_io.read_adapter_weights(folder)[0]["offset"][0].item() in (1.0, 2.0)
-            seen.add(config["training"]["value"])
-            reads += 1
-    finally:
-        stop.set()
-        thread.join()
+    def read() -> float:
+        config, weights = adapter_io.read_adapter(folder)
+        stored = {float(t.flatten()[0]) for layer in weights.values() for t in layer.values()}
+        assert stored == {config["training"]["value"]}
+        assert adapter_io.read_adapter_weights(folder)[0]["offset"][0].item() in (1.0, 2.0)
+        return config["training"]["value"]
+
+    seen, reads = race_saves(save, read, min_reads=40)
     assert seen == {1.0, 2.0}, f"only {seen} in {reads} reads: the race was not exercised"
 
 

@@ -10,6 +10,7 @@ place (instead of into a temporary folder swapped in with a rename) fails at the
 import pytest
 import torch
 from adak_helpers import adak_config, token_rows
+from save_race import race_saves
 
 from hf_moe_routing import patch_model, save_routing_adapter
 from hf_moe_routing.hub import adapter_io
@@ -103,31 +104,13 @@ def test_an_adapter_save_that_crashes_at_any_write_leaves_the_old_one(tmp_path, 
 
 def test_a_reader_racing_a_writer_sees_whole_saves_only(tmp_path):
     """A real race (a writer thread swapping two saves): every read is one save; both are seen."""
-    import threading
-    import time
-
     folder = tmp_path / "adapter"
-    models = [(value, _offset_model(value)) for value in (1.0, 2.0)]
-    save_routing_adapter(models[0][1], folder, training_info=_info(1.0))
-    stop = threading.Event()
+    models = {value: _offset_model(value) for value in (1.0, 2.0)}
 
-    def writer():
-        i = 1
-        while not stop.is_set():
-            value, model = models[i % 2]
-            save_routing_adapter(model, folder, training_info=_info(value))
-            i += 1
+    def save(value: float) -> None:
+        save_routing_adapter(models[value], folder, training_info=_info(value))
 
-    thread = threading.Thread(target=writer)
-    thread.start()
-    seen, reads, deadline = set(), 0, time.monotonic() + 60
-    try:
-        while (reads < 100 or len(seen) < 2) and time.monotonic() < deadline:
-            seen.add(_adapter_value(folder, card=False))
-            reads += 1
-    finally:
-        stop.set()
-        thread.join()
+    seen, reads = race_saves(save, lambda: _adapter_value(folder, card=False), min_reads=100)
     assert seen == {1.0, 2.0}, f"the reader saw only {seen} in {reads} reads"
 
 

@@ -50,6 +50,17 @@ def _batch(rows: int = 3, seq: int = 10, seed: int = 0):
     return ids, mask
 
 
+def _other_routing_record(model):
+    """The model's batch, its logits and a record of another routing (offset top-2), with the model left unpatched."""
+    ids, mask = _batch()
+    patch_model(model, OffsetConfig(top_k=2))
+    randomize_offsets(model)
+    with torch.no_grad(), record_routing(model) as routed:
+        logits = model(ids, attention_mask=mask).logits
+    unpatch_model(model)
+    return ids, mask, logits, routed
+
+
 def _router_weights(model):
     return [b.spec.weight(b.router) for b in describe_model(model).blocks]
 
@@ -96,12 +107,7 @@ def test_gradients_reach_the_router_and_match_the_models_own(family):
 def test_replay_forces_the_recorded_experts_with_weights_from_the_current_router():
     """A record of another routing is routed as recorded, weighed by the family's rule (an independent check)."""
     model = tiny_model("qwen3_moe")
-    ids, mask = _batch()
-    patch_model(model, OffsetConfig(top_k=2))
-    randomize_offsets(model)
-    with torch.no_grad(), record_routing(model) as routed:
-        reference = model(ids, attention_mask=mask).logits
-    unpatch_model(model)
+    ids, mask, reference, routed = _other_routing_record(model)
     seen = {}
     blocks = describe_model(model).blocks
     with torch.no_grad(), replay_routing(model, routed):
@@ -359,12 +365,7 @@ def test_sglang_base64_routed_experts_are_read():
 # ---- statistics ----------------------------------------------------------------------------------
 def test_routing_stats_report_how_often_the_router_would_change_the_replayed_experts():
     model = tiny_model("qwen3_moe")
-    ids, mask = _batch()
-    patch_model(model, OffsetConfig(top_k=2))
-    randomize_offsets(model)
-    with torch.no_grad(), record_routing(model) as rollout:
-        model(ids, attention_mask=mask)
-    unpatch_model(model)
+    ids, mask, _, rollout = _other_routing_record(model)
     with torch.no_grad(), record_routing(model) as own:  # the model's own routing of the same batch
         model(ids, attention_mask=mask)
     expected = rollout.compare(own)
