@@ -6,11 +6,14 @@
 #   show_versions LABEL  prints the versions that venv tests (transformers first)
 #   floor_of PACKAGE     the lower bound a ">=" requirement in pyproject.toml declares for PACKAGE
 #   step NAME CMD...     runs CMD, timed; its result is added to the summary that .ci/run prints
+#   start_step NAME CMD... runs CMD in the background, timed, its output kept in $CI_VENVS/NAME.log
+#   finish_step NAME     waits for it, prints its output and adds its result to the summary
 
 CI_VENVS="${CI_VENVS:-${TMPDIR:-/tmp}/hf-moe-routing-ci}"
 CI_PYTHON="${CI_PYTHON:-python3}"
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 CI_SUMMARY=()
+declare -A CI_BACKGROUND=()
 
 fresh_venv() {
     local dir="$CI_VENVS/$1"
@@ -60,4 +63,31 @@ step() {
     CI_SUMMARY+=("$(printf '%-10s %-6s %4d s' "$name" "$([ $code -eq 0 ] && echo ok || echo FAILED)" "$took")")
     echo "##### step $name: exit $code after ${took} s"
     return $code
+}
+
+start_step() {
+    local name="$1"
+    shift
+    mkdir -p "$CI_VENVS"
+    echo
+    echo "##### step $name started in the background (output shown when it ends): $*"
+    (
+        start=$SECONDS
+        code=0
+        "$@" >"$CI_VENVS/$name.log" 2>&1 || code=$?
+        echo "$code $((SECONDS - start))" >"$CI_VENVS/$name.status"
+    ) &
+    CI_BACKGROUND[$name]=$!
+}
+
+finish_step() {
+    local name="$1" code took
+    wait "${CI_BACKGROUND[$name]}" || true
+    read -r code took <"$CI_VENVS/$name.status" || { code=1 took=0; }
+    echo
+    echo "##### step $name (ran in the background): output"
+    cat "$CI_VENVS/$name.log"
+    CI_SUMMARY+=("$(printf '%-10s %-6s %4d s (in the background)' "$name" "$([ "$code" -eq 0 ] && echo ok || echo FAILED)" "$took")")
+    echo "##### step $name: exit $code after ${took} s"
+    return "$code"
 }
