@@ -188,25 +188,42 @@ def _base_choice(tmp):
     return _router_outputs(model, ids)[1]["model.layers.1.mlp.gate"]
 
 
+#: the sweep runs in chunks of families, each loaded in one plain subprocess (importing torch and
+#: transformers once per chunk, not per family); 4 chunks keep both xdist workers busy
+CHUNKS = 4
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exports_its_bias_and_top_k_exactly(tmp_path, family):
+@pytest.mark.parametrize("chunk", range(CHUNKS), ids=lambda chunk: f"families{chunk}")
+def test_every_family_exports_its_bias_and_top_k_exactly(tmp_path, chunk):
     """Bias folding (BIP, Loss-Free) where the router has a selection bias; a top-k change everywhere,
     exact or refused with a pointer to the vLLM plugin (PhiMoE's SparseMixer is fixed at top-2)."""
-    try:
-        tiny_model(family).save_pretrained(tmp_path / f"{family}-base")
-    except Exception as error:  # transformers' own save of the tiny model fails: nothing to export
-        pytest.skip(f"transformers cannot save a tiny {family}: {type(error).__name__}: {error}"[:300])
-    cases = [(family, _top_k_case(family))]
-    if family in BIAS_FAMILIES:
-        cases += [(family, BIPConfig()), (family, LossFreeConfig())]
+    cases, unsaveable = [], []
+    for family in FAMILIES[chunk::CHUNKS]:
+        try:
+            tiny_model(family).save_pretrained(tmp_path / f"{family}-base")
+        except Exception as error:  # transformers' own save of the tiny model fails: nothing to export
+            unsaveable.append(f"{family}: {type(error).__name__}: {error}"[:300])
+            continue
+        cases.append((family, _top_k_case(family)))
+        if family in BIAS_FAMILIES:
+            cases += [(family, BIPConfig()), (family, LossFreeConfig())]
     results = _run_cases(tmp_path, cases)
+    assert len(unsaveable) <= 2, unsaveable  # inkling2_text / inkling2_loop_text on 5.25
+    failures = []
     for key, result in results.items():
         if isinstance(result, Exception):
-            assert "-topk-" in key and "vLLM plugin" in str(result), f"{key}: {result}"
+            if not ("-topk-" in key and "vLLM plugin" in str(result)):
+                failures.append(f"{key}: refused: {result}")
             print(f"{key}: refused: {result}")
-        else:
+            continue
+        try:
             _assert_same(result)
+        except AssertionError as error:
+            failures.append(f"{key}: {error}")
+    assert not failures, "\n".join(failures)
+    for line in unsaveable:
+        print(f"not exported (transformers cannot save a tiny model): {line}")
 
 
 # ---- refusals ---------------------------------------------------------------------------------
