@@ -71,3 +71,52 @@ def test_budget_calibration_lands_on_target_experts_from_either_side(tmp_path, f
     assert found["budget_greedy_k_mean"] == pytest.approx(after, abs=1e-6)
     assert found["budget_greedy_k_before"] == pytest.approx(before, abs=1e-6)
     assert (found["budget_tilt"] < 0) if start == "above" else (found["budget_tilt"] > 0)
+
+
+def _greedy_mean_k_on(trainer: AdaKTrainer, rows: list[dict]) -> float:
+    """Mean over MoE layers of the greedy expert count per token of ``rows`` (one batch)."""
+    ids = torch.stack([row["input_ids"] for row in rows])
+    with torch.no_grad(), recording(trainer.model) as layers:
+        trainer.model(input_ids=ids)
+        return float(torch.stack([layer.last.activated.double().mean() for layer in layers.values()]).mean())
+
+
+def test_budget_calibration_data_eval_lands_the_budget_on_the_eval_text(tmp_path):
+    """Training text of tokens 3..29, eval text of tokens 90..127: the allocators' k depends on the token,
+    so a budget met on the training batches misses on the eval text; 'eval' meets it there."""
+    train = [
+        {"input_ids": torch.randint(3, 30, (16,), generator=torch.Generator().manual_seed(i))}
+        for i in range(32)
+    ]
+    held = [
+        {"input_ids": torch.randint(90, 128, (16,), generator=torch.Generator().manual_seed(i))}
+        for i in range(16)
+    ]
+    errors = {}
+    for data in ("train", "eval"):
+        config = adak_config(
+            tmp_path / data,
+            warmup="random",
+            max_steps=0,
+            batch_size=8,
+            calibration_batches=2,
+            target_experts=1.4,
+            budget_calibration_data=data,
+        )
+        trainer = AdaKTrainer(tiny_model("mixtral"), config, train, eval_dataset=held)
+        g = torch.Generator().manual_seed(3)
+        for layer in adak_layers(trainer.model).values():
+            with torch.no_grad():
+                layer.allocator.weight.copy_(torch.randn(layer.allocator.weight.shape, generator=g))
+        steps.match_budget(trainer)
+        errors[data] = _greedy_mean_k_on(trainer, held) - 1.4
+    assert abs(errors["eval"]) <= 0.02, errors
+    assert abs(errors["train"]) > 0.05, errors  # the option has an effect here
+
+
+def test_budget_calibration_data_eval_needs_an_eval_dataset(tmp_path):
+    config = adak_config(tmp_path, target_experts=1.4, budget_calibration_data="eval")
+    with pytest.raises(ValueError, match="pass eval_dataset"):
+        AdaKTrainer(tiny_model("mixtral"), config, token_rows())
+    with pytest.raises(ValueError, match="budget_calibration_data"):
+        adak_config(tmp_path, budget_calibration_data="validation")

@@ -83,6 +83,13 @@ class AdaKTrainingConfig(JSONConfig):
         "after PPO, tilt every allocator's bias by one common amount so that the greedy mean on "
         "calibration_batches training batches is target_experts (needs allocator_bias)",
     )
+    budget_calibration_data: str = _f(
+        "train",
+        "rows the budget calibration measures the mean k on: 'train' (calibration_batches training "
+        "batches) or 'eval' (the first calibration_batches batches of eval_dataset: text like the one "
+        "served, when the training text differs from it)",
+        choices=("train", "eval"),
+    )
     # ---- PPO
     max_steps: int = _f(300, "PPO steps (rollouts); each makes ppo_epochs optimiser steps")
     ppo_epochs: int = _f(2, "optimiser steps per rollout")

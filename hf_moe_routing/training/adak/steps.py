@@ -47,6 +47,7 @@ class Trainer(Protocol):
     layer_target: float | None  # mean experts per Ada-K layer that the budget asks for
     bank: AllocatorBank  # the allocators' parameters, as one optimised group
     stream: TrainingStream  # training batches by index
+    eval_dataset: Any  # prepared held-out rows, or None
     accelerator: Accelerator
 
     @property
@@ -221,12 +222,27 @@ def match_budget(trainer: Trainer, resolution: float = 1 / 128) -> dict[str, Any
     """Tilt every allocator's bias by ``delta * k`` (one delta) so the greedy mean k is ``target_experts``.
 
     The greedy count of every token is non-decreasing in delta, so the mean over ``calibration_batches``
-    training batches (full forwards, every process) is bisected on a grid of ``resolution`` (binary
-    fractions, so runs that split rows differently try the same deltas); the delta closest to the
-    target wins.
+    batches (full forwards, every process) is bisected on a grid of ``resolution`` (binary fractions,
+    so runs that split rows differently try the same deltas); the delta closest to the target wins.
+    The batches are training batches, or the first of ``eval_dataset`` with
+    ``budget_calibration_data="eval"`` (the budget then holds on text like the evaluation text).
     """
-    target = trainer.config.target_experts
-    batches = [_next(trainer)[1] for _ in range(trainer.config.calibration_batches)]
+    config = trainer.config
+    target = config.target_experts
+    if config.budget_calibration_data == "eval":
+        acc = trainer.accelerator
+        batches = list(  # (counts, batch): a process's padding batch runs the forward, counts nothing
+            eval_batches(
+                trainer.eval_dataset,
+                config.batch_size,
+                acc.num_processes,
+                acc.process_index,
+                config.calibration_batches,
+                trainer.input_device,
+            )
+        )
+    else:
+        batches = [(True, _next(trainer)[1]) for _ in range(config.calibration_batches)]
     biases = {i: layer.allocator.bias.detach().clone() for i, layer in trainer.layers.items()}
 
     def mean_k(delta: float) -> float:
@@ -235,10 +251,10 @@ def match_budget(trainer: Trainer, resolution: float = 1 / 128) -> dict[str, Any
             counts = torch.arange(1, layer.k_max + 1, dtype=torch.float32, device=biases[i].device)
             layer.allocator.bias.copy_(biases[i] + delta * counts)
         greedy = {i: "greedy" for i in trainer.layers}
-        for batch in batches:
+        for counts, batch in batches:
             with _layer_hooks(trainer.layers, decision=greedy):
                 _, records = recorded_forward(trainer.forward, trainer.layers, batch)
-            mask = batch["attention_mask"].reshape(-1).bool()
+            mask = batch["attention_mask"].reshape(-1).bool() & counts
             sums = [
                 r.activated[mask.to(r.activated.device)].sum().double().to(trainer.device)
                 for r in records.values()

@@ -145,6 +145,11 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         self.eval_dataset = (
             prepare_dataset(eval_dataset, model, tokenizer, seq_len) if eval_dataset is not None else None
         )
+        if config.budget_calibration_data == "eval" and self.eval_dataset is None:
+            raise ValueError(
+                "AdaKTrainingConfig(budget_calibration_data='eval') measures the budget on eval_dataset: "
+                "pass eval_dataset (command line: --eval-dataset), or use 'train'."
+            )
         acc = self.accelerator
         self.stream = TrainingStream(
             self.train_dataset,
