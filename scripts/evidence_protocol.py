@@ -62,8 +62,38 @@ class Protocol:
     batch_size: int = 8
     seq_len: int = 128
     reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
+    #: rows Ada-K's budget calibration measures its mean k on: "train" (training batches, the trainer's
+    #: default) or "validation" (the validation rows it evaluates on: budget_calibration_data="eval")
+    budget_calibration: str = "train"
     cache_dir: str | None = None
     data_dir: str | None = None
+
+
+class ProtocolMismatch(RuntimeError):
+    """The rows in an output folder were made with another protocol (they would mix in one table)."""
+
+
+#: protocol fields that do not change a result (where files are)
+_LOCATION_FIELDS = ("cache_dir", "data_dir")
+
+
+def check_protocol(protocol: Protocol, path: Path) -> None:
+    """Refuse to add rows of ``protocol`` to a folder whose ``protocol.json`` records another one.
+
+    Raises:
+        ProtocolMismatch: naming the fields that differ, with both values.
+    """
+    if not path.is_file():
+        return
+    recorded = dataclasses.asdict(Protocol(**json.loads(path.read_text())))  # older files: defaults
+    wanted = dataclasses.asdict(protocol)
+    differ = [k for k in wanted if k not in _LOCATION_FIELDS and wanted[k] != recorded[k]]
+    if differ:
+        what = ", ".join(f"{k}: {recorded[k]!r} there, {wanted[k]!r} now" for k in differ)
+        raise ProtocolMismatch(
+            f"{path.parent} holds rows of another protocol ({what}); rows of two protocols never mix in one "
+            "table: choose another --out, or repeat the recorded settings."
+        )
 
 
 def scores_row(scores: RowScores) -> dict[str, Any]:
@@ -114,6 +144,7 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
     """Run (or resume) the protocol into ``out``; returns all rows. Raises ReferenceHashMismatch."""
     out.mkdir(parents=True, exist_ok=True)
     path, hashes_path = out / "runs.jsonl", out / "reference.json"
+    check_protocol(protocol, out / "protocol.json")
     (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
     hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
     done = {key(r) for r in read_jsonl(path)}
@@ -249,6 +280,7 @@ def train_adak(
             save_total_limit=1,
             logging_steps=10,
             eval_batches=2,
+            **{"budget_calibration_data": "eval" if protocol.budget_calibration == "validation" else "train"},
             **settings,
         )
         trainer = AdaKTrainer(
@@ -267,4 +299,12 @@ def train_adak(
     }
 
 
-__all__ = ["BASELINE_MODES", "Protocol", "ReferenceHashMismatch", "read_jsonl", "run"]
+__all__ = [
+    "BASELINE_MODES",
+    "Protocol",
+    "ProtocolMismatch",
+    "ReferenceHashMismatch",
+    "check_protocol",
+    "read_jsonl",
+    "run",
+]

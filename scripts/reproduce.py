@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from evidence_protocol import Protocol, run
+from evidence_protocol import Protocol, ProtocolMismatch, run
 from evidence_summary import markdown, summarize
 from evidence_variants import VARIANTS, run_variants, variants_markdown
 
@@ -66,6 +66,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
             calibration_rows=8,
             search_step=1.0,
             reference_steps=20,
+            budget_calibration=args.budget_calibration,
             cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
             data_dir=args.data_dir,
         )
@@ -74,6 +75,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
         fractions=args.fractions or fractions,
         seeds=args.seeds or seeds,
         adak_steps=args.adak_steps,
+        budget_calibration=args.budget_calibration,
         cache_dir=args.cache_dir,
         data_dir=args.data_dir,
         **full,
@@ -143,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adak-steps", type=int, default=100)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="adak-variants: which (default all)")
     parser.add_argument("--test-rows", type=int, default=256)
+    parser.add_argument(
+        "--budget-calibration",
+        choices=("train", "validation"),
+        default="train",
+        help="rows Ada-K's budget calibration measures the mean k on (a new --out for each)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
     parser.add_argument("--cache-dir")
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             args.table, reference_models
         )
         status = run_table(args)
-    except ReferenceHashMismatch as error:
+    except (ReferenceHashMismatch, ProtocolMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -219,6 +219,9 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     assert "CPU s" in result.stdout and "Ada-K" in (out / "tables.md").read_text()
     again = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # resumes: nothing new
     assert again.returncode == 0 and len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
+    other = _reproduce("adak-evidence", "--smoke", "--out", str(out), "--budget-calibration", "validation")
+    assert other.returncode == 2 and "budget_calibration: 'train' there, 'validation' now" in other.stderr
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)  # nothing mixed in
     hashes = json.loads((out / "reference.json").read_text())
     real = hashes["tiny-moe"]
     (out / "reference.json").write_text(json.dumps({"tiny-moe": "0" * 64}))
