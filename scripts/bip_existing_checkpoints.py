@@ -4,18 +4,19 @@ Two experiments on the cached reference models (``hf_moe_routing.training.refere
 with plain Top-K routing, so their routers are imbalanced), each over several seeds:
 
 ``finetune``  continue training ``mixtral-8x2`` with ``transformers.Trainer`` (AdamW, constant lr) on
-              the first 90% of WikiText-2 test articles, routed by Top-K (no balancing), the auxiliary
-              loss (Loss-Controlled, alpha 0.01), Loss-Free (u = 1e-3) or BIP (``update="before"``,
-              T = 4). MaxVio of every training batch (padding excluded) is recorded by a callback;
-              held-out perplexity on the last 10% after training. The seed sets the data order,
-              dropout-free model copy and Trainer seed; every method sees the same batches.
+              the evidence splits' ``heldout_train`` text (never pre-trained on), routed by Top-K (no
+              balancing), the auxiliary loss (Loss-Controlled, alpha 0.001 / 0.01 / 0.1), Loss-Free
+              (u = 1e-4 / 1e-3 / 1e-2) or BIP (``update="before"``, T = 4). MaxVio of every training
+              batch (padding excluded: in-sample) is recorded by a callback; after training, with the
+              routing's state frozen, AvgMaxVio and perplexity on the validation rows (where a
+              baseline's best setting is read) and on the test rows (the result). The seed sets the data
+              order and Trainer seed; every method sees the same batches.
 ``frozen``    no weight changes: BIP fitted with ``fit_routing`` on WikiText-2 valid, for several
               capacity factors, then evaluated on WikiText-2 test (perplexity and AvgMaxVio against
               the model's own Top-K). Loss-Free (fitted the same way, u = 1e-2) is a second row. The
               seed picks the fitting rows.
 
-    python scripts/bip_existing_checkpoints.py finetune --seeds 0 1 2
-    python scripts/bip_existing_checkpoints.py finetune --steps 160 --out results/bip_existing_checkpoints/160_steps
+    python scripts/bip_existing_checkpoints.py finetune --seeds 0 1 2 --out results/bip_existing_checkpoints/heldout
     python scripts/bip_existing_checkpoints.py frozen --seeds 0 1 2 --models mixtral-8x2 qwen-moe
 
 Writes ``<out>/<experiment>.json`` (every run) and ``<out>/<experiment>.md`` (mean and standard
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from hf_moe_routing import BIPConfig, LossControlledConfig, LossFreeConfig, TopKConfig, patch_model
-from hf_moe_routing.data import pack_dataset, read_corpus
+from hf_moe_routing.data import evidence_splits, pack_dataset, read_corpus
 from hf_moe_routing.evaluation.evaluate import evaluate_routing
 from hf_moe_routing.evaluation.stats import RoutingStats
 from hf_moe_routing.patching import fit_routing, routing_aux_loss, unpatch_model
@@ -43,8 +44,12 @@ from hf_moe_routing.training.reference import reference_model
 
 FINETUNE_METHODS = {
     "Top-K (no balancing)": TopKConfig(),
+    "aux loss (alpha 0.001)": LossControlledConfig(coefficient=0.001),
     "aux loss (alpha 0.01)": LossControlledConfig(coefficient=0.01),
+    "aux loss (alpha 0.1)": LossControlledConfig(coefficient=0.1),
+    "Loss-Free (u 1e-4)": LossFreeConfig(update_rate=1e-4),
     "Loss-Free (u 1e-3)": LossFreeConfig(update_rate=1e-3),
+    "Loss-Free (u 1e-2)": LossFreeConfig(update_rate=1e-2),
     "BIP (before, T=4)": BIPConfig(update="before"),
 }
 
@@ -57,10 +62,11 @@ def _rows(tokenizer: Any, corpus: str, seq_len: int) -> Any:
 def finetune_run(model_name: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model, tokenizer = reference_model(model_name, progress=False)
-    rows = _rows(tokenizer, "wikitext-2/test", args.seq_len)
-    cut = int(0.9 * len(rows))
-    train, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
+    model, tokenizer = reference_model(model_name, args.cache_dir, progress=False)
+    splits = evidence_splits()
+    train = pack_dataset(splits.heldout_train, tokenizer, args.seq_len)
+    validation = pack_dataset(splits.validation, tokenizer, args.seq_len).select(range(128))
+    test = pack_dataset(splits.test, tokenizer, args.seq_len).select(range(256))
     patch_model(model, FINETUNE_METHODS[method])
     stats = RoutingStats(model).attach()
     max_vio: list[float] = []
@@ -102,7 +108,10 @@ def finetune_run(model_name: str, method: str, seed: int, args: argparse.Namespa
         seconds = time.perf_counter() - started
     stats.detach()
     model.eval()
-    evaluation = evaluate_routing(model, held_out, batch_size=8, topk_reference=False, progress=False)
+    scored = {
+        name: evaluate_routing(model, rows, batch_size=8, topk_reference=False, progress=False)
+        for name, rows in (("validation", validation), ("test", test))
+    }
     return {
         "model": model_name,
         "method": method,
@@ -111,15 +120,17 @@ def finetune_run(model_name: str, method: str, seed: int, args: argparse.Namespa
         "avg_max_vio": statistics.fmean(max_vio),
         "sup_max_vio": max(max_vio),
         "max_vio_step_1": max_vio[0],
-        "held_out_perplexity": evaluation["perplexity"],
-        "held_out_avg_max_vio": evaluation["avg_max_vio"],
+        "validation_perplexity": scored["validation"]["perplexity"],
+        "validation_avg_max_vio": scored["validation"]["avg_max_vio"],
+        "test_perplexity": scored["test"]["perplexity"],
+        "test_avg_max_vio": scored["test"]["avg_max_vio"],
         "seconds": seconds,
     }
 
 
 # ---- frozen inference: balance against perplexity over the capacity factor -------------------------
 def frozen_runs(model_name: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    model, tokenizer = reference_model(model_name, progress=False)
+    model, tokenizer = reference_model(model_name, args.cache_dir, progress=False)
     fit_rows = _rows(tokenizer, "wikitext-2/valid", args.seq_len).shuffle(seed=seed)
     fit_rows = fit_rows.select(range(args.fit_batches * args.batch_size))
     test = _rows(tokenizer, "wikitext-2/test", args.seq_len).select(
@@ -199,6 +210,7 @@ def main() -> None:
         help="(finetune)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache-dir", help="reference models' cache (default: the package's)")
     parser.add_argument("--out", default="results/bip_existing_checkpoints")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -219,8 +231,8 @@ def main() -> None:
                 print(json.dumps(records[-1]), flush=True)
     (out / f"{args.experiment}.json").write_text(json.dumps({"args": vars(args), "runs": records}, indent=2))
     if args.experiment == "finetune":
-        columns = {"avg_max_vio": ".3f", "sup_max_vio": ".3f", "max_vio_step_1": ".3f"}
-        columns |= {"held_out_perplexity": ".2f", "seconds": ".0f"}
+        columns = {"avg_max_vio": ".3f", "max_vio_step_1": ".3f", "validation_avg_max_vio": ".3f"}
+        columns |= {"validation_perplexity": ".2f", "test_avg_max_vio": ".3f", "test_perplexity": ".2f"}
         text = table(records, ("model", "method"), columns)
     else:
         text = table(

@@ -3,6 +3,7 @@
     python scripts/reproduce.py adak-evidence            # Ada-K vs per-layer baselines, paired CIs (docs/evidence.md)
     python scripts/reproduce.py adak-evidence --smoke    # the same pipeline in seconds, on a 20-step build
     python scripts/reproduce.py adak-variants            # Ada-K design choices, on the validation split
+    python scripts/reproduce.py bip-frozen               # BIP on a frozen checkpoint: held-out balance, paired CIs
     python scripts/reproduce.py reference-models         # build reference models, check their recorded SHA-256
 
 Tables:
@@ -18,10 +19,15 @@ Tables:
   default, per-layer budgets (``layer_targets``), ``k_max`` = all experts, the paper's renormalised weights and
   allocators trained on held-out text, each against dynamic skipping at its own compute; 2 bases x seeds 0 1 at
   70%; the test split is not touched.
+* ``bip-frozen``: BIP's q fitted on validation rows of a frozen reference model (``scripts/bip_evidence.py``):
+  3 fitting seeds x capacity factors 1, 1.5, 2 x fit estimates (last batch, mean of the batches, one large
+  batch), and Loss-Free at update rates 1e-3, 1e-2, 1e-1; in-sample, validation and test AvgMaxVio with q
+  frozen, perplexity change vs Top-K with paired CIs on 256 test rows; default bases ``tiny-moe``,
+  ``tiny-moe-seed1``.
 * ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
   hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
 
-Other README tables keep their own scripts for now (``scripts/adak_tradeoff.py``, ``scripts/bip_*.py``): their
+Other README tables keep their own scripts for now (``scripts/adak_tradeoff.py``, ``scripts/bip_existing_checkpoints.py``): their
 commands are in the README next to each table.
 """
 
@@ -36,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bip_evidence import BIPProtocol
+from bip_evidence import markdown as bip_markdown
+from bip_evidence import run as run_bip
 from evidence_protocol import Protocol, ProtocolMismatch, run
 from evidence_summary import markdown, summarize
 from evidence_variants import VARIANTS, run_variants, variants_markdown
@@ -48,7 +57,7 @@ from hf_moe_routing.training.reference import (
     reference_model,
 )
 
-TABLES = ("adak-evidence", "adak-variants", "reference-models")
+TABLES = ("adak-evidence", "adak-variants", "bip-frozen", "reference-models")
 
 
 def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int], **full: Any) -> Protocol:
@@ -102,6 +111,35 @@ def adak_variants(args: argparse.Namespace) -> int:
         protocol, out, args.variants or list(VARIANTS), design_rows, log=lambda x: print(x, flush=True)
     )
     text = variants_markdown(rows)
+    (out / "tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+def bip_frozen(args: argparse.Namespace) -> int:
+    if args.smoke:
+        settings: dict[str, Any] = dict(
+            bases=["tiny-moe"],
+            seeds=[0],
+            capacity_factors=[1.0],
+            loss_free_rates=[1e-2],
+            fit_rows=16,
+            validation_rows=8,
+            test_rows=16,
+            reference_steps=20,
+            cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
+        )
+    else:
+        settings = dict(
+            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+            seeds=args.seeds or [0, 1, 2],
+            test_rows=args.test_rows,
+            cache_dir=args.cache_dir,
+        )
+    protocol = BIPProtocol(**settings, data_dir=args.data_dir)
+    out = Path(args.out)
+    rows = run_bip(protocol, out, log=lambda line: print(line, flush=True))
+    text = bip_markdown(rows)
     (out / "tables.md").write_text(text)
     print(text)
     return 0
@@ -166,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out = f"results/evidence/{args.table}"
     started, wall = time.process_time(), time.perf_counter()
     try:
-        run_table = {"adak-evidence": adak_evidence, "adak-variants": adak_variants}.get(
-            args.table, reference_models
-        )
+        run_table = {
+            "adak-evidence": adak_evidence,
+            "adak-variants": adak_variants,
+            "bip-frozen": bip_frozen,
+        }.get(args.table, reference_models)
         status = run_table(args)
     except (ReferenceHashMismatch, ProtocolMismatch) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -228,3 +228,32 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     refused = _reproduce("adak-evidence", "--smoke", "--out", str(out))
     assert refused.returncode == 2
     assert real in refused.stderr and "0" * 64 in refused.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_bip_frozen_smoke_measures_in_sample_validation_and_test_balance(tmp_path):
+    out = tmp_path / "out"
+    result = _reproduce("bip-frozen", "--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert {(r["kind"], r.get("estimate")) for r in rows} == {
+        ("topk", None),
+        ("bip", "last"),
+        ("bip", "mean"),
+        ("bip", "one-batch"),
+        ("loss-free", None),
+    }
+    topk = next(r for r in rows if r["kind"] == "topk")
+    for row in rows:
+        assert len(row["test"]["nll"]) == 16 and row["test"]["avg_max_vio"] >= 0
+        if row["kind"] == "bip":  # q fitted at C = 1 balances every split better than Top-K
+            assert row["in_sample"]["avg_max_vio"] < topk["validation"]["avg_max_vio"]
+            assert row["test"]["avg_max_vio"] < topk["test"]["avg_max_vio"]
+    tables = (out / "tables.md").read_text()
+    assert "Fit estimate chosen on the validation split" in tables and "Loss-Free u=0.01" in tables
+    again = _reproduce("bip-frozen", "--smoke", "--out", str(out))  # resumes: nothing new
+    assert again.returncode == 0 and len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
+    protocol = json.loads((out / "protocol.json").read_text())
+    (out / "protocol.json").write_text(json.dumps({**protocol, "fit_rows": 32}))
+    other = _reproduce("bip-frozen", "--smoke", "--out", str(out))
+    assert other.returncode == 2 and "fit_rows: 32 there, 16 now" in other.stderr

@@ -206,6 +206,29 @@ def test_bip_sync_global_solves_the_batch_of_every_rank(family, monkeypatch):
     assert not torch.equal(q[True], q[False])
 
 
+@pytest.mark.parametrize("family", KIND_FAMILIES)
+@torch.no_grad()
+def test_bip_fit_estimate_keeps_the_last_or_the_mean_solve(family):
+    """fit_estimate="last" keeps the last fitting batch's q; "mean" the mean of every batch's q, each
+    batch warm-started from the previous batch's solve (not from the mean), as the same loop by hand."""
+    hiddens = [_hidden(_setup(family, BIPConfig())[1], seed=s, skew=2.0 + s) for s in range(3)]
+    solves = []
+    _, block, layer = _setup(family, BIPConfig(), train=True)  # training mode: q updates, same warm start
+    for hidden in hiddens:
+        layer(block.router, hidden)
+        solves.append(layer.q.clone())
+    assert not torch.equal(solves[0], solves[-1])
+    for estimate, expected in (("last", solves[-1]), ("mean", torch.stack(solves).mean(dim=0))):
+        _, block, layer = _setup(family, BIPConfig(fit_estimate=estimate))  # eval mode, as fit_routing
+        layer.begin_fit()
+        for hidden in hiddens:
+            layer(block.router, hidden)
+        layer.end_fit()
+        torch.testing.assert_close(layer.q, expected, rtol=0, atol=1e-6)
+        layer(block.router, hiddens[0])  # after fitting, q is frozen in eval mode
+        torch.testing.assert_close(layer.q, expected, rtol=0, atol=1e-6)
+
+
 # ---- LossFreeConfig -------------------------------------------------------------------------------------
 def _loss_free_delta(family, config, hidden, *, train=True, all_reduce=None, monkeypatch=None):
     model, block, layer = _setup(family, config, fresh=True, train=train)

@@ -15,6 +15,7 @@ from ..routing import selectable_experts
 from .layer import BIPLayer
 
 UPDATE_MODES = ("after", "before")
+FIT_ESTIMATES = ("last", "mean")
 
 
 @dataclass
@@ -47,6 +48,11 @@ class BIPConfig(RoutingConfig):
         max_extra_iters: limit on those extra rounds (0 = exactly T rounds always), 0..1000.
         sync_global: under torch.distributed, gather the real tokens' scores of all ranks so every
             rank solves the global batch and holds the same q (default True).
+        fit_estimate: the q that :func:`~hf_moe_routing.fit_routing` keeps: ``"last"`` (default), the last
+            fitting batch's solve, or ``"mean"``, the mean of every fitting batch's solve (Polyak
+            averaging; each solve still warm-starts from the previous batch's). One batch's q fits that
+            batch's tokens; the mean is less tied to one batch. Measured in docs/bip.md (held-out
+            balance and its spread over fits). No effect on training, where q moves with the model.
     """
 
     routing_type: ClassVar[str] = "bip"
@@ -61,6 +67,7 @@ class BIPConfig(RoutingConfig):
     tolerance: float = 0.05
     max_extra_iters: int = 16
     sync_global: bool = True
+    fit_estimate: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +84,7 @@ class BIPConfig(RoutingConfig):
             "tokens cannot give every token k experts (1.0 = perfectly even loads).",
         )
         check_choice(owner, "update", self.update, UPDATE_MODES)
+        check_choice(owner, "fit_estimate", self.fit_estimate, FIT_ESTIMATES)
         check_range(owner, "tolerance", self.tolerance, low=0.0, high=1.0)
         check_range(owner, "max_extra_iters", self.max_extra_iters, low=0, high=1000)
         check_range(owner, "top_k", self.top_k, low=1)
@@ -96,6 +104,7 @@ class BIPConfig(RoutingConfig):
             tolerance=self.tolerance,
             max_extra_iters=self.max_extra_iters,
             sync_global=self.sync_global,
+            fit_estimate=self.fit_estimate,
         )
 
     @classmethod
@@ -108,6 +117,7 @@ class BIPConfig(RoutingConfig):
             "top_k": (None, 1, selectable_experts(spec)),
             "tolerance": (0.0, 0.05, 1.0),
             "max_extra_iters": (0, 3, 8),
+            "fit_estimate": FIT_ESTIMATES,
         }
 
     @classmethod
@@ -134,4 +144,5 @@ class BIPConfig(RoutingConfig):
             ("max_extra_iters", -1, ValueError, "must lie in"),
             ("max_extra_iters", 10**6, ValueError, "must lie in"),
             ("sync_global", "false", TypeError, "true or false"),
+            ("fit_estimate", "median", ValueError, "choose one of 'last', 'mean'"),
         ]

@@ -39,6 +39,7 @@ class BIPLayer(RoutingLayer):
         tolerance: float,
         max_extra_iters: int,
         sync_global: bool,
+        fit_estimate: str = "last",
     ) -> None:
         super().__init__(block, context)
         check_k(top_k, self.spec.num_experts)
@@ -50,9 +51,12 @@ class BIPLayer(RoutingLayer):
         self.tolerance = tolerance
         self.max_extra_iters = max_extra_iters
         self.sync_global = sync_global
+        self.fit_estimate = fit_estimate
         self.register_buffer("q", torch.zeros(self.spec.num_experts, dtype=torch.float32), persistent=True)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
         self.fitting = False
+        self._fit_sum: torch.Tensor | None = None  # sum of the fitting batches' q (fit_estimate="mean")
+        self._fit_count = 0
         #: rounds run by the last update (T plus extra ones), and its overload (max load - C), in tokens
         self.last_rounds = 0
         self.last_overload = 0
@@ -60,15 +64,21 @@ class BIPLayer(RoutingLayer):
     def begin_fit(self) -> None:
         """Start fitting: q updates on every batch, also in eval mode."""
         self.fitting = True
+        self._fit_sum, self._fit_count = torch.zeros_like(self.q), 0
 
     def end_fit(self) -> dict[str, float]:
-        """Stop fitting; returns the last solve's rounds and overload (tokens) and q's range."""
+        """Stop fitting (q becomes the mean solve with ``fit_estimate="mean"``); returns the last solve's
+        rounds and overload (tokens) and q's largest price."""
         self.fitting = False
+        if self.fit_estimate == "mean" and self._fit_count:
+            self.q.copy_(self._fit_sum / self._fit_count)
+        self._fit_sum, self._fit_count = None, 0
         return {"rounds": self.last_rounds, "overload": self.last_overload, "q_max": float(self.q.max())}
 
     def abort_fit(self) -> None:
         """Stop fitting after an error (the state keeps the updates made so far)."""
         self.fitting = False
+        self._fit_sum, self._fit_count = None, 0
 
     def updates_now(self) -> bool:
         """Whether this forward updates the state: in training mode, while fitting, or with ``update_in_eval``."""
@@ -109,6 +119,9 @@ class BIPLayer(RoutingLayer):
             max_extra_iters=self.max_extra_iters,
         )
         self.q.copy_(result.q)
+        if self.fitting and self._fit_sum is not None:
+            self._fit_sum += result.q
+            self._fit_count += 1
         self.num_updates += 1
         self.last_rounds, self.last_overload = result.rounds, result.overload
 
