@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import string
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,157 +29,9 @@ import torch
 
 from hf_moe_routing.data import pack_dataset, read_corpus
 from hf_moe_routing.evaluation.evaluate import token_expert_counts
+from hf_moe_routing.evaluation.token_classes import CLASSES, token_class
 from hf_moe_routing.hub import load_routing_adapter
 from hf_moe_routing.training.reference import reference_model
-
-FUNCTION_WORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "this",
-        "that",
-        "these",
-        "those",
-        "some",
-        "any",
-        "each",
-        "every",
-        "no",
-        "of",
-        "in",
-        "on",
-        "at",
-        "by",
-        "for",
-        "with",
-        "from",
-        "to",
-        "into",
-        "onto",
-        "over",
-        "under",
-        "about",
-        "after",
-        "before",
-        "between",
-        "through",
-        "during",
-        "against",
-        "among",
-        "within",
-        "without",
-        "upon",
-        "across",
-        "along",
-        "behind",
-        "beyond",
-        "near",
-        "off",
-        "out",
-        "up",
-        "down",
-        "since",
-        "until",
-        "and",
-        "or",
-        "but",
-        "nor",
-        "so",
-        "yet",
-        "if",
-        "than",
-        "then",
-        "because",
-        "while",
-        "although",
-        "though",
-        "as",
-        "whether",
-        "i",
-        "me",
-        "my",
-        "mine",
-        "you",
-        "your",
-        "yours",
-        "he",
-        "him",
-        "his",
-        "she",
-        "her",
-        "hers",
-        "it",
-        "its",
-        "we",
-        "us",
-        "our",
-        "ours",
-        "they",
-        "them",
-        "their",
-        "theirs",
-        "who",
-        "whom",
-        "whose",
-        "which",
-        "what",
-        "where",
-        "when",
-        "why",
-        "how",
-        "there",
-        "here",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "am",
-        "has",
-        "have",
-        "had",
-        "having",
-        "do",
-        "does",
-        "did",
-        "will",
-        "would",
-        "shall",
-        "should",
-        "can",
-        "could",
-        "may",
-        "might",
-        "must",
-        "not",
-        "also",
-        "only",
-        "very",
-        "too",
-        "just",
-    ]
-)
-CLASSES = ("punctuation", "function", "content", "number", "other")
-_PUNCT = set(string.punctuation) | set("–—‘’“”…")
-
-
-def token_class(text: str) -> str:
-    """The class of one decoded token (surrounding whitespace ignored)."""
-    word = text.strip()
-    if not word:
-        return "other"
-    if all(ch in _PUNCT for ch in word):
-        return "punctuation"
-    if word.lower() in FUNCTION_WORDS:
-        return "function"
-    if word.isalpha():
-        return "content"
-    if word.replace(".", "").replace(",", "").isdigit():
-        return "number"
-    return "other"
 
 
 def default_adapter(results: Path, model: str, method: str, setting: str, seed: int) -> Path:

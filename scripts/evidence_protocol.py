@@ -34,6 +34,7 @@ from hf_moe_routing import AdaKConfig, TopKConfig, patch_model, unpatch_model
 from hf_moe_routing.data import evidence_splits, pack_dataset
 from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
 from hf_moe_routing.evaluation.paired import RowScores, row_scores
+from hf_moe_routing.evaluation.token_classes import vocab_classes
 from hf_moe_routing.training.reference import (
     ReferenceHashMismatch,
     check_build_hash,
@@ -97,13 +98,20 @@ def check_protocol(protocol: Protocol, path: Path) -> None:
 
 
 def scores_row(scores: RowScores) -> dict[str, Any]:
-    return {
+    row = {
         "nll": scores.nll.tolist(),
         "tokens": scores.tokens.tolist(),
         "mean_experts": scores.mean_experts,
         "experts_per_layer": scores.experts_per_layer,
         "perplexity": scores.perplexity,
     }
+    if scores.class_nll is not None:  # (R, C) per token class (hf_moe_routing.evaluation.token_classes)
+        row |= {
+            "class_nll": scores.class_nll.tolist(),
+            "class_tokens": scores.class_tokens.tolist(),
+            "class_correct": scores.class_correct.tolist(),
+        }
+    return row
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -170,7 +178,7 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
         for base in protocol.bases:
             if base not in prepared:
                 prepared[base] = _prepare(base, contexts[base], splits, protocol, done, record)
-            model, test, validation, train, baselines = prepared[base]
+            model, test, validation, train, baselines, classes = prepared[base]
             top_k = model.config.num_experts_per_tok
             searched = {}
             for kind, baseline in baselines.items():
@@ -195,7 +203,18 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
                         "fraction": fraction,
                         "seed": seed,
                     }
-                    adak.update(train_adak(model, train, validation, test, fraction * top_k, seed, protocol))
+                    adak.update(
+                        train_adak(
+                            model,
+                            train,
+                            validation,
+                            test,
+                            fraction * top_k,
+                            seed,
+                            protocol,
+                            token_classes=classes,
+                        )
+                    )
                     record(adak, started)
                 for name, (kind, mode) in BASELINE_MODES.items():
                     if (base, "baseline", name, fraction, seed, None) in done:
@@ -224,6 +243,7 @@ def _find(path: Path, wanted: tuple) -> dict[str, Any] | None:
 def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) -> tuple:
     """Rows of one base, its Top-K and static-k rows, and its calibrated baselines."""
     model, tokenizer, _ = context
+    classes = vocab_classes(tokenizer)
     pack = lambda texts, n: pack_dataset(texts, tokenizer, protocol.seq_len).select(range(n))  # noqa: E731
     test = pack(splits.test, protocol.test_rows)
     validation = pack(splits.validation, protocol.validation_rows)
@@ -234,7 +254,7 @@ def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) 
             {
                 "base": base,
                 "kind": "topk",
-                **scores_row(row_scores(model, test, batch_size=protocol.batch_size)),
+                **scores_row(row_scores(model, test, batch_size=protocol.batch_size, token_classes=classes)),
             },
             started,
         )
@@ -242,14 +262,17 @@ def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) 
         if (base, "static-k", None, None, None, k) not in done:
             started = time.process_time()
             patch_model(model, TopKConfig(top_k=k))
-            record({"base": base, "kind": "static-k", "k": k, **scores_row(row_scores(model, test))}, started)
+            scores = row_scores(model, test, batch_size=protocol.batch_size, token_classes=classes)
+            record({"base": base, "kind": "static-k", "k": k, **scores_row(scores)}, started)
             unpatch_model(model)
     calibration = train.shuffle(seed=0).select(range(protocol.calibration_rows))
     baselines = {
-        kind: BudgetedBaseline(model, kind, calibration, batch_size=protocol.batch_size)
+        kind: BudgetedBaseline(
+            model, kind, calibration, batch_size=protocol.batch_size, token_classes=classes
+        )
         for kind in ("dyn-skip", "top-p")
     }
-    return model, test, validation, train, baselines
+    return model, test, validation, train, baselines, classes
 
 
 def train_adak(
@@ -261,6 +284,7 @@ def train_adak(
     seed: int,
     protocol: Protocol,
     adak_config: AdaKConfig | None = None,
+    token_classes: Any = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Ada-K (our defaults unless ``adak_config`` / ``settings`` say otherwise) at ``target`` experts; returns
@@ -289,7 +313,7 @@ def train_adak(
         trainer.train()
     log = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]
     snr = [np.mean(e["signal_to_noise_per_layer"]) for e in log if e.get("signal_to_noise_per_layer")]
-    scores = row_scores(adak_model, test, batch_size=protocol.batch_size)
+    scores = row_scores(adak_model, test, batch_size=protocol.batch_size, token_classes=token_classes)
     return {
         "target_experts": target,
         "final_k_penalty": trainer.state.k_penalty,

@@ -171,6 +171,59 @@ def test_match_compute_lands_on_the_target_on_the_evaluation_rows(mode):
         assert info["budgets"][1] - info["budgets"][0] == pytest.approx(1.5)
 
 
+def test_row_scores_split_nll_tokens_and_accuracy_by_the_predicted_tokens_class():
+    model = tiny_model("mixtral")
+    rows = _rows(6, length=12)
+    rows[0]["labels"][:4] = [-100] * 4  # not predicted: in no class
+    classes = torch.arange(model.config.vocab_size) % 3  # 3 classes by token id
+    scores = row_scores(model, rows, batch_size=4, token_classes=classes)
+    plain = row_scores(model, rows, batch_size=4)
+    assert np.allclose(scores.class_nll.sum(axis=1), plain.nll, rtol=1e-5)
+    assert np.array_equal(scores.class_tokens.sum(axis=1), plain.tokens) and plain.class_nll is None
+    with torch.no_grad():  # independently: each predicted token's class, loss and argmax hit
+        for r, row in enumerate(rows):
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            target = torch.tensor(row["labels"][1:])
+            keep = target != -100
+            nll = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="none")
+            hit = logits[keep].argmax(-1) == target[keep]
+            for c in range(3):
+                in_c = classes[target[keep]] == c
+                assert scores.class_tokens[r, c] == int(in_c.sum())
+                assert scores.class_correct[r, c] == int(hit[in_c].sum())
+                assert scores.class_nll[r, c] == pytest.approx(float(nll[in_c].sum()), rel=1e-4, abs=1e-4)
+
+
+def test_vocab_classes_class_every_token_by_its_text():
+    from hf_moe_routing.evaluation.token_classes import CLASSES, token_class, vocab_classes
+
+    assert [token_class(t) for t in (" the", " @-@", ",", " river", "1,200", "<unk>", " ")] == [
+        "function",
+        "punctuation",
+        "punctuation",
+        "content",
+        "number",
+        "other",
+        "other",
+    ]
+
+    class Tokenizer:
+        words = ["the", ".", "river", "42"]
+
+        def __len__(self):
+            return len(self.words)
+
+        def decode(self, ids):
+            return " " + self.words[ids[0]]
+
+    assert [CLASSES[i] for i in vocab_classes(Tokenizer())] == [
+        "function",
+        "punctuation",
+        "content",
+        "number",
+    ]
+
+
 # ---- reference builds and reproduce.py ---------------------------------------------------------------
 def test_hash_mismatch_is_refused_naming_both(tmp_path):
     (tmp_path / "build_info.json").write_text(json.dumps({"weights_sha256": "a" * 64}))
@@ -216,7 +269,11 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
     assert {"topk", "static-k", "search", "adak", "baseline"} <= kinds
-    assert "CPU s" in result.stdout and "Ada-K" in (out / "tables.md").read_text()
+    tables = (out / "tables.md").read_text()
+    assert "CPU s" in result.stdout and "Ada-K" in tables
+    assert "By token class" in tables and "| function |" in tables  # the per-class accuracy proxy
+    adak = next(r for r in rows if r["kind"] == "adak")
+    assert np.array_equal(np.sum(adak["class_tokens"], axis=1), adak["tokens"])
     again = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # resumes: nothing new
     assert again.returncode == 0 and len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
     other = _reproduce("adak-evidence", "--smoke", "--out", str(out), "--budget-calibration", "validation")

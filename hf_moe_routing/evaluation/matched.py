@@ -18,6 +18,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..methods.dynamic_skip import DynamicSkipConfig, collect_ratios
@@ -36,13 +37,22 @@ class BudgetedBaseline:
 
     Weights follow the family's own rule over the kept experts (dynamic skipping renormalises exactly where
     the family's weights depend on the chosen set, e.g. Mixtral, and not on Qwen-MoE); top-p is capped at the
-    model's top-k. Raises ValueError for an unknown ``kind``.
+    model's top-k. ``token_classes`` (V,) int64 adds per-class scores to :meth:`score` (see
+    :func:`~hf_moe_routing.evaluation.paired.row_scores`). Raises ValueError for an unknown ``kind``.
     """
 
-    def __init__(self, model: nn.Module, kind: str, calibration: Any, *, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        calibration: Any,
+        *,
+        batch_size: int = 8,
+        token_classes: torch.Tensor | None = None,
+    ) -> None:
         if kind not in BASELINE_KINDS:
             raise ValueError(f"Unknown baseline {kind!r}; choose one of {', '.join(BASELINE_KINDS)}.")
-        self.kind, self.batch_size = kind, batch_size
+        self.kind, self.batch_size, self.token_classes = kind, batch_size, token_classes
         self.model = copy.deepcopy(model)
         spec = describe(self.model).blocks[0].spec
         self.top_k = spec.top_k
@@ -71,7 +81,7 @@ class BudgetedBaseline:
         self.budgets = {}
 
     def score(self, rows: Any) -> RowScores:
-        return row_scores(self.model, rows, batch_size=self.batch_size)
+        return row_scores(self.model, rows, batch_size=self.batch_size, token_classes=self.token_classes)
 
 
 def greedy_layer_budgets(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.batching import iter_batches, model_device
+from ..core.batching import IGNORE_INDEX, iter_batches, model_device
 from ..patching import describe
 from .evaluate import hook_expert_counts, token_nll
 
@@ -33,13 +33,19 @@ class RowScores:
 
     ``nll`` (R,) float64: summed next-token NLL of each row (nats); ``tokens`` (R,) int64: predicted tokens;
     ``experts`` (R, L) float64: routed experts summed over each row's real tokens, per MoE layer;
-    ``real_tokens`` (R,) int64: non-padding tokens of each row.
+    ``real_tokens`` (R,) int64: non-padding tokens of each row. With ``token_classes`` given to
+    :func:`row_scores`, per row and class of the *predicted* token (C classes): ``class_nll`` (R, C) float64
+    summed NLL, ``class_tokens`` (R, C) int64 predicted tokens and ``class_correct`` (R, C) int64 tokens
+    whose argmax prediction is right; else None.
     """
 
     nll: np.ndarray
     tokens: np.ndarray
     experts: np.ndarray
     real_tokens: np.ndarray
+    class_nll: np.ndarray | None = None
+    class_tokens: np.ndarray | None = None
+    class_correct: np.ndarray | None = None
 
     @property
     def perplexity(self) -> float:
@@ -55,16 +61,21 @@ class RowScores:
         return (self.experts.sum(axis=0) / self.real_tokens.sum()).tolist()
 
 
-def row_scores(model: nn.Module, rows: Any, *, batch_size: int = 8) -> RowScores:
+def row_scores(
+    model: nn.Module, rows: Any, *, batch_size: int = 8, token_classes: torch.Tensor | None = None
+) -> RowScores:
     """Score ``model`` (patched or not) on every row of ``rows`` (a packed dataset; order kept).
 
     Counts a routed expert as a non-sentinel slot of the router's output, on real (attention-mask) tokens;
-    a shared expert is not counted. Raises FloatingPointError if a row's NLL is not finite.
+    a shared expert is not counted. ``token_classes`` (V,) int64, the class index of every token id (e.g.
+    :func:`hf_moe_routing.evaluation.token_classes.vocab_classes`), adds per-class NLL, token counts and
+    next-token accuracy. Raises FloatingPointError if a row's NLL is not finite.
     """
     blocks = describe(model).blocks
     current: dict[int, torch.Tensor] = {}
     handles = hook_expert_counts(blocks, current)
     nll, tokens, experts, real = [], [], [], []
+    by_class: list[torch.Tensor] = []  # per batch (B, 3, C): nll, tokens, correct
     try:
         with torch.no_grad():
             for batch in iter_batches(rows, batch_size, model_device(model), progress=False):
@@ -80,6 +91,8 @@ def row_scores(model: nn.Module, rows: Any, *, batch_size: int = 8) -> RowScores
                     (current[b.layer_index].reshape(mask.shape) * mask).sum(dim=1).double() for b in blocks
                 ]
                 experts.append(torch.stack(per_layer, dim=1).numpy())
+                if token_classes is not None:
+                    by_class.append(_class_sums(out.logits, batch["labels"], token_classes))
     finally:
         for handle in handles:
             handle.remove()
@@ -89,9 +102,30 @@ def row_scores(model: nn.Module, rows: Any, *, batch_size: int = 8) -> RowScores
         experts=np.concatenate(experts),
         real_tokens=np.asarray(real, dtype=np.int64),
     )
+    if token_classes is not None:
+        sums = torch.cat(by_class).numpy()
+        scores.class_nll = sums[:, 0]
+        scores.class_tokens = sums[:, 1].round().astype(np.int64)
+        scores.class_correct = sums[:, 2].round().astype(np.int64)
     if not np.isfinite(scores.nll).all():
         raise FloatingPointError("A row's NLL is not finite: the model produced NaN or infinite logits.")
     return scores
+
+
+def _class_sums(logits: torch.Tensor, labels: torch.Tensor, token_classes: torch.Tensor) -> torch.Tensor:
+    """(B, 3, C) float64: per row and class of the predicted token, summed NLL, tokens and right argmaxes."""
+    logits = logits[:, :-1].float()  # (B, T-1, V) predict labels[:, 1:]
+    target = labels[:, 1:].to(logits.device)
+    keep = target != IGNORE_INDEX
+    safe = target.clamp(min=0)
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
+    correct = logits.argmax(dim=-1) == safe
+    classes = token_classes.to(safe.device)[safe]  # (B, T-1)
+    num_classes = int(token_classes.max()) + 1
+    out = torch.zeros(target.shape[0], 3, num_classes, dtype=torch.float64, device=logits.device)
+    for i, values in enumerate((nll, torch.ones_like(nll), correct)):
+        out[:, i].scatter_add_(1, classes, (values.double() * keep))
+    return out.cpu()
 
 
 def bootstrap_ci(
