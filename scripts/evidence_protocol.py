@@ -293,19 +293,21 @@ def train_adak(
 
     adak_model = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
+        defaults: dict[str, Any] = {
+            "batch_size": protocol.batch_size,
+            "budget_calibration_data": "eval" if protocol.budget_calibration == "validation" else "train",
+        }
         config = AdaKTrainingConfig(
             output_dir=tmp,
             seed=seed,
             target_experts=target,
             max_steps=protocol.adak_steps,
-            batch_size=protocol.batch_size,
             progress_bar=False,
             log_level="warning",
             save_total_limit=1,
             logging_steps=10,
             eval_batches=2,
-            **{"budget_calibration_data": "eval" if protocol.budget_calibration == "validation" else "train"},
-            **settings,
+            **(defaults | settings),  # a variant's settings replace the protocol's
         )
         trainer = AdaKTrainer(
             adak_model, config, train.shuffle(seed=seed), validation, adak_config=adak_config or AdaKConfig()

@@ -8,7 +8,10 @@ those rows. The test split is not touched.
 Variants: ``default`` (``AdaKConfig()``); ``layer-targets`` (per-layer budgets from dynamic skipping's greedy
 search on the first validation rows: the Skip-Warm start and the per-layer dual ascent); ``k_max=all`` (a token
 may get more than top-k experts, same mean budget); ``renormalize`` (the paper's weights: renormalised over the
-kept experts); ``heldout-train`` (allocators trained on WikiText-2 test's first half, text the base never saw).
+kept experts); ``heldout-train`` (allocators trained on WikiText-2 test's first half, text the base never saw);
+``rollout-8k`` (rollouts of 64 x 128 tokens per PPO update, the order of the paper's, same number of updates);
+``group-loo-4`` (4 samples of k per batch, each one's advantage measured against the other three: a group
+baseline, ``baseline="leave-one-out"``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from hf_moe_routing.data import evidence_splits, pack_dataset
 from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
 from hf_moe_routing.evaluation.paired import ppl_change_ci, ppl_margin_ci, row_scores
 
-VARIANTS = ("default", "layer-targets", "k_max=all", "renormalize", "heldout-train")
+VARIANTS = (
+    "default",
+    "layer-targets",
+    "k_max=all",
+    "renormalize",
+    "heldout-train",
+    "rollout-8k",
+    "group-loo-4",
+)
 
 
 def run_variants(
@@ -82,6 +93,10 @@ def run_variants(
                         config = AdaKConfig(renormalize=True)
                     elif variant == "heldout-train":
                         rows = heldout
+                    elif variant == "rollout-8k":
+                        settings["batch_size"] = 64
+                    elif variant == "group-loo-4":
+                        settings |= {"rollout_samples": 4, "baseline": "leave-one-out"}
                     started = time.process_time()
                     run = train_adak(
                         model, rows, search_rows, design, target, seed, protocol, config, **settings

@@ -276,8 +276,8 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     assert np.array_equal(np.sum(adak["class_tokens"], axis=1), adak["tokens"])
     again = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # resumes: nothing new
     assert again.returncode == 0 and len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
-    other = _reproduce("adak-evidence", "--smoke", "--out", str(out), "--budget-calibration", "validation")
-    assert other.returncode == 2 and "budget_calibration: 'train' there, 'validation' now" in other.stderr
+    other = _reproduce("adak-evidence", "--smoke", "--out", str(out), "--budget-calibration", "train")
+    assert other.returncode == 2 and "budget_calibration: 'validation' there, 'train' now" in other.stderr
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)  # nothing mixed in
     hashes = json.loads((out / "reference.json").read_text())
     real = hashes["tiny-moe"]
@@ -314,3 +314,20 @@ def test_reproduce_bip_frozen_smoke_measures_in_sample_validation_and_test_balan
     (out / "protocol.json").write_text(json.dumps({**protocol, "fit_rows": 32}))
     other = _reproduce("bip-frozen", "--smoke", "--out", str(out))
     assert other.returncode == 2 and "fit_rows: 32 there, 16 now" in other.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_adak_variants_smoke_trains_each_variant_with_its_settings(tmp_path):
+    out = tmp_path / "out"
+    result = _reproduce(
+        "adak-variants", "--smoke", "--out", str(out), "--variants", "rollout-8k", "group-loo-4"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {
+        r["method"]: r
+        for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())
+        if r["kind"] == "variant"
+    }
+    assert rows["rollout-8k"]["batch_size"] == 64  # 8k tokens per PPO update
+    assert (rows["group-loo-4"]["rollout_samples"], rows["group-loo-4"]["baseline"]) == (4, "leave-one-out")
+    assert "| rollout-8k |" in (out / "tables.md").read_text()
