@@ -22,8 +22,8 @@ Tables:
 * ``bip-frozen``: BIP's q fitted on validation rows of a frozen reference model (``scripts/bip_evidence.py``):
   3 fitting seeds x capacity factors 1, 1.5, 2 x fit estimates (last batch, mean of the batches, one large
   batch), and Loss-Free at update rates 1e-3, 1e-2, 1e-1; in-sample, validation and test AvgMaxVio with q
-  frozen, perplexity change vs Top-K with paired CIs on 256 test rows; default bases ``tiny-moe``,
-  ``tiny-moe-seed1``.
+  frozen, perplexity change vs Top-K with paired CIs on 256 test rows; default bases ``mixtral-8x2`` and
+  ``qwen-moe`` with a second pre-training seed each (``-seed1``).
 * ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
   hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
 
@@ -134,7 +134,7 @@ def bip_frozen(args: argparse.Namespace) -> int:
         )
     else:
         settings = dict(
-            bases=args.bases or ["tiny-moe", "tiny-moe-seed1"],
+            bases=args.bases or ["mixtral-8x2", "mixtral-8x2-seed1", "qwen-moe", "qwen-moe-seed1"],
             seeds=args.seeds or [0, 1, 2],
             test_rows=args.test_rows,
             cache_dir=args.cache_dir,
