@@ -13,6 +13,7 @@ An advantage is called *measurable* only where the CI excludes 0.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,3 +148,44 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "Static k (integer k only):", ""]
     lines += [f"- {s['base']} k={s['k']}: {_pp(s['change'])}" for s in summary["static"]]
     return "\n".join(lines) + "\n"
+
+
+def pareto_plot(summary: dict[str, Any], path: Path) -> Path | None:
+    """Perplexity change vs routed experts (share of top-k) per base: Ada-K, every baseline at its compute and
+    static k, each with its paired 95% CI as an error bar; one panel per base. None without single-base cells."""
+    from hf_moe_routing.recipes.plots import _pyplot
+
+    cells = [c for c in summary["cells"] if len(c["bases"]) == 1]
+    bases = list(dict.fromkeys(c["bases"][0] for c in cells))
+    if not bases:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(bases), figsize=(4.2 * len(bases), 3.6), squeeze=False)
+    for ax, base in zip(axes[0], bases):
+        mine = [c for c in cells if c["bases"][0] == base]
+        top_k = mine[0]["target"] / mine[0]["fraction"]
+
+        def bar(x, ci, ax=ax, **kw):
+            ax.errorbar(
+                [x], [100 * ci[0]], yerr=[[100 * (ci[0] - ci[1])], [100 * (ci[2] - ci[0])]], capsize=2, **kw
+            )
+
+        for c in mine:
+            x = float(np.mean(c["mean_experts"])) / top_k
+            bar(x, c["adak_change"], fmt="o", color="C0", label="Ada-K")
+            for i, (m, b) in enumerate(c["baselines"].items()):
+                bar(x + 0.004 * (i + 1), b["change"], fmt="s", color=f"C{i + 1}", label=m, alpha=0.8)
+        for s in (s for s in summary["static"] if s["base"] == base):
+            bar(s["k"] / top_k, s["change"], fmt="^", color="C7", label="static k")
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_title(base)
+        ax.set_xlabel("routed experts / top-k")
+        ax.set_ylabel("perplexity change vs Top-K (%)")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
