@@ -21,14 +21,13 @@ records each base's weights SHA-256, and a build with another hash stops the run
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import ProtocolMismatch, checked_reference, read_jsonl, scores_row
+from evidence_protocol import Results, RowsSettings, scores_row
 
 from hf_moe_routing import BIPConfig, LossFreeConfig, fit_routing, patch_model, unpatch_model
 from hf_moe_routing.data import evidence_splits, pack_dataset
@@ -39,37 +38,26 @@ FIT_ESTIMATES = ("last", "mean", "one-batch")
 
 
 @dataclasses.dataclass
-class BIPProtocol:
+class BIPProtocol(RowsSettings):
     bases: list[str]
     seeds: list[int]
     capacity_factors: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.5, 2.0])
     loss_free_rates: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
     fit_rows: int = 160
-    validation_rows: int = 128
-    test_rows: int = 256
-    batch_size: int = 8
-    seq_len: int = 128
-    reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
-    cache_dir: str | None = None
-    data_dir: str | None = None
-
-
-def _check_protocol(protocol: BIPProtocol, path: Path) -> None:
-    """Refuse rows of another protocol in the same folder (ProtocolMismatch names the fields)."""
-    if not path.is_file():
-        return
-    recorded, wanted = json.loads(path.read_text()), dataclasses.asdict(protocol)
-    differ = [k for k in wanted if k not in ("cache_dir", "data_dir") and recorded.get(k) != wanted[k]]
-    if differ:
-        what = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted[k]!r} now" for k in differ)
-        raise ProtocolMismatch(
-            f"{path.parent} holds rows of another protocol ({what}); rows of two protocols never mix in one "
-            "table: choose another --out, or repeat the recorded settings."
-        )
 
 
 def _key(row: dict[str, Any]) -> tuple:
     return tuple(row.get(k) for k in ("base", "kind", "estimate", "setting", "seed"))
+
+
+def _describe(row: dict[str, Any]) -> str:
+    what = " ".join(
+        f"{k}={row[k]}" for k in ("kind", "estimate", "setting", "seed") if row.get(k) is not None
+    )
+    return (
+        f"{row['base']} {what}: test AvgMaxVio {row['test']['avg_max_vio']:.3f} ppl "
+        f"{row['test']['perplexity']:.3f} ({row['cpu_seconds']:.0f} CPU s)"
+    )
 
 
 def measured(model: Any, rows: Any, batch_size: int, *, nll: bool = True) -> dict[str, Any]:
@@ -84,30 +72,13 @@ def measured(model: Any, rows: Any, batch_size: int, *, nll: bool = True) -> dic
 
 def run(protocol: BIPProtocol, out: Path, log=print) -> list[dict[str, Any]]:
     """Run (or resume) the protocol into ``out``; returns all rows. Raises ReferenceHashMismatch."""
-    out.mkdir(parents=True, exist_ok=True)
-    path, hashes_path = out / "runs.jsonl", out / "reference.json"
-    _check_protocol(protocol, out / "protocol.json")
-    (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
-    hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
-    done = {_key(r) for r in read_jsonl(path)}
+    results = Results(protocol, out, _key, _describe, log)
+    done, record = results.done, results.record
     splits = evidence_splits(protocol.data_dir)
     bs = protocol.batch_size
 
-    def record(row: dict[str, Any], started: float) -> None:
-        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done.add(_key(row))
-        what = " ".join(
-            f"{k}={row[k]}" for k in ("kind", "estimate", "setting", "seed") if row.get(k) is not None
-        )
-        log(
-            f"{row['base']} {what}: test AvgMaxVio {row['test']['avg_max_vio']:.3f} ppl "
-            f"{row['test']['perplexity']:.3f} ({row['cpu_seconds']:.0f} CPU s)"
-        )
-
     for base in protocol.bases:
-        model, tokenizer, _ = checked_reference(protocol, base, hashes, hashes_path, path)  # type: ignore[arg-type]
+        model, tokenizer, _ = results.reference(base)
         validation_all = pack_dataset(splits.validation, tokenizer, protocol.seq_len)
         validation = validation_all.select(range(protocol.validation_rows))
         pool = validation_all.select(range(protocol.validation_rows, len(validation_all)))
@@ -142,7 +113,7 @@ def run(protocol: BIPProtocol, out: Path, log=print) -> list[dict[str, Any]]:
                 row["test"] = measured(model, test, bs)
                 unpatch_model(model)
                 record(row, started)
-    return read_jsonl(path)
+    return results.rows()
 
 
 # ---- summary --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,24 +51,30 @@ BASELINE_MODES = {  # name -> (kind, mode)
 }
 
 
+@dataclasses.dataclass(kw_only=True)
+class RowsSettings:
+    """What every protocol shares: its row counts and shapes, the reference builds' steps and where files are."""
+
+    test_rows: int = 256
+    validation_rows: int = 128
+    batch_size: int = 8
+    seq_len: int = 128
+    reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
+    cache_dir: str | None = None
+    data_dir: str | None = None
+
+
 @dataclasses.dataclass
-class Protocol:
+class Protocol(RowsSettings):
     bases: list[str]
     fractions: list[float]
     seeds: list[int]
     adak_steps: int = 100
-    test_rows: int = 256
-    validation_rows: int = 128
     calibration_rows: int = 64
     search_step: float = 0.25
-    batch_size: int = 8
-    seq_len: int = 128
-    reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
     #: rows Ada-K's budget calibration measures its mean k on: "train" (training batches, the trainer's
     #: default) or "validation" (the validation rows it evaluates on: budget_calibration_data="eval")
     budget_calibration: str = "train"
-    cache_dir: str | None = None
-    data_dir: str | None = None
 
 
 class ProtocolMismatch(RuntimeError):
@@ -78,7 +85,7 @@ class ProtocolMismatch(RuntimeError):
 _LOCATION_FIELDS = ("cache_dir", "data_dir")
 
 
-def check_protocol(protocol: Protocol, path: Path) -> None:
+def check_protocol(protocol: Any, path: Path) -> None:
     """Refuse to add rows of ``protocol`` to a folder whose ``protocol.json`` records another one.
 
     Raises:
@@ -86,7 +93,7 @@ def check_protocol(protocol: Protocol, path: Path) -> None:
     """
     if not path.is_file():
         return
-    recorded = dataclasses.asdict(Protocol(**json.loads(path.read_text())))  # older files: defaults
+    recorded = dataclasses.asdict(type(protocol)(**json.loads(path.read_text())))  # older files: defaults
     wanted = dataclasses.asdict(protocol)
     differ = [k for k in wanted if k not in _LOCATION_FIELDS and wanted[k] != recorded[k]]
     if differ:
@@ -148,30 +155,58 @@ def checked_reference(
     return model, tokenizer, sha
 
 
+class Results:
+    """One output folder of a protocol: ``runs.jsonl`` (a line per finished row; ``done`` holds their keys, so a
+    rerun skips them), ``protocol.json`` (checked: rows of two protocols never mix) and ``reference.json`` (each
+    base's weights SHA-256). ``key`` maps a row to its identity, ``describe`` to its log line.
+
+    Raises ProtocolMismatch where ``out`` holds rows of another protocol.
+    """
+
+    def __init__(self, protocol: Any, out: Path, key: Callable, describe: Callable, log=print) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.protocol, self.path, self.hashes_path = protocol, out / "runs.jsonl", out / "reference.json"
+        check_protocol(protocol, out / "protocol.json")
+        (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
+        self.hashes = json.loads(self.hashes_path.read_text()) if self.hashes_path.is_file() else {}
+        self.key, self.describe, self.log = key, describe, log
+        self.done = {key(r) for r in read_jsonl(self.path)}
+
+    def reference(self, base: str) -> tuple[Any, Any, str]:
+        """The checked reference build ``base`` (see :func:`checked_reference`)."""
+        return checked_reference(self.protocol, base, self.hashes, self.hashes_path, self.path)
+
+    def record(self, row: dict[str, Any], started: float) -> None:
+        """Append ``row`` with its base's weights hash and the CPU seconds since ``started``, and log it."""
+        row = {
+            "weights_sha256": self.hashes[row["base"]],
+            "cpu_seconds": time.process_time() - started,
+            **row,
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add(self.key(row))
+        self.log(self.describe(row))
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)
+
+
+def _describe(row: dict[str, Any]) -> str:
+    what = " ".join(
+        f"{k}={row[k]}" for k in ("kind", "method", "fraction", "seed", "k") if row.get(k) is not None
+    )
+    change = f" ppl {row['perplexity']:.3f}" if "perplexity" in row else ""
+    experts = f" experts {row['mean_experts']:.4f}" if "mean_experts" in row else ""
+    return f"{row['base']} {what}:{change}{experts} ({row['cpu_seconds']:.0f} CPU s)"
+
+
 def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
     """Run (or resume) the protocol into ``out``; returns all rows. Raises ReferenceHashMismatch."""
-    out.mkdir(parents=True, exist_ok=True)
-    path, hashes_path = out / "runs.jsonl", out / "reference.json"
-    check_protocol(protocol, out / "protocol.json")
-    (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
-    hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
-    done = {key(r) for r in read_jsonl(path)}
+    results = Results(protocol, out, key, _describe, log)
+    path, done, record = results.path, results.done, results.record
     splits = evidence_splits(protocol.data_dir)
-    contexts = {}
-    for base in protocol.bases:  # build (or load) and check every base first
-        contexts[base] = checked_reference(protocol, base, hashes, hashes_path, path)
-
-    def record(row: dict[str, Any], started: float) -> None:
-        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done.add(key(row))
-        what = " ".join(
-            f"{k}={row[k]}" for k in ("kind", "method", "fraction", "seed", "k") if row.get(k) is not None
-        )
-        change = f" ppl {row['perplexity']:.3f}" if "perplexity" in row else ""
-        experts = f" experts {row['mean_experts']:.4f}" if "mean_experts" in row else ""
-        log(f"{row['base']} {what}:{change}{experts} ({row['cpu_seconds']:.0f} CPU s)")
+    contexts = {base: results.reference(base) for base in protocol.bases}  # build and check every base first
 
     prepared = {}
     for fraction in protocol.fractions:  # every base at one budget before the next budget
@@ -330,6 +365,8 @@ __all__ = [
     "Protocol",
     "ProtocolMismatch",
     "ReferenceHashMismatch",
+    "Results",
+    "RowsSettings",
     "check_protocol",
     "read_jsonl",
     "run",

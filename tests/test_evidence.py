@@ -256,6 +256,13 @@ def _reproduce(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _smoke_rows(table: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run ``reproduce.py TABLE --smoke --out OUT ARGS``; its result and the rows it wrote (it must succeed)."""
+    result = _reproduce(table, "--smoke", "--out", str(out), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result, [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
 def test_reproduce_help():
     result = _reproduce("--help")
     assert result.returncode == 0 and "adak-evidence" in result.stdout and "--smoke" in result.stdout
@@ -264,9 +271,7 @@ def test_reproduce_help():
 @pytest.mark.slow
 def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     out = tmp_path / "out"
-    result = _reproduce("adak-evidence", "--smoke", "--out", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    result, rows = _smoke_rows("adak-evidence", out)
     kinds = {r["kind"] for r in rows}
     assert {"topk", "static-k", "search", "adak", "baseline"} <= kinds
     tables = (out / "tables.md").read_text()
@@ -291,9 +296,7 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
 @pytest.mark.slow
 def test_reproduce_bip_frozen_smoke_measures_in_sample_validation_and_test_balance(tmp_path):
     out = tmp_path / "out"
-    result = _reproduce("bip-frozen", "--smoke", "--out", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    _, rows = _smoke_rows("bip-frozen", out)
     assert {(r["kind"], r.get("estimate")) for r in rows} == {
         ("topk", None),
         ("bip", "last"),
@@ -320,15 +323,8 @@ def test_reproduce_bip_frozen_smoke_measures_in_sample_validation_and_test_balan
 @pytest.mark.slow
 def test_reproduce_adak_variants_smoke_trains_each_variant_with_its_settings(tmp_path):
     out = tmp_path / "out"
-    result = _reproduce(
-        "adak-variants", "--smoke", "--out", str(out), "--variants", "rollout-8k", "group-loo-4"
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = {
-        r["method"]: r
-        for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())
-        if r["kind"] == "variant"
-    }
+    _, runs = _smoke_rows("adak-variants", out, "--variants", "rollout-8k", "group-loo-4")
+    rows = {r["method"]: r for r in runs if r["kind"] == "variant"}
     assert rows["rollout-8k"]["batch_size"] == 64  # 8k tokens per PPO update
     assert (rows["group-loo-4"]["rollout_samples"], rows["group-loo-4"]["baseline"]) == (4, "leave-one-out")
     assert "| rollout-8k |" in (out / "tables.md").read_text()
