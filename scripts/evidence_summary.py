@@ -150,6 +150,27 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict_markdown(summary: dict[str, Any]) -> str:
+    """Base by base and budget by budget: Ada-K against the strongest baseline of the cell (the lowest pooled
+    perplexity change at Ada-K's compute), with the paired margin and its verdict."""
+    lines = [
+        "| base(s) | budget | Ada-K's routed experts (target) | Ada-K change % | strongest baseline (change %) "
+        "| margin over it, pp (95% CI) | verdict |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for c in summary["cells"]:
+        if not c["baselines"]:
+            continue
+        name, best = min(c["baselines"].items(), key=lambda item: item[1]["change"][0])
+        experts = float(np.mean(c["mean_experts"]))
+        lines.append(
+            f"| {' + '.join(c['bases'])} | {100 * c['fraction']:.0f}% | {experts:.3f} ({c['target']:g}) | "
+            f"{_pp(c['adak_change'])} | {name} ({100 * best['change'][0]:+.2f}) | {_pp(best['margin'])} | "
+            f"{verdict(best['margin'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def pareto_plot(summary: dict[str, Any], path: Path) -> Path | None:
     """Perplexity change vs routed experts (share of top-k) per base: Ada-K, every baseline at its compute and
     static k, each with its paired 95% CI as an error bar; one panel per base. None without single-base cells."""

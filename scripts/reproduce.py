@@ -47,7 +47,7 @@ from bip_evidence import markdown as bip_markdown
 from bip_evidence import run as run_bip
 from evidence_classes import class_markdown
 from evidence_protocol import Protocol, ProtocolMismatch, run
-from evidence_summary import markdown, pareto_plot, summarize
+from evidence_summary import markdown, pareto_plot, summarize, verdict_markdown
 from evidence_variants import VARIANTS, run_variants, variants_markdown
 
 from hf_moe_routing.training.reference import (
@@ -99,6 +99,7 @@ def adak_evidence(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = markdown(summary)
+    text += "\nAgainst the strongest baseline of each cell:\n\n" + verdict_markdown(summary)
     pareto_plot(summary, out / "pareto.png")
     classes = class_markdown(rows)
     text += f"\n{classes}" if classes else ""

@@ -278,6 +278,7 @@ def test_reproduce_smoke_resumes_and_refuses_another_build(tmp_path):
     assert "CPU s" in result.stdout and "Ada-K" in tables
     assert "By token class" in tables and "| function |" in tables  # the per-class accuracy proxy
     assert (out / "pareto.png").stat().st_size > 1000  # the Pareto plot with CIs
+    assert "Against the strongest baseline of each cell" in tables
     adak = next(r for r in rows if r["kind"] == "adak")
     assert np.array_equal(np.sum(adak["class_tokens"], axis=1), adak["tokens"])
     again = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # resumes: nothing new
