@@ -328,3 +328,29 @@ def test_reproduce_adak_variants_smoke_trains_each_variant_with_its_settings(tmp
     assert rows["rollout-8k"]["batch_size"] == 64  # 8k tokens per PPO update
     assert (rows["group-loo-4"]["rollout_samples"], rows["group-loo-4"]["baseline"]) == (4, "leave-one-out")
     assert "| rollout-8k |" in (out / "tables.md").read_text()
+
+
+@pytest.mark.slow
+def test_reproduce_adak_variants_resumes_a_stopped_run_and_refuses_another_protocol(tmp_path):
+    """A run stopped between a variant's row and its baseline's makes the baseline on rerun (else the table
+    silently loses the variant); rows of another protocol are refused, as in adak-evidence."""
+    out = tmp_path / "out"
+    _, rows = _smoke_rows("adak-variants", out, "--variants", "default")
+    assert [r["kind"] for r in rows][-2:] == ["variant", "variant-baseline"]
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # stopped before the baseline
+    _, again = _smoke_rows("adak-variants", out, "--variants", "default")
+    assert [r["kind"] for r in again] == [r["kind"] for r in rows]
+    assert "| default |" in (out / "tables.md").read_text()
+    other = _reproduce(
+        "adak-variants",
+        "--smoke",
+        "--out",
+        str(out),
+        "--variants",
+        "default",
+        "--budget-calibration",
+        "train",
+    )
+    assert other.returncode == 2 and "budget_calibration: 'validation' there, 'train' now" in other.stderr
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)  # nothing mixed in
