@@ -354,3 +354,21 @@ def test_reproduce_adak_variants_resumes_a_stopped_run_and_refuses_another_proto
     )
     assert other.returncode == 2 and "budget_calibration: 'validation' there, 'train' now" in other.stderr
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)  # nothing mixed in
+
+
+def test_row_scores_refuses_token_classes_it_cannot_use_naming_why():
+    """Float or 2-D classes, negative classes and ids beyond the classes (data of another tokenizer) are refused
+    with the reason, not an indexing error deep in a batch (on a GPU: a device-side assert)."""
+    model = tiny_model("mixtral")
+    rows = _rows(2, length=12)
+    vocab = model.config.vocab_size
+    for bad in (torch.zeros(vocab), torch.zeros(vocab, 1, dtype=torch.long), [0] * vocab):
+        with pytest.raises(TypeError, match="1-D integer tensor"):
+            row_scores(model, rows, token_classes=bad)
+    with pytest.raises(ValueError, match="class index >= 0"):
+        row_scores(model, rows, token_classes=torch.full((vocab,), -1))
+    with pytest.raises(ValueError, match="has no class: token_classes covers ids 0..9"):
+        row_scores(model, rows, token_classes=torch.zeros(10, dtype=torch.long))
+    int32 = row_scores(model, rows, token_classes=(torch.arange(vocab) % 3).int())
+    int64 = row_scores(model, rows, token_classes=torch.arange(vocab) % 3)
+    assert np.array_equal(int32.class_tokens, int64.class_tokens)
