@@ -3,6 +3,7 @@ and ``scripts/reproduce.py`` (smoke run, hash refusal)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -372,3 +373,19 @@ def test_row_scores_refuses_token_classes_it_cannot_use_naming_why():
     int32 = row_scores(model, rows, token_classes=(torch.arange(vocab) % 3).int())
     int64 = row_scores(model, rows, token_classes=torch.arange(vocab) % 3)
     assert np.array_equal(int32.class_tokens, int64.class_tokens)
+
+
+def test_check_protocol_refuses_another_tables_folder_as_a_protocol_mismatch(tmp_path):
+    """bip-frozen's protocol.json where adak-evidence writes: ProtocolMismatch (exit 2), not a TypeError."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bip_evidence import BIPProtocol
+        from evidence_protocol import Protocol, ProtocolMismatch, check_protocol
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    path = tmp_path / "protocol.json"
+    path.write_text(json.dumps(dataclasses.asdict(BIPProtocol(bases=["tiny-moe"], seeds=[0]))))
+    with pytest.raises(
+        ProtocolMismatch, match="capacity_factors, fit_rows, loss_free_rates.*choose another --out"
+    ):
+        check_protocol(Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0]), path)
