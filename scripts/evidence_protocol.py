@@ -173,7 +173,8 @@ class Results:
     def __init__(self, protocol: Any, out: Path, key: Callable, describe: Callable, log=print) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.protocol, self.path, self.hashes_path = protocol, out / "runs.jsonl", out / "reference.json"
-        check_protocol(protocol, out / "protocol.json")
+        if read_jsonl(self.path):  # a folder without rows (a run stopped before its first) takes any protocol
+            check_protocol(protocol, out / "protocol.json")
         (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
         self.hashes = json.loads(self.hashes_path.read_text()) if self.hashes_path.is_file() else {}
         self.key, self.describe, self.log = key, describe, log

@@ -389,3 +389,20 @@ def test_check_protocol_refuses_another_tables_folder_as_a_protocol_mismatch(tmp
         ProtocolMismatch, match="capacity_factors, fit_rows, loss_free_rates.*choose another --out"
     ):
         check_protocol(Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0]), path)
+
+
+def test_results_refuse_another_protocol_only_where_rows_were_written(tmp_path):
+    """A run stopped before its first row leaves protocol.json only: a rerun with other settings is no mix."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from evidence_protocol import Protocol, ProtocolMismatch, Results, key
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    first = Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], budget_calibration="train")
+    second = dataclasses.replace(first, budget_calibration="validation")
+    Results(first, tmp_path, key, str)  # stopped before any row
+    results = Results(second, tmp_path, key, str, log=lambda line: None)
+    results.hashes["tiny-moe"] = "0" * 64
+    results.record({"base": "tiny-moe", "kind": "topk"}, 0.0)
+    with pytest.raises(ProtocolMismatch, match="budget_calibration: 'validation' there, 'train' now"):
+        Results(first, tmp_path, key, str)
