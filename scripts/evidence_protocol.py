@@ -93,7 +93,14 @@ def check_protocol(protocol: Any, path: Path) -> None:
     """
     if not path.is_file():
         return
-    recorded = dataclasses.asdict(type(protocol)(**json.loads(path.read_text())))  # older files: defaults
+    data = json.loads(path.read_text())
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(protocol)})
+    if unknown:  # another table's folder (e.g. bip-frozen's rows where adak-evidence's are wanted)
+        raise ProtocolMismatch(
+            f"{path.parent} holds rows of another protocol (its protocol.json has {', '.join(unknown)}, which "
+            f"{type(protocol).__name__} has not): choose another --out."
+        )
+    recorded = dataclasses.asdict(type(protocol)(**data))  # older files: defaults
     wanted = dataclasses.asdict(protocol)
     differ = [k for k in wanted if k not in _LOCATION_FIELDS and wanted[k] != recorded[k]]
     if differ:
@@ -166,7 +173,8 @@ class Results:
     def __init__(self, protocol: Any, out: Path, key: Callable, describe: Callable, log=print) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.protocol, self.path, self.hashes_path = protocol, out / "runs.jsonl", out / "reference.json"
-        check_protocol(protocol, out / "protocol.json")
+        if read_jsonl(self.path):  # a folder without rows (a run stopped before its first) takes any protocol
+            check_protocol(protocol, out / "protocol.json")
         (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
         self.hashes = json.loads(self.hashes_path.read_text()) if self.hashes_path.is_file() else {}
         self.key, self.describe, self.log = key, describe, log

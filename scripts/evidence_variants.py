@@ -16,13 +16,12 @@ baseline, ``baseline="leave-one-out"``).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import Protocol, checked_reference, key, read_jsonl, scores_row, train_adak
+from evidence_protocol import Protocol, Results, _find, key, scores_row, train_adak
 
 from hf_moe_routing import AdaKConfig
 from hf_moe_routing.data import evidence_splits, pack_dataset
@@ -43,24 +42,14 @@ VARIANTS = (
 def run_variants(
     protocol: Protocol, out: Path, variants: list[str], design_rows: int, log=print
 ) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    path, hashes_path = out / "runs.jsonl", out / "reference.json"
-    hashes = json.loads(hashes_path.read_text()) if hashes_path.is_file() else {}
-    done = {key(r) for r in read_jsonl(path)}
+    """Run (or resume) the variants into ``out``; returns all rows. Raises ProtocolMismatch where ``out`` holds
+    rows of another protocol, ReferenceHashMismatch for another build."""
+    results = Results(protocol, out, key, _describe, log)
+    path, done, record = results.path, results.done, results.record
     splits = evidence_splits(protocol.data_dir)
 
-    def record(row: dict[str, Any], started: float) -> None:
-        row = {"weights_sha256": hashes[row["base"]], "cpu_seconds": time.process_time() - started, **row}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done.add(key(row))
-        what = " ".join(str(row.get(k)) for k in ("kind", "method", "fraction", "seed"))
-        log(
-            f"{row['base']} {what}: ppl {row.get('perplexity', float('nan')):.3f} experts {row.get('mean_experts', float('nan')):.4f}"
-        )
-
     for base in protocol.bases:
-        model, tok, _ = checked_reference(protocol, base, hashes, hashes_path, path)
+        model, tok, _ = results.reference(base)
         validation = pack_dataset(splits.validation, tok, protocol.seq_len)
         search_rows = validation.select(range(protocol.validation_rows))
         design = validation.select(range(protocol.validation_rows, protocol.validation_rows + design_rows))
@@ -77,30 +66,6 @@ def run_variants(
             split = None
             for seed in protocol.seeds:
                 for variant in variants:
-                    if (base, "variant", variant, fraction, seed, None) in done:
-                        continue
-                    config, settings, rows = AdaKConfig(), {}, train
-                    if variant == "layer-targets":
-                        if split is None:
-                            found = greedy_layer_budgets(
-                                skip, search_rows, [target], step=protocol.search_step
-                            )
-                            split = next(iter(found.values()))["budgets"]
-                        settings["layer_targets"] = [split[i] for i in sorted(split)]
-                    elif variant == "k_max=all":
-                        config = AdaKConfig(k_max=experts)
-                    elif variant == "renormalize":
-                        config = AdaKConfig(renormalize=True)
-                    elif variant == "heldout-train":
-                        rows = heldout
-                    elif variant == "rollout-8k":
-                        settings["batch_size"] = 64
-                    elif variant == "group-loo-4":
-                        settings |= {"rollout_samples": 4, "baseline": "leave-one-out"}
-                    started = time.process_time()
-                    run = train_adak(
-                        model, rows, search_rows, design, target, seed, protocol, config, **settings
-                    )
                     row = {
                         "base": base,
                         "kind": "variant",
@@ -108,12 +73,47 @@ def run_variants(
                         "fraction": fraction,
                         "seed": seed,
                     }
-                    record({**row, **run, **settings}, started)
+                    run = _find(path, key(row))
+                    if run is None:
+                        config, settings, rows = AdaKConfig(), {}, train
+                        if variant == "layer-targets":
+                            if split is None:
+                                found = greedy_layer_budgets(
+                                    skip, search_rows, [target], step=protocol.search_step
+                                )
+                                split = next(iter(found.values()))["budgets"]
+                            settings["layer_targets"] = [split[i] for i in sorted(split)]
+                        elif variant == "k_max=all":
+                            config = AdaKConfig(k_max=experts)
+                        elif variant == "renormalize":
+                            config = AdaKConfig(renormalize=True)
+                        elif variant == "heldout-train":
+                            rows = heldout
+                        elif variant == "rollout-8k":
+                            settings["batch_size"] = 64
+                        elif variant == "group-loo-4":
+                            settings |= {"rollout_samples": 4, "baseline": "leave-one-out"}
+                        started = time.process_time()
+                        run = train_adak(
+                            model, rows, search_rows, design, target, seed, protocol, config, **settings
+                        )
+                        run = {**row, **run, **settings}
+                        record(run, started)
+                    baseline = {**row, "kind": "variant-baseline"}
+                    if key(baseline) in done:  # (a run stopped between the two rows makes only this one)
+                        continue
                     started = time.process_time()
                     scores, info = match_compute(skip, design, run["mean_experts"], mode="uniform")
-                    row = {**row, "kind": "variant-baseline", "match": {"knob": info["knob"]}}
-                    record({**row, **scores_row(scores)}, started)
-    return read_jsonl(path)
+                    record({**baseline, "match": {"knob": info["knob"]}, **scores_row(scores)}, started)
+    return results.rows()
+
+
+def _describe(row: dict[str, Any]) -> str:
+    what = " ".join(str(row.get(k)) for k in ("kind", "method", "fraction", "seed"))
+    return (
+        f"{row['base']} {what}: ppl {row.get('perplexity', float('nan')):.3f} "
+        f"experts {row.get('mean_experts', float('nan')):.4f}"
+    )
 
 
 def variants_markdown(rows: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ import torch
 from adak_helpers import adak_config, token_rows
 
 from hf_moe_routing.methods.adak import adak_layers, recording
+from hf_moe_routing.patching import get_patch_state
 from hf_moe_routing.testing import tiny_model
 from hf_moe_routing.training.adak import AdaKTrainer, steps
 
@@ -116,7 +117,10 @@ def test_budget_calibration_data_eval_lands_the_budget_on_the_eval_text(tmp_path
 
 def test_budget_calibration_data_eval_needs_an_eval_dataset(tmp_path):
     config = adak_config(tmp_path, target_experts=1.4, budget_calibration_data="eval")
+    model = tiny_model("mixtral")
     with pytest.raises(ValueError, match="pass eval_dataset"):
-        AdaKTrainer(tiny_model("mixtral"), config, token_rows())
+        AdaKTrainer(model, config, token_rows())
+    assert get_patch_state(model) is None  # refused before the model is patched (or moved, or frozen)
+    assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="budget_calibration_data"):
         adak_config(tmp_path, budget_calibration_data="validation")

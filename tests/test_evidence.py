@@ -3,6 +3,7 @@ and ``scripts/reproduce.py`` (smoke run, hash refusal)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -329,3 +330,80 @@ def test_reproduce_adak_variants_smoke_trains_each_variant_with_its_settings(tmp
     assert rows["rollout-8k"]["batch_size"] == 64  # 8k tokens per PPO update
     assert (rows["group-loo-4"]["rollout_samples"], rows["group-loo-4"]["baseline"]) == (4, "leave-one-out")
     assert "| rollout-8k |" in (out / "tables.md").read_text()
+
+
+@pytest.mark.slow
+def test_reproduce_adak_variants_resumes_a_stopped_run_and_refuses_another_protocol(tmp_path):
+    """A run stopped between a variant's row and its baseline's makes the baseline on rerun (else the table
+    silently loses the variant); rows of another protocol are refused, as in adak-evidence."""
+    out = tmp_path / "out"
+    _, rows = _smoke_rows("adak-variants", out, "--variants", "default")
+    assert [r["kind"] for r in rows][-2:] == ["variant", "variant-baseline"]
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # stopped before the baseline
+    _, again = _smoke_rows("adak-variants", out, "--variants", "default")
+    assert [r["kind"] for r in again] == [r["kind"] for r in rows]
+    assert "| default |" in (out / "tables.md").read_text()
+    other = _reproduce(
+        "adak-variants",
+        "--smoke",
+        "--out",
+        str(out),
+        "--variants",
+        "default",
+        "--budget-calibration",
+        "train",
+    )
+    assert other.returncode == 2 and "budget_calibration: 'validation' there, 'train' now" in other.stderr
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)  # nothing mixed in
+
+
+def test_row_scores_refuses_token_classes_it_cannot_use_naming_why():
+    """Float or 2-D classes, negative classes and ids beyond the classes (data of another tokenizer) are refused
+    with the reason, not an indexing error deep in a batch (on a GPU: a device-side assert)."""
+    model = tiny_model("mixtral")
+    rows = _rows(2, length=12)
+    vocab = model.config.vocab_size
+    for bad in (torch.zeros(vocab), torch.zeros(vocab, 1, dtype=torch.long), [0] * vocab):
+        with pytest.raises(TypeError, match="1-D integer tensor"):
+            row_scores(model, rows, token_classes=bad)
+    with pytest.raises(ValueError, match="class index >= 0"):
+        row_scores(model, rows, token_classes=torch.full((vocab,), -1))
+    with pytest.raises(ValueError, match="has no class: token_classes covers ids 0..9"):
+        row_scores(model, rows, token_classes=torch.zeros(10, dtype=torch.long))
+    int32 = row_scores(model, rows, token_classes=(torch.arange(vocab) % 3).int())
+    int64 = row_scores(model, rows, token_classes=torch.arange(vocab) % 3)
+    assert np.array_equal(int32.class_tokens, int64.class_tokens)
+
+
+def test_check_protocol_refuses_another_tables_folder_as_a_protocol_mismatch(tmp_path):
+    """bip-frozen's protocol.json where adak-evidence writes: ProtocolMismatch (exit 2), not a TypeError."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bip_evidence import BIPProtocol
+        from evidence_protocol import Protocol, ProtocolMismatch, check_protocol
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    path = tmp_path / "protocol.json"
+    path.write_text(json.dumps(dataclasses.asdict(BIPProtocol(bases=["tiny-moe"], seeds=[0]))))
+    with pytest.raises(
+        ProtocolMismatch, match="capacity_factors, fit_rows, loss_free_rates.*choose another --out"
+    ):
+        check_protocol(Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0]), path)
+
+
+def test_results_refuse_another_protocol_only_where_rows_were_written(tmp_path):
+    """A run stopped before its first row leaves protocol.json only: a rerun with other settings is no mix."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from evidence_protocol import Protocol, ProtocolMismatch, Results, key
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    first = Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], budget_calibration="train")
+    second = dataclasses.replace(first, budget_calibration="validation")
+    Results(first, tmp_path, key, str)  # stopped before any row
+    results = Results(second, tmp_path, key, str, log=lambda line: None)
+    results.hashes["tiny-moe"] = "0" * 64
+    results.record({"base": "tiny-moe", "kind": "topk"}, 0.0)
+    with pytest.raises(ProtocolMismatch, match="budget_calibration: 'validation' there, 'train' now"):
+        Results(first, tmp_path, key, str)

@@ -69,8 +69,12 @@ def row_scores(
     Counts a routed expert as a non-sentinel slot of the router's output, on real (attention-mask) tokens;
     a shared expert is not counted. ``token_classes`` (V,) int64, the class index of every token id (e.g.
     :func:`hf_moe_routing.evaluation.token_classes.vocab_classes`), adds per-class NLL, token counts and
-    next-token accuracy. Raises FloatingPointError if a row's NLL is not finite.
+    next-token accuracy. Raises FloatingPointError if a row's NLL is not finite; TypeError / ValueError for
+    ``token_classes`` that is not a 1-D tensor of non-negative integers, or that has no entry for a predicted
+    token id (e.g. classes of ``len(tokenizer)`` ids and data made with another tokenizer).
     """
+    if token_classes is not None:
+        _check_token_classes(token_classes)
     blocks = describe(model).blocks
     current: dict[int, torch.Tensor] = {}
     handles = hook_expert_counts(blocks, current)
@@ -112,15 +116,41 @@ def row_scores(
     return scores
 
 
+def _check_token_classes(token_classes: Any) -> None:
+    if (
+        not isinstance(token_classes, torch.Tensor)
+        or token_classes.ndim != 1
+        or token_classes.dtype.is_floating_point
+        or token_classes.dtype.is_complex
+        or token_classes.dtype == torch.bool
+    ):
+        what = (
+            f"a {token_classes.ndim}-D {token_classes.dtype} tensor"
+            if isinstance(token_classes, torch.Tensor)
+            else type(token_classes).__name__
+        )
+        raise TypeError(
+            f"token_classes must be a 1-D integer tensor (the class index of every token id, e.g. "
+            f"hf_moe_routing.evaluation.token_classes.vocab_classes(tokenizer)), got {what}."
+        )
+    if token_classes.numel() == 0 or int(token_classes.min()) < 0:
+        raise ValueError("token_classes must give every token id a class index >= 0.")
+
+
 def _class_sums(logits: torch.Tensor, labels: torch.Tensor, token_classes: torch.Tensor) -> torch.Tensor:
     """(B, 3, C) float64: per row and class of the predicted token, summed NLL, tokens and right argmaxes."""
     logits = logits[:, :-1].float()  # (B, T-1, V) predict labels[:, 1:]
     target = labels[:, 1:].to(logits.device)
     keep = target != IGNORE_INDEX
     safe = target.clamp(min=0)
+    if keep.any() and int(target[keep].max()) >= len(token_classes):
+        raise ValueError(
+            f"Token id {int(target[keep].max())} has no class: token_classes covers ids 0..{len(token_classes) - 1}. "
+            "Make the classes with the tokenizer that made the data (vocab_classes covers len(tokenizer) ids)."
+        )
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
     correct = logits.argmax(dim=-1) == safe
-    classes = token_classes.to(safe.device)[safe]  # (B, T-1)
+    classes = token_classes.to(device=safe.device, dtype=torch.long)[safe]  # (B, T-1)
     num_classes = int(token_classes.max()) + 1
     out = torch.zeros(target.shape[0], 3, num_classes, dtype=torch.float64, device=logits.device)
     for i, values in enumerate((nll, torch.ones_like(nll), correct)):

@@ -79,6 +79,12 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         from transformers import set_seed
 
         self.config = config = config or AdaKTrainingConfig()
+        if config.budget_calibration_data == "eval" and eval_dataset is None:  # before the model is touched
+            raise ValueError(
+                "AdaKTrainingConfig(budget_calibration_data='eval') measures the budget on eval_dataset: "
+                "pass eval_dataset (command line: --eval-dataset, or --eval-batches to hold out the end of "
+                "--dataset), or use 'train'."
+            )
         set_seed(config.seed)
         model = unwrap_model(model)
         state = get_patch_state(model)
@@ -145,11 +151,6 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         self.eval_dataset = (
             prepare_dataset(eval_dataset, model, tokenizer, seq_len) if eval_dataset is not None else None
         )
-        if config.budget_calibration_data == "eval" and self.eval_dataset is None:
-            raise ValueError(
-                "AdaKTrainingConfig(budget_calibration_data='eval') measures the budget on eval_dataset: "
-                "pass eval_dataset (command line: --eval-dataset), or use 'train'."
-            )
         acc = self.accelerator
         self.stream = TrainingStream(
             self.train_dataset,
