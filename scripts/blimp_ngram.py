@@ -37,7 +37,9 @@ over V (the discounted mass is exactly what the lower order gets). The first wor
 
 **Scores.** A sentence's n-gram log-probability is ``sum_i log P_n(w_i | w_{i-n+1..i-1})`` over its words and
 ``</s>``. A model's is the direct scorer of scripts/reference_blimp.py (``log p(" " + sentence | BOS)``, as
-lm-eval's ``blimp_local``). A pair is correct when log p(good) >= log p(bad), for models and n-grams alike.
+lm-eval's ``blimp_local``). A pair is correct when log p(good) >= log p(bad), for models and n-grams alike; an n-gram ties when both
+sentences are made of the same factors (e.g. they differ only in words it has never seen), and the report
+gives the share of ties, which this rule counts as correct.
 
 **Comparison.** Per paradigm and model: the paired difference model - best n-gram of the per-pair correctness
 (1/0), where the best n-gram is the one (bigram or trigram) with the higher accuracy on that paradigm (picked on
@@ -47,8 +49,10 @@ interval lies above (below) 0. At 95% per paradigm, about 67 x 0.025 = 1.7 parad
 "win" by chance alone, so the report also gives an exact McNemar test on the discordant pairs with a Holm
 correction over the paradigms, and the paradigms that both pre-training seeds of an architecture win.
 
-Writes ``<out>/blimp_ngram.json`` (every per-pair result: correctness and log-probabilities of each model and
-n-gram, so the tables can be recomputed) and ``<out>/blimp_ngram.md``. Models that are not built in the cache
+Writes ``<out>/blimp_ngram.json`` (the settings, then one line per paradigm: accuracies, the comparisons, and
+every per-pair result of each model and n-gram, so the tables can be recomputed: ``correct``, a string of 0/1
+in the order of the paradigm's jsonl file, and ``margin``, log p(good) - log p(bad) rounded to 0.01) and
+``<out>/blimp_ngram.md``. Models that are not built in the cache
 are skipped (this script never builds one); ``--models`` without names scores the n-grams only.
 """
 
@@ -166,7 +170,8 @@ class KneserNey:
     def logprob(self, sentence: list[str]) -> float:
         """Natural log-probability of ``<s> sentence </s>`` (every word and ``</s>`` predicted)."""
         tokens = [BOS, *sentence, EOS]
-        return sum(
+        # fsum: the exactly rounded sum, so two sentences made of the same factors tie exactly
+        return math.fsum(
             math.log(self.prob(tokens[i], tokens[max(0, i - self.n + 1) : i])) for i in range(1, len(tokens))
         )
 
@@ -256,14 +261,23 @@ def report(results: dict) -> str:
         "",
         "## Overall accuracy (mean over paradigms; pair-weighted in brackets)",
         "",
-        "| scorer | accuracy |",
-        "|---|---|",
+        "| scorer | accuracy | ties (counted correct) | accuracy, ties counted 1/2 |",
+        "|---|---|---|---|",
     ]
     for name in [*ngrams, *models]:
         acc = [paradigms[p]["accuracy"][name] for p in paradigms]
-        pairs = sum(len(paradigms[p]["pairs"]) for p in paradigms)
-        correct = sum(sum(pair["correct"][name] for pair in paradigms[p]["pairs"]) for p in paradigms)
-        lines.append(f"| {name} | {sum(acc) / len(acc):.4f} ({correct / pairs:.4f}) |")
+        pairs = sum(len(paradigms[p]["correct"][name]) for p in paradigms)
+        correct = sum(paradigms[p]["correct"][name].count("1") for p in paradigms)
+        ties = sum(paradigms[p]["ties"][name] for p in paradigms)
+        half = sum(
+            paradigms[p]["accuracy"][name]
+            - paradigms[p]["ties"][name] / 2 / len(paradigms[p]["correct"][name])
+            for p in paradigms
+        )
+        lines.append(
+            f"| {name} | {sum(acc) / len(acc):.4f} ({correct / pairs:.4f}) | {ties / pairs:.2%} | "
+            f"{half / len(paradigms):.4f} |"
+        )
     lines += [
         "",
         "## Paradigms where a model beats the best n-gram",
@@ -271,7 +285,8 @@ def report(results: dict) -> str:
         "Best n-gram: bigram or trigram, whichever is more accurate on the paradigm. A win (loss): the paired "
         "bootstrap 95% interval of model - best n-gram accuracy lies above (below) 0. About 1.7 wins per model "
         "are expected by chance over 67 paradigms; *Holm* counts the wins that survive an exact McNemar test "
-        "with a Holm correction over the paradigms (family-wise 5%).",
+        "with a Holm correction over the paradigms (family-wise 5%). An n-gram's ties count as correct, which "
+        "makes the comparison conservative for the model.",
         "",
         "| model | wins (CI > 0) | of which Holm | losses (CI < 0) | of which Holm | ties |",
         "|---|---|---|---|---|---|",
@@ -319,6 +334,13 @@ def report(results: dict) -> str:
     for p in paradigms:
         lines.append(f"| {p} | " + " | ".join(f"{paradigms[p]['accuracy'][n]:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def dump(results: dict) -> str:
+    """JSON with the settings indented and one line per paradigm (its per-pair arrays are long)."""
+    head = json.dumps({k: v for k, v in results.items() if k != "paradigms"}, indent=1)[:-2]
+    body = ",\n".join(f" {json.dumps(p)}: {json.dumps(v)}" for p, v in results["paradigms"].items())
+    return f'{head},\n "paradigms": {{\n{body}\n }}\n}}\n'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,27 +401,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     cursor = 0
     for paradigm, pairs in blimp.items():
-        rows = []
-        for j, (good, bad) in enumerate(pairs):
-            i = cursor + 2 * j
-            rows.append(
-                {
-                    "good": good,
-                    "bad": bad,
-                    "logprob": {name: [s[i], s[i + 1]] for name, s in scores.items()},
-                    "correct": {name: int(s[i] >= s[i + 1]) for name, s in scores.items()},
-                }
-            )
+        good = {name: s[cursor : cursor + 2 * len(pairs) : 2] for name, s in scores.items()}
+        bad = {name: s[cursor + 1 : cursor + 2 * len(pairs) : 2] for name, s in scores.items()}
         cursor += 2 * len(pairs)
-        correct = {name: [row["correct"][name] for row in rows] for name in scores}
+        correct = {name: [int(g >= b) for g, b in zip(good[name], bad[name])] for name in scores}
         results["paradigms"][paradigm] = {
             "accuracy": {name: sum(c) / len(c) for name, c in correct.items()},
+            "ties": {name: sum(g == b for g, b in zip(good[name], bad[name])) for name in scores},
             "vs_best_ngram": {m: compare(correct[m], {n: correct[n] for n in ngrams}) for m in model_scores},
-            "pairs": rows,
+            "correct": {name: "".join(map(str, c)) for name, c in correct.items()},
+            "margin": {name: [round(g - b, 2) for g, b in zip(good[name], bad[name])] for name in scores},
         }
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "blimp_ngram.json").write_text(json.dumps(results, indent=1))
+    (args.out / "blimp_ngram.json").write_text(dump(results))
     text = report(results)
     (args.out / "blimp_ngram.md").write_text(text)
     print(text.split("\n## Per paradigm")[0])
