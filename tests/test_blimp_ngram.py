@@ -3,6 +3,7 @@ order preferred, and the statistics of the report. Offline, toy corpora, no refe
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -93,3 +94,21 @@ def test_compare_picks_the_best_ngram():
     assert result["best_ngram"] == "3-gram"
     assert result["diff"] == pytest.approx(0.3)
     assert result["ci"][0] > 0 and result["wins"] == 15 and result["losses"] == 0
+
+
+def test_the_report_is_recomputed_from_the_json(tmp_path):
+    """A run on the real data (n-grams only, 3 pairs per paradigm); ``--report-only`` rewrites the same .md."""
+    from hf_moe_routing.data import data_dir
+
+    try:
+        data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"shared data folder missing: {error}")
+    assert bn.main(["--limit", "3", "--models", "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "blimp_ngram.md").read_text()
+    results = json.loads((tmp_path / "blimp_ngram.json").read_text())
+    assert len(results["paradigms"]) == 67
+    for paradigm in results["paradigms"].values():
+        assert all(len(paradigm["correct"][n]) == len(paradigm["margin"][n]) == 3 for n in results["ngrams"])
+    assert bn.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "blimp_ngram.md").read_text() == first
