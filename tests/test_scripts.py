@@ -36,6 +36,7 @@ def _is_command(path: Path) -> bool:
 COMMANDS = sorted(p for p in SCRIPTS.glob("*.py") if _is_command(p))
 #: smoke arguments of commands without a ``--smoke`` option ({out}: a fresh folder)
 SMOKE: dict[str, list[str]] = {
+    "blimp_ngram.py": ["--limit", "5", "--models", "--out", "{out}"],  # the n-grams only: no reference build
     "bench_adak_speed.py": ["--smoke", "--out", "{out}"],  # listed: a smoke run then needs no --help first
     "bench_sentinel_experts.py": [
         *("--shapes", "small", "--tokens", "32", "--kept", "1.0", "0.5"),
@@ -137,7 +138,7 @@ def test_smoke_run(script, request, tmp_path):
             pytest.fail(
                 f"scripts/{script.name} has no smoke setting (test_there_are_commands_... says what to do)"
             )
-    if script.name == "pretrain_comparison.py":
+    if script.name in ("pretrain_comparison.py", "blimp_ngram.py"):
         from hf_moe_routing.data import data_dir
 
         try:
