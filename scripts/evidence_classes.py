@@ -76,8 +76,8 @@ def class_markdown(rows: list[dict[str, Any]]) -> str:
                 for f in ("class_nll", "class_correct")
             }
             ref_nll, tokens = _classes(ref, "class_nll"), _classes(ref, "class_tokens")
-            for c, name in enumerate(CLASSES):
-                n = tokens[:, c]
+            for c in range(tokens.shape[1]):
+                name, n = CLASSES[c] if c < len(CLASSES) else f"class {c}", tokens[:, c]
                 if n.sum() < 100:  # too few tokens for a class-level figure
                     continue
                 args = (ref_nll[:, c], n)

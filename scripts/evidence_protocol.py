@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -60,6 +61,7 @@ class RowsSettings:
     batch_size: int = 8
     seq_len: int = 128
     reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
+    threads: int = 1  # torch threads: results depend on them
     cache_dir: str | None = None
     data_dir: str | None = None
 
@@ -109,6 +111,14 @@ def check_protocol(protocol: Any, path: Path) -> None:
             f"{path.parent} holds rows of another protocol ({what}); rows of two protocols never mix in one "
             "table: choose another --out, or repeat the recorded settings."
         )
+
+
+def rows_sha256(rows: Any) -> str:
+    """SHA-256 of the token ids of packed ``rows``: two bases' rows can be paired only where it is equal."""
+    digest = hashlib.sha256()
+    for ids in rows["input_ids"]:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def scores_row(scores: RowScores) -> dict[str, Any]:
@@ -297,6 +307,7 @@ def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) 
             {
                 "base": base,
                 "kind": "topk",
+                "test_rows_sha256": rows_sha256(test),
                 **scores_row(row_scores(model, test, batch_size=protocol.batch_size, token_classes=classes)),
             },
             started,

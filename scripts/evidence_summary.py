@@ -13,6 +13,7 @@ An advantage is called *measurable* only where the CI excludes 0.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,23 @@ def verdict(ci: tuple[float, float, float]) -> str:
     return "no measurable difference"
 
 
+def same_test_rows(topk_rows: list[dict[str, Any]]) -> bool:
+    """Whether every base was scored on the same token rows, so rows can be paired across bases: by the rows'
+    hash (``test_rows_sha256``), or, for rows made before it was recorded, by the reference shape (a
+    ``<shape>-seed<N>`` build shares its shape's tokenizer)."""
+    hashes = {r.get("test_rows_sha256") for r in topk_rows}
+    if None not in hashes:
+        return len(hashes) == 1
+    return len({re.sub(r"-seed\d+$", "", r["base"]) for r in topk_rows}) == 1
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Numbers behind the tables: ``{"cells": [...], "static": [...]}`` (fractions, not percent)."""
     cells, static = [], []
     bases = list(dict.fromkeys(r["base"] for r in rows))
     topk = {b: next(r for r in rows if r["base"] == b and r["kind"] == "topk") for b in bases}
     tokens = np.asarray(topk[bases[0]]["tokens"], dtype=np.float64)
-    shared = all(topk[b]["tokens"] == topk[bases[0]]["tokens"] for b in bases)
+    shared = same_test_rows([topk[b] for b in bases])
     for b in bases:
         for r in rows:
             if r["base"] == b and r["kind"] == "static-k":
@@ -180,6 +191,7 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path | None:
     bases = list(dict.fromkeys(c["bases"][0] for c in cells))
     if not bases:
         return None
+    methods = list(dict.fromkeys(m for c in cells for m in c["baselines"]))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(bases), figsize=(4.2 * len(bases), 3.6), squeeze=False)
     for ax, base in zip(axes[0], bases):
@@ -194,8 +206,9 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path | None:
         for c in mine:
             x = float(np.mean(c["mean_experts"])) / top_k
             bar(x, c["adak_change"], fmt="o", color="C0", label="Ada-K")
-            for i, (m, b) in enumerate(c["baselines"].items()):
-                bar(x + 0.004 * (i + 1), b["change"], fmt="s", color=f"C{i + 1}", label=m, alpha=0.8)
+            for m, b in c["baselines"].items():
+                i = methods.index(m) + 1  # one colour and offset per baseline in every panel
+                bar(x + 0.004 * i, b["change"], fmt="s", color=f"C{i}", label=m, alpha=0.8)
         for s in (s for s in summary["static"] if s["base"] == base):
             bar(s["k"] / top_k, s["change"], fmt="^", color="C7", label="static k")
         ax.axhline(0.0, color="k", lw=0.6)

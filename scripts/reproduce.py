@@ -77,6 +77,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
             search_step=1.0,
             reference_steps=20,
             budget_calibration=args.budget_calibration,
+            threads=args.threads,
             cache_dir=args.cache_dir or str(Path(args.out) / "cache"),
             data_dir=args.data_dir,
         )
@@ -86,6 +87,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
         seeds=args.seeds or seeds,
         adak_steps=args.adak_steps,
         budget_calibration=args.budget_calibration,
+        threads=args.threads,
         cache_dir=args.cache_dir,
         data_dir=args.data_dir,
         **full,
@@ -141,7 +143,7 @@ def bip_frozen(args: argparse.Namespace) -> int:
             test_rows=args.test_rows,
             cache_dir=args.cache_dir,
         )
-    protocol = BIPProtocol(**settings, data_dir=args.data_dir)
+    protocol = BIPProtocol(**settings, threads=args.threads, data_dir=args.data_dir)
     out = Path(args.out)
     rows = run_bip(protocol, out, log=lambda line: print(line, flush=True))
     text = bip_markdown(rows)

@@ -407,3 +407,15 @@ def test_results_refuse_another_protocol_only_where_rows_were_written(tmp_path):
     results.record({"base": "tiny-moe", "kind": "topk"}, 0.0)
     with pytest.raises(ProtocolMismatch, match="budget_calibration: 'validation' there, 'train' now"):
         Results(first, tmp_path, key, str)
+
+
+def test_rows_of_two_bases_pool_only_where_they_are_the_same_token_rows():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from evidence_summary import same_test_rows
+
+    same = [{"base": "a", "test_rows_sha256": "1"}, {"base": "b", "test_rows_sha256": "1"}]
+    assert same_test_rows(same)
+    assert not same_test_rows([same[0], {"base": "b", "test_rows_sha256": "2"}])  # another tokenizer's rows
+    # rows recorded before the hash: a <shape>-seed<N> build shares its shape's tokenizer, other shapes do not
+    assert same_test_rows([{"base": "tiny-moe"}, {"base": "tiny-moe-seed1"}])
+    assert not same_test_rows([{"base": "tiny-moe"}, {"base": "mixtral-8x2"}])

@@ -81,7 +81,8 @@ class AdaKTrainingConfig(JSONConfig):
     budget_calibration: bool = _f(
         True,
         "after PPO, tilt every allocator's bias by one common amount so that the greedy mean on "
-        "calibration_batches training batches is target_experts (needs allocator_bias)",
+        "calibration_batches batches (of the rows budget_calibration_data names) is target_experts "
+        "(needs allocator_bias)",
     )
     budget_calibration_data: str = _f(
         "train",
