@@ -124,3 +124,17 @@ def test_budget_calibration_data_eval_needs_an_eval_dataset(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="budget_calibration_data"):
         adak_config(tmp_path, budget_calibration_data="validation")
+
+
+def test_the_model_card_keeps_the_budget_calibration_settings_exactly_where_the_calibration_runs(tmp_path):
+    from hf_moe_routing.training.adak.reporting import settings_that_did_not_run
+
+    calibrated = _trainer(tmp_path / "a", "mixtral", 1.4)  # random warm start, but a budget to calibrate to
+    skipped = settings_that_did_not_run(calibrated)
+    assert "calibration_batches" not in skipped and "budget_calibration_data" not in skipped
+    no_target = AdaKTrainer(
+        tiny_model("mixtral"),
+        adak_config(tmp_path / "b", warmup="random", max_steps=0, target_experts=None, k_penalty=0.1),
+        token_rows(length=16),
+    )
+    assert {"calibration_batches", "budget_calibration_data"} <= set(settings_that_did_not_run(no_target))

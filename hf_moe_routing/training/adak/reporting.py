@@ -128,8 +128,14 @@ def settings_that_did_not_run(trainer: Trainer) -> list[str]:
         skip += ["warmup_p"]
     if not trainer.exact_start:
         skip += ["warmup_scale"]
-    if config.warmup in ("random", "k-warm"):
-        skip += ["calibration_batches", "warmup_mean_label"]
+    calibrates_budget = config.budget_calibration and config.target_experts is not None
+    if config.warmup in (
+        "random",
+        "k-warm",
+    ):  # no calibrated warm start; the budget calibration may still run
+        skip += ["warmup_mean_label"] + ([] if calibrates_budget else ["calibration_batches"])
+    if not calibrates_budget:
+        skip += ["budget_calibration_data"]
     if config.target_experts is None:
         skip += ["target_experts", "k_penalty_learning_rate"]
     if config.baseline == "counterfactual":
