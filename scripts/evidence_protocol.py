@@ -7,7 +7,8 @@ Per reference build (each pre-training seed is its own base), on the evidence sp
 2. per-layer budgets of dynamic skipping and top-p searched on the *validation* rows (greedy marginal value per
    expert per layer, refined), for every budget fraction;
 3. for every fraction and allocator seed: Ada-K with our defaults (``target_experts = fraction * top_k``,
-   trained on the pretrain split shuffled by the seed, its own evaluation on validation rows), scored on the
+   trained on the pretrain split, or ``heldout_train`` with ``train_text``, shuffled by the seed, its own
+   evaluation on validation rows), scored on the
    test rows; then every baseline solved to *that run's* mean routed experts on the test rows and scored:
    dynamic skipping with one quantile for all layers (the paper; ``dyn-skip uniform``), with the searched
    per-layer budgets (``dyn-skip per-layer``), top-p with one p (the paper; ``top-p global``) and with
@@ -52,6 +53,10 @@ BASELINE_MODES = {  # name -> (kind, mode)
 }
 
 
+#: splits Ada-K may train on (``Protocol.train_text``); never the validation or test rows
+TRAIN_TEXTS = ("pretrain", "heldout_train")
+
+
 @dataclasses.dataclass(kw_only=True)
 class RowsSettings:
     """What every protocol shares: its row counts and shapes, the reference builds' steps and where files are."""
@@ -77,6 +82,13 @@ class Protocol(RowsSettings):
     #: rows Ada-K's budget calibration measures its mean k on: "train" (training batches, the trainer's
     #: default) or "validation" (the validation rows it evaluates on: budget_calibration_data="eval")
     budget_calibration: str = "train"
+    #: the split Ada-K trains on and the baselines calibrate their thresholds on (the same text for both):
+    #: "pretrain" (text the base model was pre-trained on) or "heldout_train" (text it never saw)
+    train_text: str = "pretrain"
+
+    def __post_init__(self) -> None:
+        if self.train_text not in TRAIN_TEXTS:
+            raise ValueError(f"train_text={self.train_text!r}: choose one of {', '.join(TRAIN_TEXTS)}.")
 
 
 class ProtocolMismatch(RuntimeError):
@@ -300,7 +312,7 @@ def _prepare(base: str, context, splits, protocol: Protocol, done: set, record) 
     pack = lambda texts, n: pack_dataset(texts, tokenizer, protocol.seq_len).select(range(n))  # noqa: E731
     test = pack(splits.test, protocol.test_rows)
     validation = pack(splits.validation, protocol.validation_rows)
-    train = pack_dataset(splits.pretrain, tokenizer, protocol.seq_len)
+    train = pack_dataset(getattr(splits, protocol.train_text), tokenizer, protocol.seq_len)
     started = time.process_time()
     if (base, "topk", None, None, None, None) not in done:
         record(
@@ -386,6 +398,7 @@ __all__ = [
     "ReferenceHashMismatch",
     "Results",
     "RowsSettings",
+    "TRAIN_TEXTS",
     "check_protocol",
     "read_jsonl",
     "run",

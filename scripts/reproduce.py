@@ -27,6 +27,10 @@ Tables:
 * ``reference-models``: builds the named reference models (default ``tiny-moe``) and compares each weights
   hash with ``hf_moe_routing/training/reference_hashes.json`` for this torch version and thread count.
 
+``--train-text heldout_train`` (adak-evidence) trains Ada-K, and calibrates the baselines' thresholds, on
+``heldout_train`` (WikiText-2 test's first half, text the base never saw) instead of ``pretrain``; issue 19's
+validation study found it the one choice that helped on both shapes (docs/evidence.md).
+
 Other README tables keep their own scripts for now (``scripts/adak_tradeoff.py``, ``scripts/bip_existing_checkpoints.py``): their
 commands are in the README next to each table.
 """
@@ -46,7 +50,7 @@ from bip_evidence import BIPProtocol
 from bip_evidence import markdown as bip_markdown
 from bip_evidence import run as run_bip
 from evidence_classes import class_markdown
-from evidence_protocol import Protocol, ProtocolMismatch, run
+from evidence_protocol import TRAIN_TEXTS, Protocol, ProtocolMismatch, run
 from evidence_summary import markdown, pareto_plot, summarize, verdict_markdown
 from evidence_variants import VARIANTS, run_variants, variants_markdown
 
@@ -72,6 +76,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
             seeds=[0],
             adak_steps=2,
             **({"test_rows": 24} if "test_rows" in full else {}),
+            **({"train_text": full["train_text"]} if "train_text" in full else {}),
             validation_rows=8,
             calibration_rows=8,
             search_step=1.0,
@@ -95,7 +100,7 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
 
 
 def adak_evidence(args: argparse.Namespace) -> int:
-    protocol = _protocol(args, [0.7, 0.6], [0, 1, 2], test_rows=args.test_rows)
+    protocol = _protocol(args, [0.7, 0.6], [0, 1, 2], test_rows=args.test_rows, train_text=args.train_text)
     out = Path(args.out)
     rows = run(protocol, out, log=lambda line: print(line, flush=True))
     summary = summarize(rows)
@@ -199,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         help="rows Ada-K's budget calibration measures the mean k on: the validation rows it is evaluated on "
         "(default: lands within 3%% of the budget on the test rows, docs/evidence.md) or its training batches",
     )
+    parser.add_argument(
+        "--train-text",
+        choices=TRAIN_TEXTS,
+        default="pretrain",
+        help="adak-evidence: the split Ada-K trains on and the baselines calibrate on: the base model's "
+        "pre-training text (default) or heldout_train, text it never saw (default --out gains -heldout-train)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
     parser.add_argument("--cache-dir")
@@ -214,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out = f"results/evidence/{args.table}-{args.bases[0]}"
         else:
             args.out = f"results/evidence/{args.table}"
+        if args.table == "adak-evidence" and args.train_text != "pretrain":
+            args.out += "-" + args.train_text.replace("_", "-")
     started, wall = time.process_time(), time.perf_counter()
     try:
         run_table = {

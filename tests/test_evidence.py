@@ -419,3 +419,53 @@ def test_rows_of_two_bases_pool_only_where_they_are_the_same_token_rows():
     # rows recorded before the hash: a <shape>-seed<N> build shares its shape's tokenizer, other shapes do not
     assert same_test_rows([{"base": "tiny-moe"}, {"base": "tiny-moe-seed1"}])
     assert not same_test_rows([{"base": "tiny-moe"}, {"base": "mixtral-8x2"}])
+
+
+def test_protocol_trains_ada_k_and_calibrates_the_baselines_on_the_named_text(monkeypatch):
+    """``train_text`` picks the split that Ada-K trains on and the baselines' thresholds calibrate on; the
+    recorded default stays ``pretrain`` (older folders resume), and an unknown split is refused at construction."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evidence_protocol
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    class Packed:
+        def select(self, rows):
+            return self
+
+    class Stop(Exception):
+        pass
+
+    splits = dataclasses.make_dataclass("Splits", ["pretrain", "validation", "heldout_train", "test"])(
+        ["pre"], ["val"], ["held"], ["test"]
+    )
+    for text, wanted in (("pretrain", ["pre"]), ("heldout_train", ["held"])):
+        packed = []
+
+        def pack(texts, tokenizer, seq_len, packed=packed):
+            packed.append(texts)
+            if len(packed) == 3:  # test, validation, then the training text: nothing else is needed
+                raise Stop
+            return Packed()
+
+        monkeypatch.setattr(evidence_protocol, "pack_dataset", pack)
+        monkeypatch.setattr(evidence_protocol, "vocab_classes", lambda tokenizer: None)
+        protocol = evidence_protocol.Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], train_text=text)
+        with pytest.raises(Stop):
+            evidence_protocol._prepare("tiny-moe", (None, None, None), splits, protocol, set(), None)
+        assert packed == [["test"], ["val"], wanted]
+    assert evidence_protocol.Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0]).train_text == "pretrain"
+    with pytest.raises(ValueError, match="train_text='validation': choose one of pretrain, heldout_train"):
+        evidence_protocol.Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], train_text="validation")
+
+
+@pytest.mark.slow
+def test_reproduce_heldout_train_writes_its_own_folder_and_records_the_text(tmp_path):
+    """``--train-text heldout_train`` is recorded in protocol.json, so its rows never mix with pretrain's."""
+    out = tmp_path / "held"
+    result, rows = _smoke_rows("adak-evidence", out, "--train-text", "heldout_train")
+    assert json.loads((out / "protocol.json").read_text())["train_text"] == "heldout_train"
+    assert any(r["kind"] == "adak" for r in rows)
+    mixed = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # the default text into that folder
+    assert mixed.returncode == 2 and "train_text: 'heldout_train' there, 'pretrain' now" in mixed.stderr
