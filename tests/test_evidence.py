@@ -469,3 +469,54 @@ def test_reproduce_heldout_train_writes_its_own_folder_and_records_the_text(tmp_
     assert any(r["kind"] == "adak" for r in rows)
     mixed = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # the default text into that folder
     assert mixed.returncode == 2 and "train_text: 'heldout_train' there, 'pretrain' now" in mixed.stderr
+
+
+def _evidence_folder(
+    path: Path,
+    adak_nll: list[float],
+    *,
+    build: str = "a" * 64,
+    topk_nll=(10.0, 10.0),
+    rows_hash: str | None = "r",
+) -> Path:
+    """An adak-evidence results folder of one base, two test rows of 5 tokens, Ada-K at 70% with two seeds."""
+    path.mkdir()
+    (path / "reference.json").write_text(json.dumps({"tiny-moe": build}))
+    topk = {"base": "tiny-moe", "kind": "topk", "nll": list(topk_nll), "tokens": [5, 5]}
+    topk |= {"test_rows_sha256": rows_hash} if rows_hash else {}  # older folders did not record it
+    adak = [
+        {"base": "tiny-moe", "kind": "adak", "fraction": 0.7, "seed": s, "nll": adak_nll, "mean_experts": 2.8}
+        for s in (0, 1)
+    ]
+    (path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [topk, *adak]))
+    return path
+
+
+def test_evidence_compare_pairs_two_folders_rows_and_refuses_other_builds(tmp_path):
+    """B's Ada-K with lower NLL on both rows is better by the exact perplexity margin; rows of another build
+    or other test rows are refused, naming why (exit 2)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from evidence_compare import NotPaired, compare, main
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    a = _evidence_folder(tmp_path / "a", [10.5, 10.5])
+    b = _evidence_folder(tmp_path / "b", [10.2, 10.0])
+    (entry,) = compare(a, b)
+    change_a, change_b = math.expm1(1.0 / 10), math.expm1(0.2 / 10)
+    assert entry["change"] == pytest.approx([change_a, change_b])
+    assert entry["margin"][0] == pytest.approx(change_a - change_b)  # > 0: B better
+    assert 0 < entry["margin"][1] <= entry["margin"][0] <= entry["margin"][2]
+    (flipped,) = compare(b, a)
+    assert flipped["margin"][0] == pytest.approx(-entry["margin"][0])
+    other_build = _evidence_folder(tmp_path / "c", [10.2, 10.0], build="b" * 64)
+    with pytest.raises(NotPaired, match="tiny-moe: weights a+ in .* b+ in"):
+        compare(a, other_build)
+    other_rows = _evidence_folder(tmp_path / "d", [10.2, 10.0], topk_nll=(9.0, 10.0))
+    with pytest.raises(NotPaired, match="test rows"):
+        compare(a, other_rows)
+    assert main([str(a), str(other_rows)]) == 2
+    unhashed = _evidence_folder(tmp_path / "e", [10.2, 10.0], rows_hash=None)  # same build, same Top-K rows
+    assert compare(a, unhashed)[0]["margin"][0] == pytest.approx(entry["margin"][0])
+    with pytest.raises(NotPaired, match="test rows"):
+        compare(_evidence_folder(tmp_path / "f", [10.2, 10.0], rows_hash="s"), a)

@@ -36,6 +36,10 @@ def _is_command(path: Path) -> bool:
 COMMANDS = sorted(p for p in SCRIPTS.glob("*.py") if _is_command(p))
 #: smoke arguments of commands without a ``--smoke`` option ({out}: a fresh folder)
 SMOKE: dict[str, list[str]] = {
+    "evidence_compare.py": [  # the committed mixtral-8x2 results: pretrain against heldout_train training text
+        str(SCRIPTS.parent / "results/evidence/adak-evidence-mixtral-8x2"),
+        str(SCRIPTS.parent / "results/evidence/adak-evidence-mixtral-8x2-heldout-train"),
+    ],
     "blimp_ngram.py": ["--limit", "5", "--models", "--out", "{out}"],  # the n-grams only: no reference build
     "bench_adak_speed.py": ["--smoke", "--out", "{out}"],  # listed: a smoke run then needs no --help first
     "bench_sentinel_experts.py": [
