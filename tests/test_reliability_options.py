@@ -10,6 +10,7 @@ the option's definition, computed here.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -218,12 +219,13 @@ def test_bip_fit_estimate_keeps_the_last_or_the_mean_solve(family):
         layer(block.router, hidden)
         solves.append(layer.q.clone())
     assert not torch.equal(solves[0], solves[-1])
-    for estimate, expected in (("last", solves[-1]), ("mean", torch.stack(solves).mean(dim=0))):
+    estimates = (("last", solves[-1]), ("mean", torch.stack(solves).mean(dim=0)))
+    for (estimate, expected), finish in itertools.product(estimates, ("end_fit", "abort_fit")):
         _, block, layer = _setup(family, BIPConfig(fit_estimate=estimate))  # eval mode, as fit_routing
         layer.begin_fit()
         for hidden in hiddens:
             layer(block.router, hidden)
-        layer.end_fit()
+        getattr(layer, finish)()  # an aborted fit (fit_routing interrupted) keeps the same estimate
         torch.testing.assert_close(layer.q, expected, rtol=0, atol=1e-6)
         layer(block.router, hiddens[0])  # after fitting, q is frozen in eval mode
         torch.testing.assert_close(layer.q, expected, rtol=0, atol=1e-6)

@@ -69,15 +69,19 @@ class BIPLayer(RoutingLayer):
     def end_fit(self) -> dict[str, float]:
         """Stop fitting (q becomes the mean solve with ``fit_estimate="mean"``); returns the last solve's
         rounds and overload (tokens) and q's largest price."""
+        self._stop_fit()
+        return {"rounds": self.last_rounds, "overload": self.last_overload, "q_max": float(self.q.max())}
+
+    def abort_fit(self) -> None:
+        """Stop fitting after an error: q is the ``fit_estimate`` over the batches that finished (with
+        ``"mean"``, their mean solve, as :meth:`end_fit` would give; with ``"last"``, the last one)."""
+        self._stop_fit()
+
+    def _stop_fit(self) -> None:
         self.fitting = False
         if self.fit_estimate == "mean" and self._fit_count:
             self.q.copy_(self._fit_sum / self._fit_count)
         self._fit_sum, self._fit_count = None, 0
-        return {"rounds": self.last_rounds, "overload": self.last_overload, "q_max": float(self.q.max())}
-
-    def abort_fit(self) -> None:
-        """Stop fitting after an error (the state keeps the updates made so far)."""
-        self.fitting = False
         self._fit_sum, self._fit_count = None, 0
 
     def updates_now(self) -> bool:
