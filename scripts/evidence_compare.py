@@ -22,7 +22,7 @@ import numpy as np
 from evidence_protocol import read_jsonl
 from evidence_summary import same_test_rows
 
-from hf_moe_routing.evaluation.paired import ppl_margin_ci
+from hf_moe_routing.evaluation.paired import ppl_change_ci, ppl_margin_ci
 
 
 class NotPaired(ValueError):
@@ -34,11 +34,6 @@ def _load(folder: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     if not runs.is_file():
         raise NotPaired(f"{folder} has no runs.jsonl: give an adak-evidence results folder.")
     return read_jsonl(runs), json.loads(hashes.read_text()) if hashes.is_file() else {}
-
-
-def _change(nll: np.ndarray, ref: np.ndarray, tokens: np.ndarray) -> float:
-    """Perplexity change vs the reference (a fraction)."""
-    return float(np.expm1((nll - ref).sum() / tokens.sum()))
 
 
 def compare(a: Path, b: Path) -> list[dict[str, Any]]:
@@ -73,8 +68,6 @@ def compare(a: Path, b: Path) -> list[dict[str, Any]]:
                 [r for r in rows if r["kind"] == "adak" and r["fraction"] == fraction and r["base"] in group]
                 for rows in (rows_a, rows_b)
             ]
-            if not runs[0] or not runs[1]:
-                continue
             if any({r["base"] for r in rs} != set(group) for rs in runs):
                 continue
             # each base weighs equally: its seeds' per-row NLL averaged, then the bases averaged
@@ -89,7 +82,7 @@ def compare(a: Path, b: Path) -> list[dict[str, Any]]:
                     "fraction": fraction,
                     "experts": [float(np.mean([r["mean_experts"] for r in rs])) for rs in runs],
                     "runs": [len(rs) for rs in runs],
-                    "change": [_change(nll_a, ref, tokens), _change(nll_b, ref, tokens)],
+                    "change": [ppl_change_ci(nll, ref, tokens)[0] for nll in (nll_a, nll_b)],
                     "margin": ppl_margin_ci(nll_b, nll_a, ref, tokens),
                 }
             )

@@ -8,11 +8,10 @@ Per reference build (each pre-training seed is its own base), on the evidence sp
    expert per layer, refined), for every budget fraction;
 3. for every fraction and allocator seed: Ada-K with our defaults (``target_experts = fraction * top_k``,
    trained on the pretrain split, or ``heldout_train`` with ``train_text``, shuffled by the seed, its own
-   evaluation on validation rows), scored on the
-   test rows; then every baseline solved to *that run's* mean routed experts on the test rows and scored:
-   dynamic skipping with one quantile for all layers (the paper; ``dyn-skip uniform``), with the searched
-   per-layer budgets (``dyn-skip per-layer``), top-p with one p (the paper; ``top-p global``) and with
-   searched per-layer budgets (``top-p per-layer``).
+   evaluation on validation rows), scored on the test rows; then every baseline solved to *that run's* mean
+   routed experts on the test rows and scored: dynamic skipping with one quantile for all layers (the paper;
+   ``dyn-skip uniform``), with the searched per-layer budgets (``dyn-skip per-layer``), top-p with one p (the
+   paper; ``top-p global``) and with searched per-layer budgets (``top-p per-layer``).
 
 Every row stores per-row NLLs, so any comparison is a paired bootstrap over test rows. Rows go to
 ``<out>/runs.jsonl`` as they finish (a rerun skips finished ones); ``<out>/reference.json`` records each

@@ -82,7 +82,6 @@ class BIPLayer(RoutingLayer):
         if self.fit_estimate == "mean" and self._fit_count:
             self.q.copy_(self._fit_sum / self._fit_count)
         self._fit_sum, self._fit_count = None, 0
-        self._fit_sum, self._fit_count = None, 0
 
     def updates_now(self) -> bool:
         """Whether this forward updates the state: in training mode, while fitting, or with ``update_in_eval``."""

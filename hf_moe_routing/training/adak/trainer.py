@@ -31,7 +31,8 @@ from . import checkpoint as ckpt
 from . import steps
 from .config import AdaKTrainingConfig, TrainerState
 from .data import TrainingStream, prepare_dataset
-from .distributed import fsdp_plugin, local_tensor, mixed_precision, shard_frozen_model
+from .distributed import fsdp_plugin, mixed_precision, shard_frozen_model
+from .frozen_base import FrozenBase
 from .reporting import AdaKTrainOutput, LoggingMixin, _flat
 from .saving import SavingMixin
 from .targets import layer_targets
@@ -142,9 +143,7 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         elif not device_map:
             model.to(self.accelerator.device)
         self.bank.requires_grad_(True)
-        allocator_ids = {id(p) for p in self.bank.parameters()}
-        self._base_params = [(n, p) for n, p in model.named_parameters() if id(p) not in allocator_ids]
-        self._base_checksum = self._checksum() if config.verify_base_unchanged else None
+        self.frozen_base = FrozenBase(model, self.bank.parameters(), config.verify_base_unchanged)
 
         self.tokenizer, self.seq_len, self.eval_fn = tokenizer, seq_len, eval_fn
         self.train_dataset = prepare_dataset(train_dataset, model, tokenizer, seq_len)
@@ -201,27 +200,6 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         others = len(self.shape.moe_layers) - len(per_adak_layer)
         return (sum(per_adak_layer) + others * self.shape.top_k) / len(self.shape.moe_layers)
 
-    def _checksum(self) -> list[float]:
-        with torch.no_grad():  # offloaded (meta) weights cannot change; FSDP shards are checked locally
-            return [
-                float(local_tensor(p).detach().double().sum())
-                for _, p in self._base_params
-                if p.device.type != "meta"
-            ]
-
-    def _check_base_frozen(self) -> None:
-        for name, param in self._base_params:
-            if param.requires_grad or param.grad is not None:
-                raise RuntimeError(
-                    f"Base-model parameter {name} received a gradient; only allocators may train."
-                )
-
-    def _check_base_unchanged(self) -> None:
-        if self._base_checksum is not None and self._checksum() != self._base_checksum:
-            names = [n for n, p in self._base_params if p.device.type != "meta"]
-            changed = [n for n, a, b in zip(names, self._checksum(), self._base_checksum) if a != b]
-            raise RuntimeError(f"Base-model parameters changed during allocator training: {changed[:5]}.")
-
     # ---- optimisation ----------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
         if self._phase != phase:
@@ -240,7 +218,7 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         if self.accelerator.num_processes > 1:
             synchronize_gradients(params, self.reduce_sum)
         norm = optimizer_step(params, self.optimizer, self.config.max_grad_norm)
-        self._check_base_frozen()
+        self.frozen_base.check_no_gradients()
         for layer in self.layers.values():
             layer.num_updates += 1
         return norm
@@ -350,7 +328,7 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         elif not (Path(self.config.output_dir) / self._checkpoint_name()).is_dir():
             self.save_checkpoint()
         if self.config.verify_base_unchanged:
-            self._check_base_unchanged()
+            self.frozen_base.check_unchanged()
         if self._trackers_started:
             self.accelerator.end_training()
             self._trackers_started = False
