@@ -7,7 +7,8 @@ Per reference build (each pre-training seed is its own base), on the evidence sp
 2. per-layer budgets of dynamic skipping and top-p searched on the *validation* rows (greedy marginal value per
    expert per layer, refined), for every budget fraction;
 3. for every fraction and allocator seed: Ada-K with our defaults (``target_experts = fraction * top_k``,
-   trained on the pretrain split, or ``heldout_train`` with ``train_text``, shuffled by the seed, its own
+   trained on the pretrain split, or ``heldout_train`` with ``train_text``, shuffled by the seed, in rollouts of
+   ``rollout_rows`` rows, its own
    evaluation on validation rows), scored on the test rows; then every baseline solved to *that run's* mean
    routed experts on the test rows and scored: dynamic skipping with one quantile for all layers (the paper;
    ``dyn-skip uniform``), with the searched per-layer budgets (``dyn-skip per-layer``), top-p with one p (the
@@ -84,10 +85,15 @@ class Protocol(RowsSettings):
     #: the split Ada-K trains on and the baselines calibrate their thresholds on (the same text for both):
     #: "pretrain" (text the base model was pre-trained on) or "heldout_train" (text it never saw)
     train_text: str = "pretrain"
+    #: rows of ``seq_len`` tokens in one PPO rollout (Ada-K's training batch): 8 x 128 = 1,016 predicted tokens
+    #: by default, 64 x 128 for rollouts of the order of the paper's 8k-64k tokens (issue 19's ``rollout-8k``)
+    rollout_rows: int = 8
 
     def __post_init__(self) -> None:
         if self.train_text not in TRAIN_TEXTS:
             raise ValueError(f"train_text={self.train_text!r}: choose one of {', '.join(TRAIN_TEXTS)}.")
+        if not (isinstance(self.rollout_rows, int) and self.rollout_rows >= 1):
+            raise ValueError(f"rollout_rows={self.rollout_rows!r}: give a whole number of rows >= 1.")
 
 
 class ProtocolMismatch(RuntimeError):
@@ -359,7 +365,7 @@ def train_adak(
     adak_model = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
         defaults: dict[str, Any] = {
-            "batch_size": protocol.batch_size,
+            "batch_size": protocol.rollout_rows,
             "budget_calibration_data": "eval" if protocol.budget_calibration == "validation" else "train",
         }
         config = AdaKTrainingConfig(

@@ -460,15 +460,53 @@ def test_protocol_trains_ada_k_and_calibrates_the_baselines_on_the_named_text(mo
         evidence_protocol.Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], train_text="validation")
 
 
+def test_protocol_trains_ada_k_on_rollouts_of_rollout_rows(monkeypatch):
+    """``rollout_rows`` is the number of rows in one PPO rollout (the trainer's ``batch_size``); the evaluation
+    batches keep ``batch_size``; a non-positive count is refused at construction."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evidence_protocol
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import hf_moe_routing.training.adak as adak_training
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def trainer(model, config, train, validation, adak_config):
+        seen.append(config.batch_size)
+        raise Stop
+
+    class Rows:
+        def shuffle(self, seed):
+            return self
+
+    monkeypatch.setattr(adak_training, "AdaKTrainer", trainer)
+    for rows in (8, 64):
+        protocol = evidence_protocol.Protocol(bases=["b"], fractions=[0.7], seeds=[0], rollout_rows=rows)
+        with pytest.raises(Stop):
+            evidence_protocol.train_adak(torch.nn.Linear(1, 1), Rows(), None, None, 1.4, 0, protocol)
+    assert seen == [8, 64]
+    assert evidence_protocol.Protocol(bases=["b"], fractions=[0.7], seeds=[0]).rollout_rows == 8
+    for bad in (0, -8, 2.5):
+        with pytest.raises(ValueError, match=f"rollout_rows={bad!r}: give a whole number of rows >= 1"):
+            evidence_protocol.Protocol(bases=["b"], fractions=[0.7], seeds=[0], rollout_rows=bad)
+
+
 @pytest.mark.slow
 def test_reproduce_heldout_train_writes_its_own_folder_and_records_the_text(tmp_path):
-    """``--train-text heldout_train`` is recorded in protocol.json, so its rows never mix with pretrain's."""
+    """``--train-text heldout_train`` and ``--rollout-rows`` are recorded in protocol.json, so their rows never
+    mix with the defaults'."""
     out = tmp_path / "held"
-    result, rows = _smoke_rows("adak-evidence", out, "--train-text", "heldout_train")
-    assert json.loads((out / "protocol.json").read_text())["train_text"] == "heldout_train"
+    result, rows = _smoke_rows("adak-evidence", out, "--train-text", "heldout_train", "--rollout-rows", "4")
+    recorded = json.loads((out / "protocol.json").read_text())
+    assert recorded["train_text"] == "heldout_train" and recorded["rollout_rows"] == 4
     assert any(r["kind"] == "adak" for r in rows)
-    mixed = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # the default text into that folder
+    mixed = _reproduce("adak-evidence", "--smoke", "--out", str(out))  # the defaults into that folder
     assert mixed.returncode == 2 and "train_text: 'heldout_train' there, 'pretrain' now" in mixed.stderr
+    assert "rollout_rows: 4 there, 8 now" in mixed.stderr
 
 
 def _evidence_folder(
