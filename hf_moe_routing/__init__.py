@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "routing_aux_loss": "patching",
     "original_routing": "patching",
     "fit_routing": "patching.fitting",
+    "fit_kept_weight_gains": "methods.kept_gain",
     # routing replay (RL)
     "record_routing": "patching.replay",
     "replay_routing": "patching.replay",
@@ -149,6 +150,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         register_routing,
     )
     from .methods.base import NotExportableError
+    from .methods.kept_gain import fit_kept_weight_gains
     from .patching import (
         get_patch_state,
         is_patched,

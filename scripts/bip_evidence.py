@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import Results, RowsSettings, scores_row
+from evidence_results import Results, RowsSettings, scores_row
 
 from hf_moe_routing import BIPConfig, LossFreeConfig, fit_routing, patch_model, unpatch_model
 from hf_moe_routing.data import evidence_splits, pack_dataset

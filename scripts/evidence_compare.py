@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import read_jsonl
+from evidence_results import read_jsonl
 from evidence_summary import same_test_rows
 
 from hf_moe_routing.evaluation.paired import ppl_change_ci, ppl_margin_ci

@@ -8,7 +8,8 @@ Per reference build (each pre-training seed is its own base), on the evidence sp
    expert per layer, refined), for every budget fraction;
 3. for every fraction and allocator seed: Ada-K with our defaults (``target_experts = fraction * top_k``,
    trained on the pretrain split, or ``heldout_train`` with ``train_text``, shuffled by the seed, in rollouts of
-   ``rollout_rows`` rows, its own
+   ``rollout_rows`` rows (with ``weight_gain``: then learned weight gains per kept-expert count, and the
+   baselines get the same, fitted at each budget), its own
    evaluation on validation rows), scored on the test rows; then every baseline solved to *that run's* mean
    routed experts on the test rows and scored: dynamic skipping with one quantile for all layers (the paper;
    ``dyn-skip uniform``), with the searched per-layer budgets (``dyn-skip per-layer``), top-p with one p (the
@@ -16,34 +17,28 @@ Per reference build (each pre-training seed is its own base), on the evidence sp
 
 Every row stores per-row NLLs, so any comparison is a paired bootstrap over test rows. Rows go to
 ``<out>/runs.jsonl`` as they finish (a rerun skips finished ones); ``<out>/reference.json`` records each
-base's weights SHA-256, and a run against a build with another hash stops (rows of two builds never mix).
+base's weights SHA-256, and a run against a build with another hash stops (rows of two builds never mix);
+the folder is a :class:`evidence_results.Results`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from evidence_results import Results, RowsSettings, key, read_jsonl, rows_sha256, scores_row
 
 from hf_moe_routing import AdaKConfig, TopKConfig, patch_model, unpatch_model
 from hf_moe_routing.data import evidence_splits, pack_dataset
 from hf_moe_routing.evaluation.matched import BudgetedBaseline, greedy_layer_budgets, match_compute
-from hf_moe_routing.evaluation.paired import RowScores, row_scores
+from hf_moe_routing.evaluation.paired import row_scores
 from hf_moe_routing.evaluation.token_classes import vocab_classes
-from hf_moe_routing.training.reference import (
-    ReferenceHashMismatch,
-    check_build_hash,
-    reference_model,
-    reference_path,
-)
+from hf_moe_routing.methods.kept_gain import fit_kept_weight_gains, kept_gains
 
 BASELINE_MODES = {  # name -> (kind, mode)
     "dyn-skip uniform": ("dyn-skip", "uniform"),
@@ -55,20 +50,6 @@ BASELINE_MODES = {  # name -> (kind, mode)
 
 #: splits Ada-K may train on (``Protocol.train_text``); never the validation or test rows
 TRAIN_TEXTS = ("pretrain", "heldout_train")
-
-
-@dataclasses.dataclass(kw_only=True)
-class RowsSettings:
-    """What every protocol shares: its row counts and shapes, the reference builds' steps and where files are."""
-
-    test_rows: int = 256
-    validation_rows: int = 128
-    batch_size: int = 8
-    seq_len: int = 128
-    reference_steps: int | None = None  # override the reference build's steps (smoke runs only)
-    threads: int = 1  # torch threads: results depend on them
-    cache_dir: str | None = None
-    data_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -88,143 +69,19 @@ class Protocol(RowsSettings):
     #: rows of ``seq_len`` tokens in one PPO rollout (Ada-K's training batch): 8 x 128 = 1,016 predicted tokens
     #: by default, 64 x 128 for rollouts of the order of the paper's 8k-64k tokens (issue 19's ``rollout-8k``)
     rollout_rows: int = 8
+    #: learned weight gains per layer and number of kept experts (``AdaKConfig(weight_gain=True)``), fitted
+    #: after training for ``gain_steps`` steps of ``batch_size`` rows of the training text; the baselines get
+    #: the same gains, fitted at each budget on the same text, before their per-layer search
+    weight_gain: bool = False
+    gain_steps: int = 100
 
     def __post_init__(self) -> None:
         if self.train_text not in TRAIN_TEXTS:
             raise ValueError(f"train_text={self.train_text!r}: choose one of {', '.join(TRAIN_TEXTS)}.")
         if not (isinstance(self.rollout_rows, int) and self.rollout_rows >= 1):
             raise ValueError(f"rollout_rows={self.rollout_rows!r}: give a whole number of rows >= 1.")
-
-
-class ProtocolMismatch(RuntimeError):
-    """The rows in an output folder were made with another protocol (they would mix in one table)."""
-
-
-#: protocol fields that do not change a result (where files are)
-_LOCATION_FIELDS = ("cache_dir", "data_dir")
-
-
-def check_protocol(protocol: Any, path: Path) -> None:
-    """Refuse to add rows of ``protocol`` to a folder whose ``protocol.json`` records another one.
-
-    Raises:
-        ProtocolMismatch: naming the fields that differ, with both values.
-    """
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text())
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(protocol)})
-    if unknown:  # another table's folder (e.g. bip-frozen's rows where adak-evidence's are wanted)
-        raise ProtocolMismatch(
-            f"{path.parent} holds rows of another protocol (its protocol.json has {', '.join(unknown)}, which "
-            f"{type(protocol).__name__} has not): choose another --out."
-        )
-    recorded = dataclasses.asdict(type(protocol)(**data))  # older files: defaults
-    wanted = dataclasses.asdict(protocol)
-    differ = [k for k in wanted if k not in _LOCATION_FIELDS and wanted[k] != recorded[k]]
-    if differ:
-        what = ", ".join(f"{k}: {recorded[k]!r} there, {wanted[k]!r} now" for k in differ)
-        raise ProtocolMismatch(
-            f"{path.parent} holds rows of another protocol ({what}); rows of two protocols never mix in one "
-            "table: choose another --out, or repeat the recorded settings."
-        )
-
-
-def rows_sha256(rows: Any) -> str:
-    """SHA-256 of the token ids of packed ``rows``: two bases' rows can be paired only where it is equal."""
-    digest = hashlib.sha256()
-    for ids in rows["input_ids"]:
-        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def scores_row(scores: RowScores) -> dict[str, Any]:
-    row = {
-        "nll": scores.nll.tolist(),
-        "tokens": scores.tokens.tolist(),
-        "mean_experts": scores.mean_experts,
-        "experts_per_layer": scores.experts_per_layer,
-        "perplexity": scores.perplexity,
-    }
-    if scores.class_nll is not None:  # (R, C) per token class (hf_moe_routing.evaluation.token_classes)
-        row |= {
-            "class_nll": scores.class_nll.tolist(),
-            "class_tokens": scores.class_tokens.tolist(),
-            "class_correct": scores.class_correct.tolist(),
-        }
-    return row
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in ("base", "kind", "method", "fraction", "seed", "k"))
-
-
-def checked_reference(
-    protocol: Protocol, base: str, hashes: dict[str, str], hashes_path: Path, rows_path: Path
-) -> tuple[Any, Any, str]:
-    """Build (or load) the reference model ``base``; returns ``(model, tokenizer, weights sha256)``.
-
-    The hash must equal ``hashes[base]`` (the one the rows in ``rows_path`` were made with) where there is
-    one; a new base's hash is added to ``hashes`` and saved to ``hashes_path``. Raises ReferenceHashMismatch.
-    """
-    model, tokenizer = reference_model(
-        base,
-        protocol.cache_dir,
-        data_dir=protocol.data_dir,
-        max_steps=protocol.reference_steps,
-        progress=False,
-    )
-    sha = check_build_hash(
-        reference_path(base, protocol.cache_dir), hashes.get(base), f"the rows in {rows_path}"
-    )
-    if base not in hashes:
-        hashes[base] = sha
-        hashes_path.write_text(json.dumps(hashes, indent=2) + "\n")
-    return model, tokenizer, sha
-
-
-class Results:
-    """One output folder of a protocol: ``runs.jsonl`` (a line per finished row; ``done`` holds their keys, so a
-    rerun skips them), ``protocol.json`` (checked: rows of two protocols never mix) and ``reference.json`` (each
-    base's weights SHA-256). ``key`` maps a row to its identity, ``describe`` to its log line.
-
-    Raises ProtocolMismatch where ``out`` holds rows of another protocol.
-    """
-
-    def __init__(self, protocol: Any, out: Path, key: Callable, describe: Callable, log=print) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.protocol, self.path, self.hashes_path = protocol, out / "runs.jsonl", out / "reference.json"
-        if read_jsonl(self.path):  # a folder without rows (a run stopped before its first) takes any protocol
-            check_protocol(protocol, out / "protocol.json")
-        (out / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol), indent=2) + "\n")
-        self.hashes = json.loads(self.hashes_path.read_text()) if self.hashes_path.is_file() else {}
-        self.key, self.describe, self.log = key, describe, log
-        self.done = {key(r) for r in read_jsonl(self.path)}
-
-    def reference(self, base: str) -> tuple[Any, Any, str]:
-        """The checked reference build ``base`` (see :func:`checked_reference`)."""
-        return checked_reference(self.protocol, base, self.hashes, self.hashes_path, self.path)
-
-    def record(self, row: dict[str, Any], started: float) -> None:
-        """Append ``row`` with its base's weights hash and the CPU seconds since ``started``, and log it."""
-        row = {
-            "weights_sha256": self.hashes[row["base"]],
-            "cpu_seconds": time.process_time() - started,
-            **row,
-        }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done.add(self.key(row))
-        self.log(self.describe(row))
-
-    def rows(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path)
+        if not (isinstance(self.gain_steps, int) and self.gain_steps >= 1):
+            raise ValueError(f"gain_steps={self.gain_steps!r}: give a whole number of steps >= 1.")
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -250,6 +107,10 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
                 prepared[base] = _prepare(base, contexts[base], splits, protocol, done, record)
             model, test, validation, train, baselines, classes = prepared[base]
             top_k = model.config.num_experts_per_tok
+            if protocol.weight_gain:  # the baselines' gains at this budget (deterministic: a rerun refits)
+                for baseline in baselines.values():
+                    baseline.set_budgets(fraction * top_k)
+                    baseline.fit_weight_gains(train, **_gain_settings(protocol, seed=0))
             searched = {}
             for kind, baseline in baselines.items():
                 row = _find(path, (base, "search", kind, fraction, None, None))
@@ -282,6 +143,7 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
                             fraction * top_k,
                             seed,
                             protocol,
+                            AdaKConfig(weight_gain=protocol.weight_gain),
                             token_classes=classes,
                         )
                     )
@@ -384,6 +246,9 @@ def train_adak(
             adak_model, config, train.shuffle(seed=seed), validation, adak_config=adak_config or AdaKConfig()
         )
         trainer.train()
+    gains = None
+    if trainer.adak_config.weight_gain:  # fitted after PPO, on the training text
+        gains = fit_kept_weight_gains(adak_model, train, **_gain_settings(protocol, seed=seed))
     log = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]
     snr = [np.mean(e["signal_to_noise_per_layer"]) for e in log if e.get("signal_to_noise_per_layer")]
     scores = row_scores(adak_model, test, batch_size=protocol.batch_size, token_classes=token_classes)
@@ -392,19 +257,17 @@ def train_adak(
         "final_k_penalty": trainer.state.k_penalty,
         "snr": float(np.mean(snr)) if snr else None,
         "clip_fraction": float(np.mean([e.get("clip_fraction") or 0.0 for e in log])) if log else None,
+        **({"gain_fit": gains, "gains": _gain_values(adak_model)} if gains is not None else {}),
         **scores_row(scores),
     }
 
 
-__all__ = [
-    "BASELINE_MODES",
-    "Protocol",
-    "ProtocolMismatch",
-    "ReferenceHashMismatch",
-    "Results",
-    "RowsSettings",
-    "TRAIN_TEXTS",
-    "check_protocol",
-    "read_jsonl",
-    "run",
-]
+def _gain_settings(protocol: Protocol, seed: int) -> dict[str, Any]:
+    return {"max_steps": protocol.gain_steps, "batch_size": protocol.batch_size, "seed": seed}
+
+
+def _gain_values(model) -> list[list[float]]:
+    return [gain.tolist() for gain in kept_gains(model)]
+
+
+__all__ = ["BASELINE_MODES", "TRAIN_TEXTS", "Protocol", "run", "train_adak"]

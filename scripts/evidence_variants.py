@@ -11,7 +11,9 @@ may get more than top-k experts, same mean budget); ``renormalize`` (the paper's
 kept experts); ``heldout-train`` (allocators trained on WikiText-2 test's first half, text the base never saw);
 ``rollout-8k`` (rollouts of 64 x 128 tokens per PPO update, the order of the paper's, same number of updates);
 ``group-loo-4`` (4 samples of k per batch, each one's advantage measured against the other three: a group
-baseline, ``baseline="leave-one-out"``).
+baseline, ``baseline="leave-one-out"``); ``weight-gain`` (learned weight gains per layer and number of kept
+experts, ``AdaKConfig(weight_gain=True)``, fitted after PPO; its dynamic-skipping baseline gets gains of its own,
+fitted at the budget on the same text).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import Protocol, Results, _find, key, scores_row, train_adak
+from evidence_protocol import Protocol, _find, train_adak
+from evidence_results import Results, key, scores_row
 
 from hf_moe_routing import AdaKConfig
 from hf_moe_routing.data import evidence_splits, pack_dataset
@@ -36,6 +39,7 @@ VARIANTS = (
     "heldout-train",
     "rollout-8k",
     "group-loo-4",
+    "weight-gain",
 )
 
 
@@ -63,7 +67,7 @@ def run_variants(
         skip = BudgetedBaseline(model, "dyn-skip", calibration, batch_size=protocol.batch_size)
         for fraction in protocol.fractions:
             target = fraction * top_k
-            split = None
+            split = skip_gain = None
             for seed in protocol.seeds:
                 for variant in variants:
                     row = {
@@ -93,6 +97,8 @@ def run_variants(
                             settings["batch_size"] = 64
                         elif variant == "group-loo-4":
                             settings |= {"rollout_samples": 4, "baseline": "leave-one-out"}
+                        elif variant == "weight-gain":
+                            config = AdaKConfig(weight_gain=True)
                         started = time.process_time()
                         run = train_adak(
                             model, rows, search_rows, design, target, seed, protocol, config, **settings
@@ -103,7 +109,18 @@ def run_variants(
                     if key(baseline) in done:  # (a run stopped between the two rows makes only this one)
                         continue
                     started = time.process_time()
-                    scores, info = match_compute(skip, design, run["mean_experts"], mode="uniform")
+                    against = skip
+                    if variant == "weight-gain":  # like for like: dynamic skipping with gains of its own
+                        if skip_gain is None:
+                            skip_gain = BudgetedBaseline(
+                                model, "dyn-skip", calibration, batch_size=protocol.batch_size
+                            )
+                            skip_gain.set_budgets(target)
+                            skip_gain.fit_weight_gains(
+                                train, max_steps=protocol.gain_steps, batch_size=protocol.batch_size, seed=0
+                            )
+                        against = skip_gain
+                    scores, info = match_compute(against, design, run["mean_experts"], mode="uniform")
                     record({**baseline, "match": {"knob": info["knob"]}, **scores_row(scores)}, started)
     return results.rows()
 

@@ -31,7 +31,9 @@ Tables:
 ``heldout_train`` (WikiText-2 test's first half, text the base never saw) instead of ``pretrain``; issue 19's
 validation study found it the one choice that helped on both shapes (docs/evidence.md). ``--rollout-rows 64``
 (adak-evidence) trains Ada-K on rollouts of 64 x 128 tokens per PPO update instead of 8 x 128 (the validation
-study's ``rollout-8k``, best on mixtral-8x2; 8x the training compute).
+study's ``rollout-8k``, best on mixtral-8x2; 8x the training compute). ``--weight-gain`` (adak-evidence)
+gives Ada-K, and every baseline, learned weight gains per layer and number of kept experts
+(``hf_moe_routing.methods.kept_gain``), fitted on the training text.
 
 Other README tables keep their own scripts for now (``scripts/adak_tradeoff.py``, ``scripts/bip_existing_checkpoints.py``): their
 commands are in the README next to each table.
@@ -52,7 +54,8 @@ from bip_evidence import BIPProtocol
 from bip_evidence import markdown as bip_markdown
 from bip_evidence import run as run_bip
 from evidence_classes import class_markdown
-from evidence_protocol import TRAIN_TEXTS, Protocol, ProtocolMismatch, run
+from evidence_protocol import TRAIN_TEXTS, Protocol, run
+from evidence_results import ProtocolMismatch
 from evidence_summary import markdown, pareto_plot, summarize, verdict_markdown
 from evidence_variants import VARIANTS, run_variants, variants_markdown
 
@@ -78,7 +81,8 @@ def _protocol(args: argparse.Namespace, fractions: list[float], seeds: list[int]
             seeds=[0],
             adak_steps=2,
             **({"test_rows": 24} if "test_rows" in full else {}),
-            **({k: full[k] for k in ("train_text", "rollout_rows") if k in full}),
+            **({k: full[k] for k in ("train_text", "rollout_rows", "weight_gain") if k in full}),
+            **({"gain_steps": 2} if full.get("weight_gain") else {}),
             validation_rows=8,
             calibration_rows=8,
             search_step=1.0,
@@ -109,6 +113,7 @@ def adak_evidence(args: argparse.Namespace) -> int:
         test_rows=args.test_rows,
         train_text=args.train_text,
         rollout_rows=args.rollout_rows,
+        weight_gain=args.weight_gain,
     )
     out = Path(args.out)
     rows = run(protocol, out, log=lambda line: print(line, flush=True))
@@ -227,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         help="adak-evidence: rows of 128 tokens per PPO rollout (default 8, about 1k tokens; 64 is issue 19's "
         "rollout-8k, 8x the training compute; any other value: default --out gains -rollout<N>)",
     )
+    parser.add_argument(
+        "--weight-gain",
+        action="store_true",
+        help="adak-evidence: Ada-K with learned weight gains per layer and kept-expert count "
+        "(AdaKConfig(weight_gain=True), fitted after PPO); the baselines get the same (default --out gains "
+        "-weight-gain)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--rebuild", action="store_true", help="reference-models: build again")
     parser.add_argument("--cache-dir")
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out += "-" + args.train_text.replace("_", "-")
         if args.table == "adak-evidence" and args.rollout_rows != 8:
             args.out += f"-rollout{args.rollout_rows}"
+        if args.table == "adak-evidence" and args.weight_gain:
+            args.out += "-weight-gain"
     started, wall = time.process_time(), time.perf_counter()
     try:
         run_table = {

@@ -381,7 +381,8 @@ def test_check_protocol_refuses_another_tables_folder_as_a_protocol_mismatch(tmp
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from bip_evidence import BIPProtocol
-        from evidence_protocol import Protocol, ProtocolMismatch, check_protocol
+        from evidence_protocol import Protocol
+        from evidence_results import ProtocolMismatch, check_protocol
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     path = tmp_path / "protocol.json"
@@ -396,7 +397,8 @@ def test_results_refuse_another_protocol_only_where_rows_were_written(tmp_path):
     """A run stopped before its first row leaves protocol.json only: a rerun with other settings is no mix."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from evidence_protocol import Protocol, ProtocolMismatch, Results, key
+        from evidence_protocol import Protocol
+        from evidence_results import ProtocolMismatch, Results, key
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     first = Protocol(bases=["tiny-moe"], fractions=[0.7], seeds=[0], budget_calibration="train")

@@ -504,3 +504,29 @@ def test_adak_renormalize(family):
             torch.testing.assert_close(weight, full, rtol=1e-6, atol=1e-6)
         else:
             torch.testing.assert_close(weight, (raw[family] * (dense > 0)).sum(-1))
+
+
+@pytest.mark.parametrize("family", KIND_FAMILIES)
+@torch.no_grad()
+def test_adak_weight_gain(family):
+    """``weight_gain=True``: a token that keeps c experts has every weight times g_c, except c = top-k (gain 1,
+    the model's own routing whatever g holds); with gains of 1 the routing is bit-exactly ``weight_gain=False``'s;
+    the gains are part of the layer's routing state."""
+    _, block, _ = _setup(family, TopKConfig())
+    hidden, m, top_k = _hidden(block), block.spec.num_experts, block.spec.top_k
+    gains = torch.arange(2.0, 2.0 + top_k)  # g_c = c + 1: every count its own gain
+    for k in range(1, top_k + 1):
+        _, _, plain = _setup(family, AdaKConfig())
+        plain.allocator = _Constant(plain.k_max, k)
+        expected = _dense(plain(block.router, hidden), m)
+        _, _, layer = _setup(family, AdaKConfig(weight_gain=True))
+        layer.allocator = _Constant(layer.k_max, k)
+        assert torch.equal(_dense(layer(block.router, hidden), m), expected)  # gains of 1
+        layer.kept_gain.gain.copy_(gains)
+        dense = _dense(layer(block.router, hidden), m)
+        if k == top_k:
+            assert torch.equal(dense, expected)
+        else:
+            torch.testing.assert_close(dense, expected * gains[k - 1].double())
+        assert torch.equal(layer.routing_state()["kept_gain.gain"], gains)
+    assert "kept_gain.gain" not in plain.routing_state()

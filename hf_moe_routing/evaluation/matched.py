@@ -23,10 +23,11 @@ from torch import nn
 
 from ..methods.dynamic_skip import DynamicSkipConfig, collect_ratios
 from ..methods.dynamic_skip import calibrate_to_budget as skip_to_budget
+from ..methods.kept_gain import KeptWeightGain, fit_gains
 from ..methods.routing import weights_depend_on_chosen_set
 from ..methods.top_p import TopPConfig, collect_probs, set_p
 from ..methods.top_p import calibrate_to_budget as top_p_to_budget
-from ..patching import describe, patch_model
+from ..patching import describe, patch_model, routing_layers
 from .paired import RowScores, row_scores
 
 BASELINE_KINDS = ("dyn-skip", "top-p")
@@ -64,6 +65,24 @@ class BudgetedBaseline:
             self.stats = collect_probs(self.model, calibration, batch_size=batch_size)
         self.layers = sorted(self.stats)
         self.budgets: dict[int, float] = {}
+        self.gains: dict[int, KeptWeightGain] = {}
+
+    def fit_weight_gains(self, rows: Any, **settings: Any) -> dict[str, float]:
+        """Give every routing layer a learned gain per number of kept experts (the weight rule of
+        ``AdaKConfig(weight_gain=True)``, :mod:`~hf_moe_routing.methods.kept_gain`) and fit the gains on ``rows``
+        at the current thresholds (``settings`` as :func:`~hf_moe_routing.methods.kept_gain.fit_gains`): the
+        baseline gets the same freedom as Ada-K. Every call fits from gains of 1 (a refit at another budget does
+        not depend on the previous one); they stay in place for :meth:`score` and :func:`match_compute`."""
+        for gain in self.gains.values():
+            with torch.no_grad():
+                gain.gain.fill_(1.0)
+        if not self.gains:
+            for index, layer in routing_layers(self.model).items():
+                gain = self.gains[index] = KeptWeightGain(layer.output_slots, self.top_k)
+                layer.register_forward_hook(
+                    lambda module, args, output, gain=gain: gain(output, module.num_experts)
+                )
+        return fit_gains(self.model, [g.gain for g in self.gains.values()], rows, **settings)
 
     def set_budgets(self, budgets: dict[int, float] | float) -> dict[int, float]:
         """Thresholds so that layer l keeps ``budgets[l]`` experts per calibration token (clipped to [1, top_k])."""

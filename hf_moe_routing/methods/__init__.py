@@ -1,6 +1,7 @@
 """Routing methods, one folder each: ``config.py`` (a strict JSON dataclass, registered by name),
 ``layer.py`` (the per-block :class:`RoutingLayer`) and the method's math in a pure module.
-Imports run one way: ``config -> layer -> math``; methods share only ``base.py`` and ``routing.py``."""
+Imports run one way: ``config -> layer -> math``; methods share only ``base.py``, ``routing.py``
+and ``kept_gain.py`` (learned weight gains over the kept experts)."""
 
 from .adak import AdaKConfig
 from .base import (

@@ -39,6 +39,11 @@ class AdaKConfig(RoutingConfig):
             log-probabilities, the confidence signal dynamic skipping uses).
         allocator_bias: give the allocator a bias (default True; the paper's has none). K-Warm and
             Skip-Warm then start exactly from Top-K / dynamic skipping.
+        weight_gain: give every Ada-K layer a learned gain per number of kept experts
+            (:class:`~hf_moe_routing.methods.kept_gain.KeptWeightGain`: a token that keeps c experts has its
+            weights times g_c, and g_top_k = 1), fitted after training by
+            :func:`~hf_moe_routing.methods.kept_gain.fit_kept_weight_gains` and saved in the routing adapter.
+            Default False (the weight rule of ``renormalize`` only).
 
     Adapter configs saved before ``allocator_input`` existed describe the paper's allocator
     (``"hidden"``, no bias) and load as such.
@@ -59,6 +64,9 @@ class AdaKConfig(RoutingConfig):
         default="hidden+router", metadata={"help": "allocator input: hidden (paper) or hidden+router"}
     )
     allocator_bias: bool = field(default=True, metadata={"help": "allocator bias (the paper has none)"})
+    weight_gain: bool = field(
+        default=False, metadata={"help": "a learned weight gain per layer and number of kept experts"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +133,7 @@ class AdaKConfig(RoutingConfig):
             self.renormalize,
             allocator_input=self.allocator_input,
             allocator_bias=self.allocator_bias,
+            weight_gain=self.weight_gain,
         )
 
     @classmethod
@@ -134,6 +143,7 @@ class AdaKConfig(RoutingConfig):
             "k_max": (None, 1, selectable_experts(spec)),
             "decision": ("greedy", "sample"),
             "renormalize": (None, True) if no_false else (None, True, False),
+            "weight_gain": (False, True),
         }
 
     @classmethod
@@ -151,4 +161,5 @@ class AdaKConfig(RoutingConfig):
             ("allocator_input", "router", ValueError, "choose one of 'hidden', 'hidden\\+router'"),
             ("allocator_input", 1, TypeError, "string"),
             ("allocator_bias", "no", TypeError, "true or false"),
+            ("weight_gain", "yes", TypeError, "true or false"),
         ]

@@ -14,6 +14,7 @@ from torch import nn
 from ...core.context import RoutingContext
 from ...families import MoEBlock, RouterOutput
 from ..base import RoutingLayer
+from ..kept_gain import KeptWeightGain
 from ..routing import keep_slots, rank_experts
 from .allocator import Allocator
 from .ppo import action_log_probs, choose_k
@@ -42,7 +43,8 @@ class AdaKLayer(RoutingLayer):
     ones the next best experts; a token given k experts keeps the k best of them. Unused slots hold
     the sentinel index m and weight 0; weights follow the family's rule over the kept experts
     (``renormalize=None``), are renormalised (True, the paper) or not (False), times the family's
-    scaling. Hooks used by the trainer:
+    scaling, then (``weight_gain=True``) times the layer's learned gain for the token's number of kept
+    experts (:class:`~hf_moe_routing.methods.kept_gain.KeptWeightGain`; 1 at top-k). Hooks used by the trainer:
 
     * ``use_topk = True``: the model's own Top-K routing (bit-exact), the PPO baseline;
     * ``forced_k`` (n,) long: route with these counts instead of the allocator's (counterfactual
@@ -67,6 +69,7 @@ class AdaKLayer(RoutingLayer):
         *,
         allocator_input: str = "hidden",
         allocator_bias: bool = False,
+        weight_gain: bool = False,
     ) -> None:
         super().__init__(block, context)
         self.k_max = int(k_max)
@@ -78,6 +81,8 @@ class AdaKLayer(RoutingLayer):
         self.allocator = Allocator(
             self.spec.hidden_size, self.k_max, router_features=router_features, bias=allocator_bias
         )
+        #: (k_max,) weight gains per number of kept experts (AdaKConfig(weight_gain=True)), else None
+        self.kept_gain = KeptWeightGain(self.k_max, self.default_k) if weight_gain else None
         self.use_topk = False
         self.record = False
         self.last: AllocatorRecord | None = None
@@ -142,6 +147,8 @@ class AdaKLayer(RoutingLayer):
             renormalize=self.renormalize,
             hidden_dtype=hidden_states.dtype,
         )
+        if self.kept_gain is not None:
+            output = self.kept_gain(output, spec.num_experts)
         if self.record:
             self.last = AllocatorRecord(
                 states=states.detach(),
@@ -180,7 +187,7 @@ class AdaKLayer(RoutingLayer):
             raise ValueError(
                 f"Ada-K state of layer {self.layer_index} should hold {sorted(expected)}; missing "
                 f"{sorted(missing)}, unexpected {sorted(unexpected)}: it was saved for another allocator "
-                "(AdaKConfig allocator_input / allocator_bias) or is not an Ada-K checkpoint."
+                "(AdaKConfig allocator_input / allocator_bias / weight_gain) or is not an Ada-K checkpoint."
             )
         for name, shape in expected.items():
             if tuple(state[name].shape) != shape:
@@ -194,7 +201,10 @@ class AdaKLayer(RoutingLayer):
         self.num_updates.fill_(1)
 
     def routing_state(self) -> dict[str, torch.Tensor]:
-        return {f"allocator.{name}": p.detach() for name, p in self.allocator.named_parameters()}
+        state = {f"allocator.{name}": p.detach() for name, p in self.allocator.named_parameters()}
+        if self.kept_gain is not None:
+            state["kept_gain.gain"] = self.kept_gain.gain.detach()
+        return state
 
     def extra_repr(self) -> str:
         return (
