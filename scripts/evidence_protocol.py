@@ -229,6 +229,7 @@ def train_adak(
         defaults: dict[str, Any] = {
             "batch_size": protocol.rollout_rows,
             "budget_calibration_data": "eval" if protocol.budget_calibration == "validation" else "train",
+            "weight_gain_steps": 0,  # the protocol fits the gains itself below (same settings, its own row order)
         }
         config = AdaKTrainingConfig(
             output_dir=tmp,

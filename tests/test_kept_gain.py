@@ -113,3 +113,37 @@ def test_baselines_get_gains_of_their_own_fitted_from_one():
     assert _loss(baseline.model, rows) < before - 1e-4 and not torch.equal(first, torch.ones_like(first))
     baseline.fit_weight_gains(rows, max_steps=20, batch_size=8, learning_rate=0.05)
     assert torch.equal(torch.cat([g.gain for g in baseline.gains.values()]), first)
+
+
+def test_the_trainer_fits_the_gains_after_ppo_and_saves_them(tmp_path):
+    """``AdaKConfig(weight_gain=True)``: the trainer fits the gains after the budget calibration (the base, and
+    its unchanged-weights check, untouched), logs the fit and saves the gains in its adapter; with
+    ``weight_gain_steps=0`` they stay 1."""
+    from adak_helpers import adak_config, token_rows
+
+    from hf_moe_routing import AdaKTrainer
+
+    fitted = {}
+    for steps in (30, 0):
+        config = adak_config(
+            tmp_path / str(steps),
+            warmup="skip-warm",
+            max_steps=1,
+            batch_size=8,
+            calibration_batches=2,
+            target_experts=1.2,
+            weight_gain_steps=steps,
+            weight_gain_learning_rate=0.05,
+        )
+        trainer = AdaKTrainer(
+            tiny_model("mixtral"), config, token_rows(length=16), adak_config=AdaKConfig(weight_gain=True)
+        )
+        trainer.train()  # verify_base_unchanged=True: the gains are not base weights
+        fitted[steps] = torch.cat([g.detach().clone() for g in kept_gains(trainer.model)])
+        phases = [e.get("phase") for e in trainer.state.log_history]
+        assert ("weight-gain" in phases) == (steps > 0)
+        assert (trainer.state.weight_gain_fit is not None) == (steps > 0)
+        saved = load_routing_adapter(tiny_model("mixtral"), tmp_path / str(steps) / "run")
+        assert torch.equal(torch.cat(list(kept_gains(saved))), fitted[steps])
+    assert not torch.equal(fitted[30], torch.ones_like(fitted[30]))
+    assert torch.equal(fitted[0], torch.ones_like(fitted[0]))

@@ -28,7 +28,8 @@ LAYERS = {
 #: Inside layer 5 the folders may use each other in this order only (data below the rest).
 LIBRARY_ORDER = {"data": 0, "evaluation": 1, "metrics": 1, "hub": 2, "testing": 2, "training": 3}
 MAX_LINES = 420
-SHARED_METHOD_MODULES = {"base", "routing", "__init__"}
+#: modules every method may import (kept_gain: the learned weight rule over kept experts, any variable-k routing)
+SHARED_METHOD_MODULES = {"base", "routing", "kept_gain", "__init__"}
 
 
 def _module_name(path: Path) -> str:

@@ -90,7 +90,7 @@ def fit_gains(
         model: a patched causal LM in eval mode routing (greedy decisions: the routing the gains will serve).
         gains: the parameters to fit, e.g. :func:`kept_gains` (model) or gains a caller attached with hooks.
         rows: packed training rows (``datasets.Dataset`` with ``input_ids`` / ``attention_mask`` / ``labels``,
-            or a (N, T) tensor of token ids), drawn in a seeded random order, ``batch_size`` per step, cycling.
+            a (N, T) tensor of token ids or a list of such rows), drawn in a seeded random order, ``batch_size`` per step, cycling.
         max_steps: optimiser steps (>= 1); learning_rate: Adam's step size (> 0); seed: the row order.
 
     Returns ``{"loss_first": nats, "loss_last": nats (mean of the last 10 steps), "steps": max_steps}``.
@@ -118,7 +118,7 @@ def fit_gains(
     try:
         while len(losses) < max_steps:
             order = torch.randperm(num_rows, generator=generator).tolist()
-            epoch = rows[order] if isinstance(rows, torch.Tensor) else rows.select(order)
+            epoch = _reorder(rows, order)
             for batch in iter_batches(epoch, batch_size, device):
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
@@ -137,6 +137,14 @@ def fit_gains(
             p.grad = None
         model.train(was_training)
     return {"loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]), "steps": max_steps}
+
+
+def _reorder(rows: Any, order: list[int]) -> Any:
+    if isinstance(rows, torch.Tensor):
+        return rows[order]
+    if hasattr(rows, "select"):  # datasets.Dataset
+        return rows.select(order)
+    return [rows[i] for i in order]
 
 
 def fit_kept_weight_gains(model: nn.Module, rows: Any, **settings: Any) -> dict[str, float]:

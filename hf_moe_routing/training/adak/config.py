@@ -91,6 +91,13 @@ class AdaKTrainingConfig(JSONConfig):
         "served, when the training text differs from it)",
         choices=("train", "eval"),
     )
+    # ---- kept-expert weight gains (AdaKConfig(weight_gain=True) only)
+    weight_gain_steps: int = _f(
+        100,
+        "Adam steps fitting the weight gains per layer and kept-expert count on the training rows after PPO "
+        "and the budget calibration, model frozen (0: leave them to hf_moe_routing.fit_kept_weight_gains)",
+    )
+    weight_gain_learning_rate: float = _f(1e-2, "Adam learning rate of the weight-gain fit")
     # ---- PPO
     max_steps: int = _f(300, "PPO steps (rollouts); each makes ppo_epochs optimiser steps")
     ppo_epochs: int = _f(2, "optimiser steps per rollout")
@@ -153,11 +160,24 @@ class AdaKTrainingConfig(JSONConfig):
             "rollout_samples",
         ):
             check_range(owner, name, getattr(self, name), low=1)
-        for name in ("warmup_steps", "max_steps", "logging_steps", "eval_steps", "save_steps"):
+        for name in (
+            "warmup_steps",
+            "max_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "weight_gain_steps",
+        ):
             check_range(owner, name, getattr(self, name), low=0)
         check_range(owner, "eval_batches", self.eval_batches, low=1)
         check_range(owner, "save_total_limit", self.save_total_limit, low=1)
-        for name in ("learning_rate", "warmup_learning_rate", "clip_epsilon", "warmup_scale"):
+        for name in (
+            "learning_rate",
+            "warmup_learning_rate",
+            "clip_epsilon",
+            "warmup_scale",
+            "weight_gain_learning_rate",
+        ):
             check_range(owner, name, getattr(self, name), low=0.0, low_open=True)
         for name in ("weight_decay", "k_penalty", "k_penalty_learning_rate", "entropy_coef"):
             check_range(owner, name, getattr(self, name), low=0.0)
@@ -204,6 +224,7 @@ class TrainerState:
     )
     exact_start: bool = False
     budget_tilt: float | None = None
+    weight_gain_fit: dict[str, float] | None = None  # fit_gains' summary once the weight gains are fitted
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property

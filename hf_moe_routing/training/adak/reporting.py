@@ -140,6 +140,10 @@ def settings_that_did_not_run(trainer: Trainer) -> list[str]:
         skip += ["target_experts", "k_penalty_learning_rate"]
     if config.baseline == "counterfactual":
         skip += ["gamma"]
+    if not trainer.gains:  # no AdaKConfig(weight_gain=True): nothing to fit
+        skip += ["weight_gain_steps", "weight_gain_learning_rate"]
+    elif config.weight_gain_steps == 0:
+        skip += ["weight_gain_learning_rate"]
     if config.max_steps == 0:
         skip += [
             "max_steps",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ...methods.adak.ppo import token_log_likelihood
+from ...methods.kept_gain import fit_gains
 from . import warmstart
 from .data import eval_batches
 from .rollout import _layer_hooks, collect, recorded_forward
@@ -25,6 +26,7 @@ from .update import (
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from torch import nn
 
     from ...families import MoEShape
     from ...methods.adak import AdaKLayer
@@ -48,6 +50,9 @@ class Trainer(Protocol):
     bank: AllocatorBank  # the allocators' parameters, as one optimised group
     stream: TrainingStream  # training batches by index
     eval_dataset: Any  # prepared held-out rows, or None
+    train_dataset: Any  # prepared training rows (all of them, in every process)
+    model: nn.Module  # the patched, frozen model
+    gains: list[nn.Parameter]  # kept-expert weight gains (AdaKConfig(weight_gain=True)), else empty
     accelerator: Accelerator
 
     @property
@@ -215,6 +220,23 @@ def ppo_step(trainer: Trainer) -> dict[str, Any]:
             lam, out["greedy_k_mean"], config.target_experts, config.k_penalty_learning_rate
         )
     return out
+
+
+def fit_weight_gains(trainer: Trainer) -> dict[str, float]:
+    """After PPO and the budget calibration: fit the kept-expert weight gains of ``AdaKConfig(weight_gain=True)``
+    (``methods/kept_gain.py``) on the training rows, the allocators' greedy choices fixed; returns
+    :func:`~hf_moe_routing.methods.kept_gain.fit_gains`' summary. Every process fits the same gains (same rows,
+    same seed)."""
+    config = trainer.config
+    return fit_gains(
+        trainer.model,
+        trainer.gains,
+        trainer.train_dataset,
+        max_steps=config.weight_gain_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.weight_gain_learning_rate,
+        seed=config.seed,
+    )
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ...core.batching import model_device
 from ...hub.output_dir import output_dir_lock
 from ...methods.adak import AdaKConfig, adak_layers
+from ...methods.kept_gain import kept_gains
 from ...patching import get_patch_state, patch_model, unwrap_model
 from . import checkpoint as ckpt
 from . import steps
@@ -129,6 +130,12 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             project_dir=config.output_dir,
         )
         self.fsdp = fsdp_plugin(self.accelerator, config.fsdp)
+        self.gains = kept_gains(model) if self.adak_config.weight_gain else []
+        if self.gains and self.fsdp is not None:
+            raise ValueError(
+                "AdaKConfig(weight_gain=True) is not trained under FSDP: train without weight_gain, or fit the "
+                "gains afterwards in one process (hf_moe_routing.fit_kept_weight_gains)."
+            )
         if self.accelerator.num_processes > 1 and device_map:
             raise ValueError(
                 "A model dispatched with device_map trains in one process; launch without data parallelism "
@@ -143,7 +150,9 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         elif not device_map:
             model.to(self.accelerator.device)
         self.bank.requires_grad_(True)
-        self.frozen_base = FrozenBase(model, self.bank.parameters(), config.verify_base_unchanged)
+        self.frozen_base = FrozenBase(
+            model, [*self.bank.parameters(), *self.gains], config.verify_base_unchanged
+        )
 
         self.tokenizer, self.seq_len, self.eval_fn = tokenizer, seq_len, eval_fn
         self.train_dataset = prepare_dataset(train_dataset, model, tokenizer, seq_len)
@@ -319,10 +328,15 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             raise
         finally:
             bar.close()
-        if self._budget_calibration_due():
+        calibrate, fit = self._budget_calibration_due(), self._weight_gain_due()
+        if calibrate:
             found = steps.match_budget(self)
             self.state.budget_tilt = found["budget_tilt"]
             self.log({**found, "phase": "budget"})
+        if fit:
+            self.state.weight_gain_fit = steps.fit_weight_gains(self)
+            self.log({**self.state.weight_gain_fit, "phase": "weight-gain"})
+        if calibrate or fit:
             self._evaluate_and_log()
             self.save_checkpoint()
         elif not (Path(self.config.output_dir) / self._checkpoint_name()).is_dir():
@@ -342,6 +356,9 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             and self.state.budget_tilt is None
             and all(layer.allocator.bias is not None for layer in self.layers.values())
         )
+
+    def _weight_gain_due(self) -> bool:
+        return bool(self.gains) and self.config.weight_gain_steps > 0 and self.state.weight_gain_fit is None
 
     def _thresholds_missing(self) -> bool:
         if self.config.warmup == "p-warm":
@@ -373,7 +390,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         if (config.logging_steps and step % config.logging_steps == 0) or last:
             stats = self._reduce(stats)
             self.log({**stats, "phase": phase, "seconds": time.perf_counter() - started}, bar)
-        final = last and not self._budget_calibration_due()  # else: evaluate and save after calibrating
+        # else: evaluate and save after calibrating the budget / fitting the weight gains
+        final = last and not self._budget_calibration_due() and not self._weight_gain_due()
         if (config.eval_steps and step % config.eval_steps == 0) or final:
             self._evaluate_and_log(bar)
         if (config.save_steps and step % config.save_steps == 0) or final:
