@@ -158,3 +158,31 @@ def test_the_learning_rate_sets_how_far_each_step_moves_the_gains():
         fit_kept_weight_gains(model, _rows(), max_steps=5, batch_size=4, learning_rate=lr)
         moved[lr] = max(float((g - 1).abs().max()) for g in kept_gains(model))
     assert 0 < moved[0.01] <= 0.05 + 1e-6 and moved[0.1] > 2 * moved[0.01]
+
+
+def test_routing_replay_applies_the_recorded_routing_gains():
+    """``record_routing`` then ``replay_routing`` of a model with gains gives the rollout's logits exactly."""
+    from hf_moe_routing import record_routing, replay_routing
+
+    model, rows = _model_keeping_fewer("mixtral"), _rows(4, 16)
+    for gain in kept_gains(model):
+        with torch.no_grad():
+            gain.fill_(1.8)
+    with torch.no_grad(), record_routing(model) as routed:
+        rollout = model(rows).logits
+    with torch.no_grad(), replay_routing(model, routed):
+        replayed = model(rows).logits
+    torch.testing.assert_close(replayed, rollout, rtol=0, atol=1e-5)
+
+
+def test_fit_takes_a_dict_of_columns_skips_padding_only_batches_and_refuses_an_infinite_step():
+    rows = _rows(8, 16)
+    mask = torch.ones_like(rows)
+    mask[:4] = 0  # four rows of padding only: batches of them have no loss
+    model = _model_keeping_fewer()
+    stats = fit_kept_weight_gains(
+        model, {"input_ids": rows, "attention_mask": mask}, max_steps=6, batch_size=2, learning_rate=0.05
+    )
+    assert stats["steps"] == 6 and all(torch.isfinite(g).all() for g in kept_gains(model))
+    with pytest.raises(ValueError, match="finite number > 0"):
+        fit_kept_weight_gains(model, rows, learning_rate=float("inf"))

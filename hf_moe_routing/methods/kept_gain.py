@@ -16,6 +16,7 @@ layers' S - 1 other gains are fitted, by gradient descent on the language-model 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,7 +54,7 @@ class KeptWeightGain(nn.Module):
     def forward(self, output: RouterOutput, num_experts: int) -> RouterOutput:
         """``output`` with every token's weights (n, S) times the gain of its kept-expert count."""
         kept = (output.index < num_experts).sum(dim=-1).clamp(1, self.gain.numel())  # (n,) 1..S
-        scale = self.effective()[kept - 1].unsqueeze(-1)  # (n, 1)
+        scale = self.effective().to(kept.device)[kept - 1].unsqueeze(-1)  # (n, 1)
         return output._replace(weights=output.weights * scale.to(output.weights.dtype))
 
     def extra_repr(self) -> str:
@@ -87,23 +88,27 @@ def fit_gains(
     """Fit ``gains`` (and nothing else) by Adam on ``model``'s language-model loss over ``rows``; in place.
 
     Args:
-        model: a patched causal LM in eval mode routing (greedy decisions: the routing the gains will serve).
+        model: a patched causal LM; it routes in eval mode during the fit (its inference decisions, greedy by
+            default; with ``decision="sample"`` the draws follow torch's global seed, not ``seed``).
         gains: the parameters to fit, e.g. :func:`kept_gains` (model) or gains a caller attached with hooks.
         rows: packed training rows (``datasets.Dataset`` with ``input_ids`` / ``attention_mask`` / ``labels``,
-            a (N, T) tensor of token ids or a list of such rows), drawn in a seeded random order, ``batch_size`` per step, cycling.
+            a (N, T) tensor of token ids, a dict of columns or a list of rows), drawn in a seeded random order, ``batch_size`` per step, cycling.
         max_steps: optimiser steps (>= 1); learning_rate: Adam's step size (> 0); seed: the row order.
 
     Returns ``{"loss_first": nats, "loss_last": nats (mean of the last 10 steps), "steps": max_steps}``.
     The base model gets no gradient (``torch.autograd.grad`` w.r.t. ``gains`` only) and is left unchanged.
-    Raises ValueError for bad settings, no gains, empty rows or a non-finite loss.
+    Batches of padding only are skipped. Raises ValueError for bad settings, no gains, empty rows or a
+    non-finite loss.
     """
     params = list(gains)
     if not params:
         raise ValueError("fit_gains got no gain parameters to fit.")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.")
+    if isinstance(rows, dict):  # a dict of columns: one list of rows
+        rows = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
     num_rows = len(rows)
     if num_rows == 0:
         raise ValueError("fit_gains got no rows: pass packed training rows.")
@@ -120,6 +125,8 @@ def fit_gains(
             order = torch.randperm(num_rows, generator=generator).tolist()
             epoch = _reorder(rows, order)
             for batch in iter_batches(epoch, batch_size, device):
+                if not bool((batch["labels"] != -100).any()):  # only padding: no loss to fit
+                    continue
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"fit_gains: the loss is {loss.item()} at step {len(losses)}.")

@@ -117,6 +117,9 @@ def _swapped_routing(model: nn.Module, config: ReplayConfig):
             old = getattr(router, ROUTING_ATTR)
             new = config.create_layer(block, state.model, state.context)  # no tensors: nothing to move
             new.train(old.training)
+            gain = getattr(old, "kept_gain", None)  # the recorded routing's learned weight rule replays too
+            if gain is not None:
+                new.register_forward_hook(lambda module, args, output, g=gain: g(output, module.num_experts))
             originals[block.name] = old
             router.add_module(ROUTING_ATTR, new)
         if switch:

@@ -41,9 +41,11 @@ class AdaKConfig(RoutingConfig):
             Skip-Warm then start exactly from Top-K / dynamic skipping.
         weight_gain: give every Ada-K layer a learned gain per number of kept experts
             (:class:`~hf_moe_routing.methods.kept_gain.KeptWeightGain`: a token that keeps c experts has its
-            weights times g_c, and g_top_k = 1), fitted after training by
-            :func:`~hf_moe_routing.methods.kept_gain.fit_kept_weight_gains` and saved in the routing adapter.
-            Default False (the weight rule of ``renormalize`` only).
+            weights times g_c, and g_top_k = 1), fitted by ``AdaKTrainer`` after PPO and the budget
+            calibration (``AdaKTrainingConfig.weight_gain_steps``; or on their own by
+            :func:`~hf_moe_routing.methods.kept_gain.fit_kept_weight_gains`) and saved in the routing adapter.
+            The fit shifts later layers' choices slightly (the budget is calibrated before it: about 1% off on
+            tiny models). Default False (the weight rule of ``renormalize`` only).
 
     Adapter configs saved before ``allocator_input`` existed describe the paper's allocator
     (``"hidden"``, no bias) and load as such.

@@ -224,7 +224,7 @@ def ppo_step(trainer: Trainer) -> dict[str, Any]:
 
 def fit_weight_gains(trainer: Trainer) -> dict[str, float]:
     """After PPO and the budget calibration: fit the kept-expert weight gains of ``AdaKConfig(weight_gain=True)``
-    (``methods/kept_gain.py``) on the training rows, the allocators' greedy choices fixed; returns
+    (``methods/kept_gain.py``) on the training rows, the allocators' inference choices fixed; returns
     :func:`~hf_moe_routing.methods.kept_gain.fit_gains`' summary. Every process fits the same gains (same rows,
     same seed)."""
     config = trainer.config

@@ -133,8 +133,8 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
         self.gains = kept_gains(model) if self.adak_config.weight_gain else []
         if self.gains and self.fsdp is not None:
             raise ValueError(
-                "AdaKConfig(weight_gain=True) is not trained under FSDP: train without weight_gain, or fit the "
-                "gains afterwards in one process (hf_moe_routing.fit_kept_weight_gains)."
+                "AdaKConfig(weight_gain=True) is not trained under FSDP: train without FSDP (one process, or "
+                "device_map sharding), or with weight_gain=False."
             )
         if self.accelerator.num_processes > 1 and device_map:
             raise ValueError(
@@ -334,6 +334,7 @@ class AdaKTrainer(LoggingMixin, SavingMixin):
             self.state.budget_tilt = found["budget_tilt"]
             self.log({**found, "phase": "budget"})
         if fit:
+            self.save_checkpoint()  # PPO's work is safe if the fit (the run's one backward pass) fails
             self.state.weight_gain_fit = steps.fit_weight_gains(self)
             self.log({**self.state.weight_gain_fit, "phase": "weight-gain"})
         if calibrate or fit:
