@@ -110,7 +110,7 @@ def run(protocol: Protocol, out: Path, log=print) -> list[dict[str, Any]]:
             if protocol.weight_gain:  # the baselines' gains at this budget (deterministic: a rerun refits)
                 for baseline in baselines.values():
                     baseline.set_budgets(fraction * top_k)
-                    baseline.fit_weight_gains(train, **_gain_settings(protocol, seed=0))
+                    baseline.fit_weight_gains(train, **gain_settings(protocol, seed=0))
             searched = {}
             for kind, baseline in baselines.items():
                 row = _find(path, (base, "search", kind, fraction, None, None))
@@ -249,7 +249,7 @@ def train_adak(
         trainer.train()
     gains = None
     if trainer.adak_config.weight_gain:  # fitted after PPO, on the training text
-        gains = fit_kept_weight_gains(adak_model, train, **_gain_settings(protocol, seed=seed))
+        gains = fit_kept_weight_gains(adak_model, train, **gain_settings(protocol, seed=seed))
     log = [e for e in trainer.state.log_history if e.get("phase") == "ppo"]
     snr = [np.mean(e["signal_to_noise_per_layer"]) for e in log if e.get("signal_to_noise_per_layer")]
     scores = row_scores(adak_model, test, batch_size=protocol.batch_size, token_classes=token_classes)
@@ -263,7 +263,8 @@ def train_adak(
     }
 
 
-def _gain_settings(protocol: Protocol, seed: int) -> dict[str, Any]:
+def gain_settings(protocol: Protocol, seed: int) -> dict[str, Any]:
+    """The weight-gain fit of Ada-K and of every baseline: ``fit_gains`` settings."""
     return {"max_steps": protocol.gain_steps, "batch_size": protocol.batch_size, "seed": seed}
 
 
@@ -271,4 +272,4 @@ def _gain_values(model) -> list[list[float]]:
     return [gain.tolist() for gain in kept_gains(model)]
 
 
-__all__ = ["BASELINE_MODES", "TRAIN_TEXTS", "Protocol", "run", "train_adak"]
+__all__ = ["BASELINE_MODES", "TRAIN_TEXTS", "Protocol", "gain_settings", "run", "train_adak"]

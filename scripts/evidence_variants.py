@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evidence_protocol import Protocol, _find, train_adak
+from evidence_protocol import Protocol, _find, gain_settings, train_adak
 from evidence_results import Results, key, scores_row
 
 from hf_moe_routing import AdaKConfig
@@ -116,9 +116,7 @@ def run_variants(
                                 model, "dyn-skip", calibration, batch_size=protocol.batch_size
                             )
                             skip_gain.set_budgets(target)
-                            skip_gain.fit_weight_gains(
-                                train, max_steps=protocol.gain_steps, batch_size=protocol.batch_size, seed=0
-                            )
+                            skip_gain.fit_weight_gains(train, **gain_settings(protocol, seed=0))
                         against = skip_gain
                     scores, info = match_compute(against, design, run["mean_experts"], mode="uniform")
                     record({**baseline, "match": {"knob": info["knob"]}, **scores_row(scores)}, started)
